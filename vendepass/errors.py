@@ -1,0 +1,145 @@
+"""
+Errors of the reservation service and of the wire protocol.
+
+Every error a customer can see is a L{VendePassError} with a stable snake_case
+C{code}; the protocol turns it into C{{"ok": false, "error": {"code", "message"}}}.
+The codes are part of the public contract in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class VendePassError(Exception):
+    """
+    A refusal the customer should see, with a stable machine-readable code.
+
+    @ivar code: the stable snake_case code sent on the wire.
+    @ivar message: a sentence for humans.
+    @ivar details: extra JSON-serialisable fields sent beside code and message.
+    """
+
+    code: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "Internal error."
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message if message is not None else self.default_message
+        self.details = details
+        super().__init__(self.message)
+
+    def to_wire(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error.update(self.details)
+        return error
+
+
+class MalformedJSON(VendePassError):
+    code = "malformed_json"
+    default_message = "The line is not valid UTF-8 JSON."
+
+
+class InvalidRequest(VendePassError):
+    code = "invalid_request"
+    default_message = "The request is not valid."
+
+
+class UnknownOpcode(VendePassError):
+    code = "unknown_opcode"
+    default_message = "Unknown opcode."
+
+
+class LineTooLong(VendePassError):
+    code = "line_too_long"
+    default_message = "The line is longer than the limit; closing the connection."
+
+
+class NotLoggedIn(VendePassError):
+    code = "not_logged_in"
+    default_message = "Log in first."
+
+
+class BadCredentials(VendePassError):
+    code = "bad_credentials"
+    default_message = "Wrong username or password."
+
+
+class UsernameTaken(VendePassError):
+    code = "username_taken"
+    default_message = "That username is already taken."
+
+
+class UnknownAirport(VendePassError):
+    code = "unknown_airport"
+    default_message = "Unknown airport."
+
+
+class UnknownFlight(VendePassError):
+    code = "unknown_flight"
+    default_message = "Unknown flight."
+
+
+class UnknownSeat(VendePassError):
+    code = "unknown_seat"
+    default_message = "That seat does not exist on this flight."
+
+
+class InvalidItinerary(VendePassError):
+    code = "invalid_itinerary"
+    default_message = "These flights do not form one itinerary."
+
+
+class SeatUnavailable(VendePassError):
+    code = "seat_unavailable"
+    default_message = "That seat is not available."
+
+
+class SoldOut(VendePassError):
+    code = "sold_out"
+    default_message = "No free seat left on this flight."
+
+
+class HoldNotFound(VendePassError):
+    code = "hold_not_found"
+    default_message = "No such hold."
+
+
+class HoldExpired(VendePassError):
+    code = "hold_expired"
+    default_message = "The hold has expired; its seats are free again."
+
+
+class TicketNotFound(VendePassError):
+    code = "ticket_not_found"
+    default_message = "No such ticket."
+
+
+class AlreadyCancelled(VendePassError):
+    code = "already_cancelled"
+    default_message = "This ticket is already cancelled."
+
+
+class FlightDeparted(VendePassError):
+    code = "flight_departed"
+    default_message = "This flight has already departed."
+
+
+class SessionClosed(VendePassError):
+    """
+    The connection that asked for this is gone: its work is undone.
+    Never reaches a client (there is no one to send it to).
+    """
+
+    code = "session_closed"
+    default_message = "The connection is closed."
+
+
+class InternalError(VendePassError):
+    code = "internal_error"
+    default_message = "Internal error; the request had no effect."
+
+
+class FixturesError(Exception):
+    """
+    A fixtures file is not valid; the message names the problem.
+    """

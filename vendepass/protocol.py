@@ -1,0 +1,348 @@
+"""
+Protocol v1 (docs/protocol.md): newline-delimited JSON over TCP.
+
+The factory holds what connections share (the reservation service and the
+clock); each protocol instance holds one connection's session. Requests on a
+connection are handled one at a time, in order: while one is in flight the
+protocol stops reading, which also bounds what a client can make us buffer.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Any, Awaitable, Callable
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from vendepass import __version__, wire
+from vendepass.errors import (
+    InternalError,
+    InvalidRequest,
+    LineTooLong,
+    MalformedJSON,
+    NotLoggedIn,
+    SessionClosed,
+    UnknownOpcode,
+    VendePassError,
+)
+from vendepass.model import iso_utc
+from vendepass.service import MAX_SEARCH_LIMIT, SEARCH_LIMIT, ReservationService, Session
+
+MAX_LINE_BYTES = 64 * 1024
+
+Handler = Callable[["VendePassProtocol", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+_MISSING = object()
+
+
+def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    """
+    Read field C{name} of a request's data, checking its JSON type.
+
+    @raise InvalidRequest: naming the field, if it is missing or ill-typed.
+    """
+    value = data.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise InvalidRequest(f"Field {name!r} is required.", field=name)
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+        raise InvalidRequest(f"Field {name!r} must be {names}.", field=name)
+    return value
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+def _flight_list(data: dict[str, Any]) -> list[str]:
+    flights = _field(data, "flights", list)
+    if not flights or not all(isinstance(f, str) for f in flights):
+        raise InvalidRequest("Field 'flights' must be a non-empty list of flight ids.", field="flights")
+    return flights
+
+
+def _seat_list(data: dict[str, Any]) -> list[str | None] | None:
+    seats = _field(data, "seats", list, required=False)
+    if seats is not None and not all(s is None or isinstance(s, str) for s in seats):
+        raise InvalidRequest("Field 'seats' must list one seat (a string) or null per flight.", field="seats")
+    return seats
+
+
+@frozen
+class Opcode:
+    number: int
+    name: str
+    needs_login: bool
+    handler: Handler
+
+
+class VendePassProtocol(LineReceiver):
+    """
+    One customer connection.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE_BYTES
+    _log = Logger()
+
+    def __init__(self, service: ReservationService, clock: IReactorTime) -> None:
+        self.service = service
+        self.clock = clock
+        self.session: Session | None = None
+        self._closed = False
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        peer: IAddress = self.transport.getPeer()
+        self.session = self.service.open_session(self._event, str(getattr(peer, "host", peer)))
+        self._log.debug("connection from {peer}", peer=peer)
+        self._send(
+            {
+                "event": "welcome",
+                "data": {
+                    "protocol": wire.PROTOCOL_VERSION,
+                    "server": f"vendepass/{__version__}",
+                    "hold_seconds": self.service.hold_seconds,
+                },
+            }
+        )
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closed = True
+        if self.session is not None:
+            self.service.close_session(self.session).addErrback(
+                lambda f: self._log.failure("releasing the holds of {session}", f, session=self.session)
+            )
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if not self._closed and self.transport is not None:
+            self.transport.write(json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+
+    def _event(self, name: str, data: dict[str, Any]) -> None:
+        self._send({"event": name, "data": data})
+
+    # -- requests -----------------------------------------------------------
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        error = LineTooLong(f"A line may have at most {self.MAX_LENGTH} bytes; closing the connection.")
+        self._send({"id": None, "opcode": None, "ok": False, "error": error.to_wire()})
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        # One request at a time: stop reading until this one is answered.
+        self.pauseProducing()
+        started = self.clock.seconds()
+        request: dict[str, Any] = {"id": None, "opcode": None}
+        d = Deferred.fromCoroutine(self._handle(line, request))
+        d.addCallback(lambda data: {"id": request["id"], "opcode": request["opcode"], "ok": True, "data": data})
+        d.addErrback(self._failed, request)
+        d.addCallback(self._answer, request, started)
+
+    async def _handle(self, line: bytes, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MalformedJSON("The line is not valid UTF-8.")
+        except ValueError as e:
+            raise MalformedJSON(f"The line is not valid JSON: {e}.")
+        if not isinstance(message, dict):
+            raise InvalidRequest("A request is a JSON object.")
+        request_id = message.get("id")
+        if request_id is None or isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+            request["id"] = request_id
+        else:
+            raise InvalidRequest("Field 'id' must be a string or an integer.", field="id")
+        opcode = message.get("opcode")
+        if isinstance(opcode, bool) or not isinstance(opcode, int):
+            raise InvalidRequest("Field 'opcode' must be an integer.", field="opcode")
+        request["opcode"] = opcode
+        entry = OPCODES.get(opcode)
+        if entry is None:
+            raise UnknownOpcode(f"Unknown opcode {opcode}.", opcode=opcode)
+        request["name"] = entry.name
+        data = message.get("data")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise InvalidRequest("Field 'data' must be an object.", field="data")
+        assert self.session is not None
+        if entry.needs_login and self.session.username is None:
+            raise NotLoggedIn(f"Log in before {entry.name}.")
+        return await entry.handler(self, data)
+
+    def _failed(self, failure: Failure, request: dict[str, Any]) -> dict[str, Any]:
+        if failure.check(VendePassError) and not failure.check(SessionClosed):
+            error: VendePassError = failure.value  # type: ignore[assignment]
+        else:
+            self._log.failure(
+                "request {opcode} ({name}) from {session} failed",
+                failure,
+                opcode=request["opcode"],
+                name=request.get("name"),
+                session=self.session,
+            )
+            error = InternalError()
+        return {"id": request["id"], "opcode": request["opcode"], "ok": False, "error": error.to_wire()}
+
+    def _answer(self, response: dict[str, Any], request: dict[str, Any], started: float) -> None:
+        self._log.debug(
+            "{peer} {user} opcode {opcode} ({name}): {outcome} in {ms:.1f} ms",
+            peer=self.session.peer if self.session else None,
+            user=self.session.username if self.session else None,
+            opcode=request["opcode"],
+            name=request.get("name"),
+            outcome="ok" if response["ok"] else response["error"]["code"],
+            ms=(self.clock.seconds() - started) * 1000,
+        )
+        self._send(response)
+        if not self._closed:
+            self.resumeProducing()
+
+    # -- opcodes ------------------------------------------------------------
+
+    async def _ping(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {"time": iso_utc(self.clock.seconds())}
+
+    async def _login(self, data: dict[str, Any]) -> dict[str, Any]:
+        username = _field(data, "username", str)
+        password = _field(data, "password", str)
+        assert self.session is not None
+        return {"username": await self.service.login(self.session, username, password)}
+
+    async def _register(self, data: dict[str, Any]) -> dict[str, Any]:
+        username = _field(data, "username", str)
+        password = _field(data, "password", str)
+        return {"username": await self.service.register(username, password)}
+
+    async def _logout(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        await self.service.logout(self.session)
+        return {}
+
+    async def _routes(self, data: dict[str, Any]) -> dict[str, Any]:
+        origin = _field(data, "origin", str, required=False)
+        destination = _field(data, "destination", str, required=False)
+        if origin is None and destination is None:
+            return {
+                "airports": [
+                    {"code": a.code, "city": a.city, "name": a.name} for a in self.service.airports.values()
+                ],
+                "routes": [{"origin": o, "destination": d} for o, d in self.service.routes],
+            }
+        if origin is None or destination is None:
+            missing = "origin" if origin is None else "destination"
+            raise InvalidRequest(f"Give both 'origin' and 'destination' (missing {missing!r}).", field=missing)
+        day_text = _field(data, "date", str, required=False)
+        day = None
+        if day_text is not None:
+            try:
+                day = date.fromisoformat(day_text)
+            except ValueError:
+                raise InvalidRequest("Field 'date' must be a date like 2026-12-01.", field="date")
+            if len(day_text) != 10:
+                raise InvalidRequest("Field 'date' must be a date like 2026-12-01.", field="date")
+        max_legs = _field(data, "max_legs", int, required=False)
+        if max_legs is not None and not 1 <= max_legs <= self.service.max_legs:
+            raise InvalidRequest(f"Field 'max_legs' must be between 1 and {self.service.max_legs}.", field="max_legs")
+        include_sold_out = _field(data, "include_sold_out", bool, required=False) or False
+        limit = _field(data, "limit", int, required=False)
+        if limit is None:
+            limit = SEARCH_LIMIT
+        elif not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise InvalidRequest(f"Field 'limit' must be between 1 and {MAX_SEARCH_LIMIT}.", field="limit")
+        itineraries = await self.service.search(
+            origin.upper(), destination.upper(), day, max_legs, include_sold_out, limit
+        )
+        return {"itineraries": [wire.itinerary(i) for i in itineraries]}
+
+    async def _seatmap(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        seatmap = await self.service.seatmap(self.session, _field(data, "flight", str))
+        return wire.seatmap(seatmap, self.session.username)
+
+    async def _hold(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        flights = _flight_list(data)
+        seats = _seat_list(data)
+        return {"hold": wire.hold(await self.service.hold(self.session, flights, seats))}
+
+    async def _release(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        await self.service.release(self.session, _field(data, "hold_id", str))
+        return {}
+
+    async def _buy(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        _field(data, "request_id", str, required=False)
+        hold_id = _field(data, "hold_id", str, required=False)
+        if hold_id is not None:
+            if data.get("flights") is not None:
+                raise InvalidRequest("Give either 'hold_id' or 'flights', not both.", field="flights")
+            ticket = await self.service.buy(self.session, hold_id=hold_id)
+        elif data.get("flights") is not None:
+            ticket = await self.service.buy(self.session, flight_ids=_flight_list(data), seats=_seat_list(data))
+        else:
+            raise InvalidRequest("Give 'hold_id', or 'flights' to hold and buy in one step.", field="hold_id")
+        return {"ticket": wire.ticket(ticket)}
+
+    async def _tickets(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        return {"tickets": [wire.ticket(t) for t in await self.service.tickets(self.session)]}
+
+    async def _cancel(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        _field(data, "request_id", str, required=False)
+        ticket = await self.service.cancel(self.session, _field(data, "ticket_id", str))
+        return {"ticket": wire.ticket(ticket)}
+
+
+OPCODES: dict[int, Opcode] = {
+    op.number: op
+    for op in [
+        Opcode(0, "ping", False, VendePassProtocol._ping),
+        Opcode(1, "login", False, VendePassProtocol._login),
+        Opcode(2, "routes", False, VendePassProtocol._routes),
+        Opcode(3, "buy", True, VendePassProtocol._buy),
+        Opcode(4, "tickets", True, VendePassProtocol._tickets),
+        Opcode(5, "cancel", True, VendePassProtocol._cancel),
+        Opcode(6, "hold", True, VendePassProtocol._hold),
+        Opcode(7, "release", True, VendePassProtocol._release),
+        Opcode(8, "seatmap", False, VendePassProtocol._seatmap),
+        Opcode(9, "logout", True, VendePassProtocol._logout),
+        Opcode(10, "register", False, VendePassProtocol._register),
+    ]
+}
+
+
+class VendePassFactory(Factory):
+    """
+    Shared by every connection: the reservation service and the clock.
+    """
+
+    protocol = VendePassProtocol  # type: ignore[assignment]
+
+    def __init__(self, service: ReservationService, clock: IReactorTime) -> None:
+        self.service = service
+        self.clock = clock
+
+    def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
+        protocol = VendePassProtocol(self.service, self.clock)
+        protocol.factory = self
+        return protocol
+
+    def __repr__(self) -> str:
+        return "<VendePassFactory>"

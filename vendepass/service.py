@@ -1,0 +1,405 @@
+"""
+The reservation rules: search, hold, buy, cancel, expiry, sessions.
+
+Knows nothing of sockets: the protocol opens a L{Session} per connection and
+calls the methods here, which return Deferreds. Time comes from an injected
+L{IReactorTime}; the durable state lives in an L{IStore}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from datetime import date, datetime, timezone
+from typing import Any, Callable, Coroutine, TypeVar
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vendepass.errors import (
+    BadCredentials,
+    InvalidRequest,
+    NotLoggedIn,
+    SessionClosed,
+    UnknownAirport,
+    UnknownSeat,
+)
+from vendepass.fixtures import USERNAME
+from vendepass.model import Airport, Flight, Hold, Itinerary, Network, SeatMap, Ticket
+from vendepass.passwords import ScryptHasher
+from vendepass.schedule import Schedule
+from vendepass.store import IExecutor, IStore, LegRequest
+
+T = TypeVar("T")
+
+DEFAULT_HOLD_SECONDS = 300
+DEFAULT_SALES_WINDOW_DAYS = 30
+MAX_LEGS = 3
+SEARCH_LIMIT = 50
+MAX_SEARCH_LIMIT = 500
+# Route search stops generating candidates after this many, so one request's
+# work is bounded whatever the network looks like.
+MAX_CANDIDATES = 5000
+SWEEP_SECONDS = 60.0
+
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+@define(eq=False, repr=False)
+class Session:
+    """
+    What the service knows of one connection: who is logged in on it, and
+    the holds it made (they end when it closes).
+
+    @ivar notify: called with an event name and its data, to push an event
+        to this connection.
+    @ivar alive: false from the moment the connection closes.
+    """
+
+    session_id: str
+    notify: Notify
+    peer: str = ""
+    username: str | None = None
+    alive: bool = True
+    holds: set[str] = field(factory=set)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.session_id} {self.username or '-'}@{self.peer}>"
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
+    return Deferred.fromCoroutine(coroutine)
+
+
+class ReservationService(Service):
+    """
+    The seat-selling rules. Every public method returns a Deferred that fails
+    with a L{vendepass.errors.VendePassError} for a refusal.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        hasher: ScryptHasher,
+        cpu: IExecutor,
+        hold_seconds: float = DEFAULT_HOLD_SECONDS,
+        sales_window_days: int = DEFAULT_SALES_WINDOW_DAYS,
+        max_legs: int = MAX_LEGS,
+    ) -> None:
+        """
+        @param cpu: where password hashing runs (never the reactor thread).
+        """
+        self.store = store
+        self.clock = clock
+        self.hold_seconds = hold_seconds
+        self.sales_window_days = sales_window_days
+        self.max_legs = max_legs
+        self._hasher = hasher
+        self._cpu = cpu
+        self._network: Network = store.network()
+        self._schedule = Schedule.build(self._network, clock.seconds(), sales_window_days)
+        self._sessions: dict[str, Session] = {}
+        self._timers: dict[str, tuple[IDelayedCall, Session]] = {}
+        self._sweeper: LoopingCall | None = None
+        routes = sorted({(e.origin, e.destination) for e in self._network.timetable})
+        self.routes: tuple[tuple[str, str], ...] = tuple(routes)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+        self._cpu.start()
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(SWEEP_SECONDS, now=False).addErrback(
+            lambda f: self._log.failure("hold sweeper stopped", f)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for call, _ in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        self._cpu.stop()
+        self.store.stop()
+
+    @property
+    def airports(self) -> dict[str, Airport]:
+        return self._network.airports
+
+    def schedule(self) -> Schedule:
+        """
+        The schedule of the current sales window, rebuilt when the day changes.
+        """
+        now = self.clock.seconds()
+        today = datetime.fromtimestamp(now, timezone.utc).date()
+        if self._schedule.first_day != date.fromordinal(today.toordinal() - 1):
+            self._schedule = Schedule.build(self._network, now, self.sales_window_days)
+        return self._schedule
+
+    # -- sessions -----------------------------------------------------------
+
+    def open_session(self, notify: Notify, peer: str = "") -> Session:
+        session = Session("S" + secrets.token_hex(8), notify, peer)
+        self._sessions[session.session_id] = session
+        return session
+
+    def close_session(self, session: Session) -> Deferred[None]:
+        """
+        The connection is gone: from now on nothing may be held for it, and
+        every hold it made is released at once.
+        """
+        session.alive = False
+        self._sessions.pop(session.session_id, None)
+        return self._release_all(session)
+
+    def _release_all(self, session: Session) -> Deferred[None]:
+        for hold_id in session.holds:
+            self._cancel_timer(hold_id)
+        session.holds.clear()
+
+        async def release() -> None:
+            released = await self.store.release_session(session.session_id)
+            for hold_id in released:
+                self._log.info("released hold {hold_id} of {session}", hold_id=hold_id, session=session)
+
+        return _run(release())
+
+    # -- accounts -----------------------------------------------------------
+
+    def register(self, username: str, password: str) -> Deferred[str]:
+        async def register() -> str:
+            if not USERNAME.match(username):
+                raise InvalidRequest(
+                    "A username has 3 to 32 characters: lowercase letters, digits and _.", field="username"
+                )
+            if not 8 <= len(password) <= 256:
+                raise InvalidRequest("A password has 8 to 256 characters.", field="password")
+            hashed = await self._cpu.submit(lambda: self._hasher.hash(password))
+            await self.store.add_user(username, hashed)
+            self._log.info("registered {username}", username=username)
+            return username
+
+        return _run(register())
+
+    def login(self, session: Session, username: str, password: str) -> Deferred[str]:
+        async def login() -> str:
+            stored = await self.store.password_hash(username) if USERNAME.match(username) else None
+            # Verify even for an unknown user, so both take the same time.
+            ok = await self._cpu.submit(lambda: self._hasher.verify(password, stored))
+            if not ok:
+                raise BadCredentials()
+            if session.username != username:
+                if session.username is not None:
+                    await self._release_all(session)
+                session.username = username
+            return username
+
+        return _run(login())
+
+    def logout(self, session: Session) -> Deferred[None]:
+        async def logout() -> None:
+            self._user(session)
+            session.username = None
+            await self._release_all(session)
+
+        return _run(logout())
+
+    def _user(self, session: Session) -> str:
+        if session.username is None:
+            raise NotLoggedIn()
+        return session.username
+
+    # -- searching ----------------------------------------------------------
+
+    def search(
+        self,
+        origin: str,
+        destination: str,
+        on: date | None = None,
+        max_legs: int | None = None,
+        include_sold_out: bool = False,
+        limit: int = SEARCH_LIMIT,
+    ) -> Deferred[list[Itinerary]]:
+        async def search() -> list[Itinerary]:
+            for code in (origin, destination):
+                if code not in self._network.airports:
+                    raise UnknownAirport(f"Unknown airport {code!r}.", airport=code)
+            legs = self.max_legs if max_legs is None else max_legs
+            paths = list(
+                itertools.islice(
+                    self.schedule().search(origin, destination, self.clock.seconds(), on, legs), MAX_CANDIDATES
+                )
+            )
+            flights = list({f.flight_id: f for path in paths for f in path}.values())
+            free = await self.store.free_seats(flights)
+            itineraries = [Itinerary(path, tuple(free[f.flight_id] for f in path)) for path in paths]
+            if not include_sold_out:
+                itineraries = [i for i in itineraries if min(i.free_seats) > 0]
+            itineraries.sort(key=lambda i: (i.legs[0].departs_ts, i.legs[-1].arrives_ts, i.price.cents))
+            return itineraries[:limit]
+
+        return _run(search())
+
+    def seatmap(self, session: Session, flight_id: str) -> Deferred[SeatMap]:
+        async def seatmap() -> SeatMap:
+            flight = self.schedule().flight(flight_id, self.clock.seconds())
+            return SeatMap(flight, tuple(await self.store.seats(flight)))
+
+        return _run(seatmap())
+
+    # -- holding and buying -------------------------------------------------
+
+    def _legs(self, flight_ids: list[str], seats: list[str | None] | None) -> list[LegRequest]:
+        flights = self.schedule().itinerary(flight_ids, self.clock.seconds(), self.max_legs)
+        if seats is None:
+            seats = [None] * len(flights)
+        if len(seats) != len(flights):
+            raise InvalidRequest("Give one seat (or null) per flight in 'seats'.", field="seats")
+        for flight, seat in zip(flights, seats):
+            if seat is not None and not flight.aircraft.has_seat(seat):
+                raise UnknownSeat(
+                    f"Flight {flight.flight_id} has no seat {seat!r}.", flight=flight.flight_id, seat=seat
+                )
+        return [LegRequest(flight, seat) for flight, seat in zip(flights, seats)]
+
+    def hold(self, session: Session, flight_ids: list[str], seats: list[str | None] | None = None) -> Deferred[Hold]:
+        async def hold() -> Hold:
+            username = self._user(session)
+            legs = self._legs(flight_ids, seats)
+            expires_at = self.clock.seconds() + self.hold_seconds
+            result = await self.store.hold(username, session.session_id, legs, expires_at, lambda: session.alive)
+            if not session.alive:
+                # Closed while the answer travelled back: nobody may keep it.
+                await self.store.release_session(session.session_id)
+                raise SessionClosed()
+            session.holds.add(result.hold_id)
+            delay = max(0.0, result.expires_at - self.clock.seconds())
+            self._timers[result.hold_id] = (self.clock.callLater(delay, self._expire, result.hold_id, session), session)
+            self._log.info(
+                "hold {hold_id} by {username}: {seats}",
+                hold_id=result.hold_id,
+                username=username,
+                seats=[f"{leg.flight.flight_id}/{leg.seat}" for leg in result.legs],
+            )
+            return result
+
+        return _run(hold())
+
+    def release(self, session: Session, hold_id: str) -> Deferred[None]:
+        async def release() -> None:
+            username = self._user(session)
+            await self.store.release(hold_id, username)
+            self._forget(hold_id)
+            self._log.info("released hold {hold_id} by {username}", hold_id=hold_id, username=username)
+
+        return _run(release())
+
+    def buy(
+        self,
+        session: Session,
+        hold_id: str | None = None,
+        flight_ids: list[str] | None = None,
+        seats: list[str | None] | None = None,
+    ) -> Deferred[Ticket]:
+        """
+        Buy a hold (C{hold_id}) or, in one step, seats on C{flight_ids}.
+        """
+
+        async def buy() -> Ticket:
+            username = self._user(session)
+            if hold_id is not None:
+                ticket = await self.store.buy_hold(hold_id, username)
+                self._forget(hold_id)
+            else:
+                assert flight_ids is not None
+                ticket = await self.store.buy(username, self._legs(flight_ids, seats))
+            self._log.info(
+                "sold {ticket_id} to {username}: {seats}",
+                ticket_id=ticket.ticket_id,
+                username=username,
+                seats=[f"{leg.flight_id}/{leg.seat}" for leg in ticket.legs],
+            )
+            return ticket
+
+        return _run(buy())
+
+    def tickets(self, session: Session) -> Deferred[list[Ticket]]:
+        async def tickets() -> list[Ticket]:
+            return await self.store.tickets(self._user(session))
+
+        return _run(tickets())
+
+    def cancel(self, session: Session, ticket_id: str) -> Deferred[Ticket]:
+        async def cancel() -> Ticket:
+            username = self._user(session)
+            ticket = await self.store.cancel(ticket_id, username)
+            self._log.info("cancelled {ticket_id} of {username}", ticket_id=ticket_id, username=username)
+            return ticket
+
+        return _run(cancel())
+
+    # -- expiry -------------------------------------------------------------
+
+    def _cancel_timer(self, hold_id: str) -> None:
+        entry = self._timers.pop(hold_id, None)
+        if entry is not None and entry[0].active():
+            entry[0].cancel()
+
+    def _forget(self, hold_id: str) -> None:
+        entry = self._timers.get(hold_id)
+        self._cancel_timer(hold_id)
+        if entry is not None:
+            entry[1].holds.discard(hold_id)
+
+    def _expire(self, hold_id: str, session: Session) -> None:
+        self._timers.pop(hold_id, None)
+
+        def done(state: str | None) -> None:
+            if state == "active":
+                # The store's clock is a little behind: look again shortly.
+                self._timers[hold_id] = (self.clock.callLater(1.0, self._expire, hold_id, session), session)
+            elif state == "expired":
+                self._expired(hold_id, session)
+
+        self.store.expire_hold(hold_id).addCallbacks(
+            done, lambda f: self._log.failure("expiring hold {hold_id}", f, hold_id=hold_id)
+        )
+
+    def _expired(self, hold_id: str, session: Session) -> None:
+        if hold_id not in session.holds:
+            return
+        session.holds.discard(hold_id)
+        self._log.info("hold {hold_id} of {session} expired", hold_id=hold_id, session=session)
+        if session.alive:
+            session.notify("hold_expired", {"hold_id": hold_id})
+
+    def sweep(self) -> Deferred[None]:
+        """
+        End every hold whose time is up, whatever its timer did, and tell
+        their connections.
+        """
+
+        def done(expired: list[tuple[str, str]]) -> None:
+            for hold_id, session_id in expired:
+                self._cancel_timer(hold_id)
+                session = self._sessions.get(session_id)
+                if session is not None:
+                    self._expired(hold_id, session)
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("sweeping expired holds", failure)
+
+        return self.store.expired_holds().addCallbacks(done, failed)

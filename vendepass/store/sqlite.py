@@ -1,0 +1,693 @@
+"""
+The embedded default store: one SQLite file in WAL mode with
+C{synchronous=FULL}, so a transaction is on disk before its caller hears of
+it. All work runs as jobs on an L{IExecutor} (one dedicated thread in
+production: SQLite has a single writer anyway).
+
+Seat state lives in table C{seats}: a row per seat that is held or sold
+(free seats have no row), with C{PRIMARY KEY (flight_id, seat)} so no seat
+can ever be claimed twice, and a CHECK that a row belongs to exactly one hold
+or one ticket. A held seat whose hold has expired counts as free: every
+transaction that looks at a seat ends such holds first, inside itself.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from vendepass.errors import (
+    AlreadyCancelled,
+    FlightDeparted,
+    HoldExpired,
+    HoldNotFound,
+    SeatUnavailable,
+    SessionClosed,
+    SoldOut,
+    TicketNotFound,
+    UsernameTaken,
+)
+from vendepass.fixtures import Fixtures
+from vendepass.model import (
+    Aircraft,
+    Airport,
+    Flight,
+    HeldSeat,
+    Hold,
+    Money,
+    Network,
+    SeatState,
+    Ticket,
+    TicketLeg,
+    TimetableEntry,
+    iso_utc,
+)
+from vendepass.schedule import flight_by_id
+from vendepass.store import IExecutor, IStore, LegRequest
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+# Booking codes: 8 characters without look-alikes (no 0/O, 1/I/L): 31**8 ≈ 8.5e11.
+_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+
+_SCHEMA = """
+CREATE TABLE airline (
+    code TEXT NOT NULL,
+    name TEXT NOT NULL,
+    currency TEXT NOT NULL
+);
+CREATE TABLE airports (
+    code TEXT PRIMARY KEY,
+    city TEXT NOT NULL,
+    name TEXT NOT NULL,
+    timezone TEXT NOT NULL
+);
+CREATE TABLE aircraft (
+    type TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    rows INTEGER NOT NULL CHECK (rows > 0),
+    letters TEXT NOT NULL
+);
+CREATE TABLE timetable (
+    flight TEXT PRIMARY KEY,
+    origin TEXT NOT NULL REFERENCES airports(code),
+    destination TEXT NOT NULL REFERENCES airports(code),
+    departure TEXT NOT NULL,
+    duration_minutes INTEGER NOT NULL,
+    days TEXT NOT NULL,
+    aircraft TEXT NOT NULL REFERENCES aircraft(type),
+    fare_cents INTEGER NOT NULL CHECK (fare_cents >= 0)
+);
+CREATE TABLE users (
+    username TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE holds (
+    hold_id TEXT PRIMARY KEY,
+    username TEXT NOT NULL REFERENCES users(username),
+    session_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    price_cents INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'expired', 'released', 'bought')),
+    ended_at REAL
+);
+CREATE INDEX holds_active ON holds(state, expires_at);
+CREATE INDEX holds_session ON holds(session_id) WHERE state = 'active';
+CREATE TABLE hold_legs (
+    hold_id TEXT NOT NULL REFERENCES holds(hold_id) ON DELETE CASCADE,
+    leg INTEGER NOT NULL,
+    flight_id TEXT NOT NULL,
+    seat TEXT NOT NULL,
+    PRIMARY KEY (hold_id, leg)
+) WITHOUT ROWID;
+CREATE TABLE tickets (
+    ticket_id TEXT PRIMARY KEY,
+    username TEXT NOT NULL REFERENCES users(username),
+    status TEXT NOT NULL CHECK (status IN ('active', 'cancelled')),
+    price_cents INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    bought_at REAL NOT NULL,
+    cancelled_at REAL
+);
+CREATE INDEX tickets_user ON tickets(username, bought_at);
+CREATE TABLE ticket_legs (
+    ticket_id TEXT NOT NULL REFERENCES tickets(ticket_id),
+    leg INTEGER NOT NULL,
+    flight_id TEXT NOT NULL,
+    number TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    departure TEXT NOT NULL,
+    arrival TEXT NOT NULL,
+    seat TEXT NOT NULL,
+    price_cents INTEGER NOT NULL,
+    PRIMARY KEY (ticket_id, leg)
+) WITHOUT ROWID;
+CREATE TABLE seats (
+    flight_id TEXT NOT NULL,
+    seat TEXT NOT NULL,
+    hold_id TEXT REFERENCES holds(hold_id),
+    ticket_id TEXT REFERENCES tickets(ticket_id),
+    PRIMARY KEY (flight_id, seat),
+    CHECK ((hold_id IS NULL) <> (ticket_id IS NULL))
+) WITHOUT ROWID;
+CREATE INDEX seats_hold ON seats(hold_id) WHERE hold_id IS NOT NULL;
+CREATE INDEX seats_ticket ON seats(ticket_id) WHERE ticket_id IS NOT NULL;
+"""
+
+
+def booking_code() -> str:
+    return "".join(secrets.choice(_CODE_ALPHABET) for _ in range(8))
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL in WAL mode: the WAL is fsynced at every commit, so an
+    # acknowledged purchase survives a power loss, not only a crash.
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def create(db: sqlite3.Connection, fixtures: Fixtures, hash_password: Callable[[str], str], now: float) -> None:
+    """
+    Create the schema in an empty database and load C{fixtures} into it, in
+    one transaction.
+    """
+    network = fixtures.network
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(
+            "INSERT INTO airline (code, name, currency) VALUES (?, ?, ?)",
+            (network.airline_code, network.airline_name, network.currency),
+        )
+        db.executemany(
+            "INSERT INTO airports (code, city, name, timezone) VALUES (?, ?, ?, ?)",
+            [(a.code, a.city, a.name, a.timezone) for a in network.airports.values()],
+        )
+        db.executemany(
+            "INSERT INTO aircraft (type, name, rows, letters) VALUES (?, ?, ?, ?)",
+            [(a.type, a.name, a.rows, a.letters) for a in network.aircraft.values()],
+        )
+        db.executemany(
+            "INSERT INTO timetable (flight, origin, destination, departure, duration_minutes, days,"
+            " aircraft, fare_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.flight,
+                    e.origin,
+                    e.destination,
+                    e.departure.strftime("%H:%M"),
+                    e.duration_minutes,
+                    "".join(str(d) for d in sorted(e.days)),
+                    e.aircraft,
+                    e.fare.cents,
+                )
+                for e in network.timetable
+            ],
+        )
+        db.executemany(
+            "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
+            [(c.username, hash_password(c.password), now) for c in fixtures.customers],
+        )
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def read_network(db: sqlite3.Connection) -> Network:
+    from datetime import time as clock_time
+
+    code, name, currency = db.execute("SELECT code, name, currency FROM airline").fetchone()
+    airports = {
+        row[0]: Airport(*row)
+        for row in db.execute("SELECT code, city, name, timezone FROM airports ORDER BY code")
+    }
+    aircraft = {
+        row[0]: Aircraft(*row) for row in db.execute("SELECT type, name, rows, letters FROM aircraft ORDER BY type")
+    }
+    timetable = tuple(
+        TimetableEntry(
+            flight=flight,
+            origin=origin,
+            destination=destination,
+            departure=clock_time(int(departure[:2]), int(departure[3:5])),
+            duration_minutes=duration,
+            days=frozenset(int(d) for d in days),
+            aircraft=plane,
+            fare=Money(fare, currency),
+        )
+        for flight, origin, destination, departure, duration, days, plane, fare in db.execute(
+            "SELECT flight, origin, destination, departure, duration_minutes, days, aircraft, fare_cents"
+            " FROM timetable ORDER BY flight"
+        )
+    )
+    return Network(code, name, currency, airports, aircraft, timetable)
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """
+    The SQLite store. Open it with L{SQLiteStore.open}.
+    """
+
+    _log = Logger()
+
+    def __init__(self, db: sqlite3.Connection, clock: IReactorTime, executor: IExecutor) -> None:
+        self._db = db
+        self._clock = clock
+        self._executor = executor
+        self._network = read_network(db)
+        self._currency = self._network.currency
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        clock: IReactorTime,
+        executor: IExecutor,
+        fixtures: Callable[[], Fixtures],
+        hash_password: Callable[[str], str],
+    ) -> SQLiteStore:
+        """
+        Open (creating, migrating and loading C{fixtures()} if new) the
+        database at C{path}, and forget the holds of any earlier run: holds
+        do not outlive their connections, and those connections are gone.
+
+        This blocks: call it before the reactor runs, or from a thread.
+        """
+        db = _connect(path)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                create(db, fixtures(), hash_password, clock.seconds())
+            elif version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{path} has schema version {version}, newer than this VendePass ({SCHEMA_VERSION})"
+                )
+            now = clock.seconds()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM seats WHERE hold_id IS NOT NULL")
+            db.execute("UPDATE holds SET state = 'released', ended_at = ? WHERE state = 'active'", (now,))
+            db.execute("DELETE FROM holds WHERE ended_at < ?", (now - 86400,))
+            db.execute("COMMIT")
+            return cls(db, clock, executor)
+        except BaseException:
+            db.close()
+            raise
+
+    def start(self) -> None:
+        self._executor.start()
+
+    def stop(self) -> None:
+        self._executor.stop()
+        self._db.close()
+
+    def network(self) -> Network:
+        return self._network
+
+    # -- transactions -------------------------------------------------------
+
+    def _write(self, work: Callable[[sqlite3.Connection, float], T]) -> Deferred[T]:
+        """
+        Run C{work(db, now)} in one write transaction on the executor.
+        """
+
+        def job() -> T:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db, self._clock.seconds())
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
+
+        return self._executor.submit(job)
+
+    def _read(self, work: Callable[[sqlite3.Connection, float], T]) -> Deferred[T]:
+        """
+        Run C{work(db, now)} in one read transaction (a consistent snapshot).
+        """
+
+        def job() -> T:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                return work(db, self._clock.seconds())
+            finally:
+                if db.in_transaction:
+                    db.execute("COMMIT")
+
+        return self._executor.submit(job)
+
+    # -- users --------------------------------------------------------------
+
+    def add_user(self, username: str, password_hash: str) -> Deferred[None]:
+        def work(db: sqlite3.Connection, now: float) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
+                    (username, password_hash, now),
+                )
+            except sqlite3.IntegrityError:
+                raise UsernameTaken(f"The username {username!r} is already taken.")
+
+        return self._write(work)
+
+    def password_hash(self, username: str) -> Deferred[str | None]:
+        def work(db: sqlite3.Connection, now: float) -> str | None:
+            row = db.execute("SELECT password_hash FROM users WHERE username = ?", (username,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._read(work)
+
+    # -- seats --------------------------------------------------------------
+
+    def _end_hold(self, db: sqlite3.Connection, hold_id: str, state: str, now: float) -> None:
+        db.execute("DELETE FROM seats WHERE hold_id = ?", (hold_id,))
+        db.execute(
+            "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ? AND state = 'active'",
+            (state, now, hold_id),
+        )
+
+    def _end_expired_on(self, db: sqlite3.Connection, flight_id: str, now: float) -> None:
+        expired = db.execute(
+            "SELECT DISTINCT s.hold_id FROM seats s JOIN holds h ON h.hold_id = s.hold_id"
+            " WHERE s.flight_id = ? AND h.expires_at <= ?",
+            (flight_id, now),
+        ).fetchall()
+        for (hold_id,) in expired:
+            self._end_hold(db, hold_id, "expired", now)
+
+    def _claim(
+        self, db: sqlite3.Connection, now: float, legs: list[LegRequest], hold_id: str | None, ticket_id: str | None
+    ) -> list[str]:
+        """
+        Claim one seat per leg for a hold or a ticket, or raise (and the
+        caller's transaction rolls back, all or nothing).
+        """
+        seats: list[str] = []
+        for leg in legs:
+            flight = leg.flight
+            if flight.departs_ts <= now:
+                raise FlightDeparted(f"Flight {flight.flight_id} has already departed.", flight=flight.flight_id)
+            self._end_expired_on(db, flight.flight_id, now)
+            if leg.seat is None:
+                taken = {
+                    row[0] for row in db.execute("SELECT seat FROM seats WHERE flight_id = ?", (flight.flight_id,))
+                }
+                seat = next((s for s in flight.aircraft.seats() if s not in taken), None)
+                if seat is None:
+                    raise SoldOut(f"Flight {flight.flight_id} is sold out.", flight=flight.flight_id)
+            else:
+                seat = leg.seat
+                row = db.execute(
+                    "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
+                    " WHERE s.flight_id = ? AND s.seat = ?",
+                    (flight.flight_id, seat),
+                ).fetchone()
+                if row is not None:
+                    sold, held_until = row
+                    if sold is not None:
+                        raise SeatUnavailable(
+                            f"Seat {seat} on flight {flight.flight_id} is sold.",
+                            flight=flight.flight_id,
+                            seat=seat,
+                        )
+                    raise SeatUnavailable(
+                        f"Seat {seat} on flight {flight.flight_id} is held until {iso_utc(held_until)}.",
+                        flight=flight.flight_id,
+                        seat=seat,
+                        held_until=iso_utc(held_until),
+                    )
+            db.execute(
+                "INSERT INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)",
+                (flight.flight_id, seat, hold_id, ticket_id),
+            )
+            seats.append(seat)
+        return seats
+
+    def hold(
+        self,
+        username: str,
+        session_id: str,
+        legs: list[LegRequest],
+        expires_at: float,
+        alive: Callable[[], bool],
+    ) -> Deferred[Hold]:
+        price = Money(sum(leg.flight.fare.cents for leg in legs), self._currency)
+
+        def work(db: sqlite3.Connection, now: float) -> Hold:
+            # Checked inside the transaction: a connection that closed while
+            # this hold waited must not leave an orphaned hold behind.
+            if not alive():
+                raise SessionClosed()
+            hold_id = "H" + secrets.token_hex(8)
+            db.execute(
+                "INSERT INTO holds (hold_id, username, session_id, created_at, expires_at, price_cents, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'active')",
+                (hold_id, username, session_id, now, expires_at, price.cents),
+            )
+            seats = self._claim(db, now, legs, hold_id, None)
+            db.executemany(
+                "INSERT INTO hold_legs (hold_id, leg, flight_id, seat) VALUES (?, ?, ?, ?)",
+                [(hold_id, i, leg.flight.flight_id, seat) for i, (leg, seat) in enumerate(zip(legs, seats))],
+            )
+            return Hold(
+                hold_id=hold_id,
+                username=username,
+                legs=tuple(HeldSeat(leg.flight, seat) for leg, seat in zip(legs, seats)),
+                expires_at=expires_at,
+                price=price,
+            )
+
+        return self._write(work)
+
+    def _active_hold(self, db: sqlite3.Connection, hold_id: str, username: str, now: float) -> None:
+        """
+        Check that C{hold_id} is an active hold of C{username}, ending it if
+        its time is up.
+        """
+        row = db.execute("SELECT username, state, expires_at FROM holds WHERE hold_id = ?", (hold_id,)).fetchone()
+        if row is None or row[0] != username or row[1] in ("released", "bought"):
+            raise HoldNotFound(f"No hold {hold_id!r}.", hold_id=hold_id)
+        if row[1] == "expired" or row[2] <= now:
+            self._end_hold(db, hold_id, "expired", now)
+            raise HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
+
+    def release(self, hold_id: str, username: str) -> Deferred[None]:
+        def work(db: sqlite3.Connection, now: float) -> None:
+            self._active_hold(db, hold_id, username, now)
+            self._end_hold(db, hold_id, "released", now)
+
+        return self._write(work)
+
+    def release_session(self, session_id: str) -> Deferred[list[str]]:
+        def work(db: sqlite3.Connection, now: float) -> list[str]:
+            holds = [
+                row[0]
+                for row in db.execute(
+                    "SELECT hold_id FROM holds WHERE session_id = ? AND state = 'active'", (session_id,)
+                )
+            ]
+            for hold_id in holds:
+                self._end_hold(db, hold_id, "released", now)
+            return holds
+
+        return self._write(work)
+
+    def expire_hold(self, hold_id: str) -> Deferred[str | None]:
+        def work(db: sqlite3.Connection, now: float) -> str | None:
+            row = db.execute("SELECT state, expires_at FROM holds WHERE hold_id = ?", (hold_id,)).fetchone()
+            if row is None:
+                return None
+            state, expires_at = row
+            if state == "active" and expires_at <= now:
+                self._end_hold(db, hold_id, "expired", now)
+                return "expired"
+            return str(state)
+
+        return self._write(work)
+
+    def expired_holds(self) -> Deferred[list[tuple[str, str]]]:
+        def work(db: sqlite3.Connection, now: float) -> list[tuple[str, str]]:
+            rows = db.execute(
+                "SELECT hold_id, session_id FROM holds WHERE state = 'active' AND expires_at <= ?", (now,)
+            ).fetchall()
+            for hold_id, _ in rows:
+                self._end_hold(db, hold_id, "expired", now)
+            return [(str(h), str(s)) for h, s in rows]
+
+        return self._write(work)
+
+    # -- tickets ------------------------------------------------------------
+
+    def _new_ticket(self, db: sqlite3.Connection, username: str, now: float, flights: list[Flight]) -> str:
+        """
+        Insert a ticket (without its legs) and return its fresh booking code.
+        """
+        price = sum(flight.fare.cents for flight in flights)
+        while True:
+            ticket_id = booking_code()
+            if db.execute("SELECT 1 FROM tickets WHERE ticket_id = ?", (ticket_id,)).fetchone() is None:
+                break
+        db.execute(
+            "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
+            " VALUES (?, ?, 'active', ?, ?, ?)",
+            (ticket_id, username, price, self._currency, now),
+        )
+        return ticket_id
+
+    def _ticket_legs(
+        self, db: sqlite3.Connection, ticket_id: str, username: str, now: float, legs: list[tuple[Flight, str]]
+    ) -> Ticket:
+        """
+        Record the legs of a new ticket and return it.
+        """
+        ticket_legs = tuple(
+            TicketLeg(
+                flight_id=flight.flight_id,
+                number=flight.number,
+                origin=flight.origin,
+                destination=flight.destination,
+                departure=flight.departure.isoformat(),
+                arrival=flight.arrival.isoformat(),
+                seat=seat,
+                price=flight.fare,
+            )
+            for flight, seat in legs
+        )
+        db.executemany(
+            "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
+            " arrival, seat, price_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (ticket_id, i, leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure,
+                 leg.arrival, leg.seat, leg.price.cents)
+                for i, leg in enumerate(ticket_legs)
+            ],
+        )
+        price = Money(sum(leg.price.cents for leg in ticket_legs), self._currency)
+        return Ticket(ticket_id, username, "active", ticket_legs, price, now, None)
+
+    def buy_hold(self, hold_id: str, username: str) -> Deferred[Ticket]:
+        def work(db: sqlite3.Connection, now: float) -> Ticket:
+            self._active_hold(db, hold_id, username, now)
+            legs = []
+            for flight_id, seat in db.execute(
+                "SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,)
+            ).fetchall():
+                flight = flight_by_id(self._network, flight_id)
+                if flight.departs_ts <= now:
+                    raise FlightDeparted(f"Flight {flight_id} has already departed.", flight=flight_id)
+                legs.append((flight, seat))
+            ticket_id = self._new_ticket(db, username, now, [flight for flight, _ in legs])
+            # The conditional update: only seats still claimed by this hold.
+            changed = db.execute(
+                "UPDATE seats SET hold_id = NULL, ticket_id = ? WHERE hold_id = ?", (ticket_id, hold_id)
+            ).rowcount
+            if changed != len(legs):
+                raise RuntimeError(f"hold {hold_id} covers {changed} seats, expected {len(legs)}")
+            db.execute(
+                "UPDATE holds SET state = 'bought', ended_at = ? WHERE hold_id = ? AND state = 'active'",
+                (now, hold_id),
+            )
+            return self._ticket_legs(db, ticket_id, username, now, legs)
+
+        return self._write(work)
+
+    def buy(self, username: str, legs: list[LegRequest]) -> Deferred[Ticket]:
+        def work(db: sqlite3.Connection, now: float) -> Ticket:
+            ticket_id = self._new_ticket(db, username, now, [leg.flight for leg in legs])
+            seats = self._claim(db, now, legs, None, ticket_id)
+            return self._ticket_legs(db, ticket_id, username, now, [(leg.flight, seat) for leg, seat in zip(legs, seats)])
+
+        return self._write(work)
+
+    def tickets(self, username: str) -> Deferred[list[Ticket]]:
+        def work(db: sqlite3.Connection, now: float) -> list[Ticket]:
+            return self._tickets(db, "username = ?", (username,))
+
+        return self._read(work)
+
+    def _tickets(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[Ticket]:
+        rows = db.execute(
+            "SELECT ticket_id, username, status, price_cents, currency, bought_at, cancelled_at FROM tickets"
+            f" WHERE {where} ORDER BY bought_at, ticket_id",
+            args,
+        ).fetchall()
+        result = []
+        for ticket_id, username, status, price, currency, bought_at, cancelled_at in rows:
+            legs = tuple(
+                TicketLeg(flight_id, number, origin, destination, departure, arrival, seat, Money(cents, currency))
+                for flight_id, number, origin, destination, departure, arrival, seat, cents in db.execute(
+                    "SELECT flight_id, number, origin, destination, departure, arrival, seat, price_cents"
+                    " FROM ticket_legs WHERE ticket_id = ? ORDER BY leg",
+                    (ticket_id,),
+                )
+            )
+            result.append(
+                Ticket(ticket_id, username, status, legs, Money(price, currency), bought_at, cancelled_at)
+            )
+        return result
+
+    def cancel(self, ticket_id: str, username: str) -> Deferred[Ticket]:
+        def work(db: sqlite3.Connection, now: float) -> Ticket:
+            found = self._tickets(db, "ticket_id = ? AND username = ?", (ticket_id, username))
+            if not found:
+                raise TicketNotFound(f"No ticket {ticket_id!r}.", ticket_id=ticket_id)
+            ticket = found[0]
+            if ticket.status == "cancelled":
+                raise AlreadyCancelled(f"Ticket {ticket_id} is already cancelled.", ticket_id=ticket_id)
+            first = min(datetime.fromisoformat(leg.departure).timestamp() for leg in ticket.legs)
+            if first <= now:
+                raise FlightDeparted(
+                    f"Ticket {ticket_id} cannot be cancelled: its first flight has departed.", ticket_id=ticket_id
+                )
+            db.execute(
+                "UPDATE tickets SET status = 'cancelled', cancelled_at = ?"
+                " WHERE ticket_id = ? AND username = ? AND status = 'active'",
+                (now, ticket_id, username),
+            )
+            db.execute("DELETE FROM seats WHERE ticket_id = ?", (ticket_id,))
+            return Ticket(ticket_id, username, "cancelled", ticket.legs, ticket.price, ticket.bought_at, now)
+
+        return self._write(work)
+
+    def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
+        def work(db: sqlite3.Connection, now: float) -> list[SeatState]:
+            claimed: dict[str, SeatState] = {}
+            for seat, hold_owner, expires_at, ticket_owner in db.execute(
+                "SELECT s.seat, h.username, h.expires_at, t.username FROM seats s"
+                " LEFT JOIN holds h ON h.hold_id = s.hold_id"
+                " LEFT JOIN tickets t ON t.ticket_id = s.ticket_id WHERE s.flight_id = ?",
+                (flight.flight_id,),
+            ):
+                if ticket_owner is not None:
+                    claimed[seat] = SeatState(seat, "sold", ticket_owner)
+                elif expires_at > now:
+                    claimed[seat] = SeatState(seat, "held", hold_owner)
+            return [claimed.get(seat) or SeatState(seat, "free") for seat in flight.aircraft.seats()]
+
+        return self._read(work)
+
+    def free_seats(self, flights: list[Flight]) -> Deferred[dict[str, int]]:
+        def work(db: sqlite3.Connection, now: float) -> dict[str, int]:
+            result = {flight.flight_id: flight.aircraft.capacity for flight in flights}
+            for chunk in _chunks(list(result), 500):
+                marks = ",".join("?" * len(chunk))
+                for flight_id, taken in db.execute(
+                    "SELECT s.flight_id, COUNT(*) FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
+                    f" WHERE s.flight_id IN ({marks}) AND (s.ticket_id IS NOT NULL OR h.expires_at > ?)"
+                    " GROUP BY s.flight_id",
+                    (*chunk, now),
+                ):
+                    result[flight_id] -= taken
+            return result
+
+        return self._read(work)
+
+
+def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

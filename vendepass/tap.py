@@ -1,0 +1,96 @@
+"""
+C{twistd vendepass}: options and service wiring.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from vendepass.errors import FixturesError
+from vendepass.fixtures import BUNDLED, Fixtures, load
+from vendepass.service import DEFAULT_HOLD_SECONDS, DEFAULT_SALES_WINDOW_DAYS
+
+DEFAULT_LISTEN = "tcp:65432"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the VendePass ticket sales server. It speaks newline-delimited JSON "
+        "(protocol v1, see docs/protocol.md) on every --listen endpoint."
+    )
+    optParameters = [
+        ["db", None, "vendepass.sqlite3", "Path of the SQLite database; created and loaded with the fixtures if new."],
+        ["fixtures", None, None, "Fixtures file to load into a new database (default: the bundled airline)."],
+        ["hold-seconds", None, DEFAULT_HOLD_SECONDS, "How long a hold lasts, in seconds.", float],
+        ["sales-window", None, DEFAULT_SALES_WINDOW_DAYS, "How many days ahead flights are sold.", int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.fixtures: Fixtures | None = None
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Endpoint to listen on, e.g. tcp:65432 or tcp:0:interface=127.0.0.1 or
+        ssl:65432:privateKey=key.pem:certKey=cert.pem (repeatable; default tcp:65432).
+        """
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if not 1 <= self["hold-seconds"] <= 86400:
+            raise usage.UsageError("--hold-seconds must be between 1 and 86400")
+        if not 1 <= self["sales-window"] <= 366:
+            raise usage.UsageError("--sales-window must be between 1 and 366 days")
+        if not os.path.exists(self["db"]) or os.path.getsize(self["db"]) == 0:
+            # A new database: check the fixtures now, so a bad file is a
+            # clear error message rather than a traceback at start-up.
+            try:
+                self.fixtures = load(self["fixtures"] or BUNDLED)
+            except FixturesError as e:
+                raise usage.UsageError(str(e))
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from vendepass.passwords import ScryptHasher
+    from vendepass.protocol import VendePassFactory
+    from vendepass.service import ReservationService
+    from vendepass.store import ThreadExecutor
+    from vendepass.store.sqlite import SQLiteStore
+
+    def fixtures() -> Fixtures:
+        return options.fixtures or load(options["fixtures"] or BUNDLED)
+
+    hasher = ScryptHasher()
+    # Opening runs before the reactor does: creating, migrating and loading
+    # the database is start-up work, not serving.
+    store = SQLiteStore.open(
+        options["db"], reactor, ThreadExecutor(reactor, "vendepass-db"), fixtures, hasher.hash  # type: ignore[arg-type]
+    )
+    service = ReservationService(
+        store,
+        reactor,  # type: ignore[arg-type]
+        hasher,
+        ThreadExecutor(reactor, "vendepass-hash", threads=2),  # type: ignore[arg-type]
+        hold_seconds=options["hold-seconds"],
+        sales_window_days=options["sales-window"],
+    )
+    top = MultiService()
+    service.setServiceParent(top)
+    factory = VendePassFactory(service, reactor)  # type: ignore[arg-type]
+    for description in options["listen"]:
+        strports.service(description, factory).setServiceParent(top)
+    return top
+
+
+__all__: list[Any] = ["Options", "makeService"]

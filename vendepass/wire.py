@@ -1,0 +1,103 @@
+"""
+How the values of VendePass look on the wire (protocol v1, docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vendepass.model import Flight, Hold, Itinerary, Money, SeatMap, Ticket, TicketLeg, iso_utc
+
+PROTOCOL_VERSION = 1
+
+
+def money(value: Money) -> dict[str, str]:
+    return {"amount": value.amount(), "currency": value.currency}
+
+
+def flight(value: Flight) -> dict[str, Any]:
+    return {
+        "flight": value.flight_id,
+        "number": value.number,
+        "origin": value.origin,
+        "destination": value.destination,
+        "departure": value.departure.isoformat(),
+        "arrival": value.arrival.isoformat(),
+        "aircraft": value.aircraft.type,
+        "price": money(value.fare),
+    }
+
+
+def itinerary(value: Itinerary) -> dict[str, Any]:
+    legs = []
+    for leg, free in zip(value.legs, value.free_seats):
+        wire = flight(leg)
+        wire["free_seats"] = free
+        legs.append(wire)
+    first, last = value.legs[0], value.legs[-1]
+    return {
+        "origin": first.origin,
+        "destination": last.destination,
+        "departure": first.departure.isoformat(),
+        "arrival": last.arrival.isoformat(),
+        "duration_minutes": int((last.arrives_ts - first.departs_ts) // 60),
+        "legs": legs,
+        "free_seats": min(value.free_seats),
+        "price": money(value.price),
+    }
+
+
+def hold(value: Hold) -> dict[str, Any]:
+    return {
+        "hold_id": value.hold_id,
+        "expires_at": iso_utc(value.expires_at),
+        "legs": [
+            {
+                "flight": leg.flight.flight_id,
+                "seat": leg.seat,
+                "origin": leg.flight.origin,
+                "destination": leg.flight.destination,
+                "departure": leg.flight.departure.isoformat(),
+                "arrival": leg.flight.arrival.isoformat(),
+                "price": money(leg.flight.fare),
+            }
+            for leg in value.legs
+        ],
+        "price": money(value.price),
+    }
+
+
+def _ticket_leg(leg: TicketLeg) -> dict[str, Any]:
+    return {
+        "flight": leg.flight_id,
+        "number": leg.number,
+        "origin": leg.origin,
+        "destination": leg.destination,
+        "departure": leg.departure,
+        "arrival": leg.arrival,
+        "seat": leg.seat,
+        "price": money(leg.price),
+    }
+
+
+def ticket(value: Ticket) -> dict[str, Any]:
+    return {
+        "ticket_id": value.ticket_id,
+        "status": value.status,
+        "legs": [_ticket_leg(leg) for leg in value.legs],
+        "price": money(value.price),
+        "bought_at": iso_utc(value.bought_at),
+        "cancelled_at": None if value.cancelled_at is None else iso_utc(value.cancelled_at),
+    }
+
+
+def seatmap(value: SeatMap, username: str | None) -> dict[str, Any]:
+    return {
+        "flight": flight(value.flight),
+        "rows": value.flight.aircraft.rows,
+        "letters": value.flight.aircraft.letters,
+        "seats": [
+            {"seat": s.seat, "status": s.status, "mine": username is not None and s.owner == username}
+            for s in value.seats
+        ],
+    }
