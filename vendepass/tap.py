@@ -5,6 +5,7 @@ C{twistd vendepass}: options and service wiring.
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any
 
 from twisted.application import strports
@@ -74,9 +75,12 @@ def makeService(options: Options) -> IService:
     hasher = ScryptHasher()
     # Opening runs before the reactor does: creating, migrating and loading
     # the database is start-up work, not serving.
-    store = SQLiteStore.open(
-        options["db"], reactor, ThreadExecutor(reactor, "vendepass-db"), fixtures, hasher.hash  # type: ignore[arg-type]
-    )
+    try:
+        store = SQLiteStore.open(
+            options["db"], reactor, ThreadExecutor(reactor, "vendepass-db"), fixtures, hasher.hash  # type: ignore[arg-type]
+        )
+    except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
+        raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
     service = ReservationService(
         store,
         reactor,  # type: ignore[arg-type]

@@ -1,0 +1,216 @@
+"""
+End to end: the installed C{twistd vendepass} as a subprocess on a loopback
+port, a purchase over a real socket, SIGKILL, restart, and the ticket is
+still there.
+
+These tests use real processes and sockets, so they wait with deadlines
+(never fixed sleeps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+DEADLINE = 60.0
+
+
+def twistd() -> list[str]:
+    """
+    The installed C{twistd} beside this Python, or the same entry point run by it.
+    """
+    script = Path(sys.executable).parent / "twistd"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class ServerProcess:
+    """
+    A C{twistd -n vendepass} subprocess listening on a free loopback port.
+    """
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        self.directory = directory
+        self.process = subprocess.Popen(
+            [
+                *twistd(),
+                "-n",
+                "--logfile=-",
+                "--pidfile=",
+                "vendepass",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--db",
+                str(directory / "vendepass.sqlite3"),
+                *args,
+            ],
+            cwd=directory,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = self._wait_for_port()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
+            self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=deadline - time.monotonic())
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            match = re.search(r"VendePassFactory starting on (\d+)", line)
+            if match:
+                return int(match.group(1))
+        self.kill()
+        raise AssertionError("the server did not start listening:\n" + "".join(self.output))
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=DEADLINE)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class Connection:
+    """
+    A blocking newline-delimited JSON connection, as any customer program could write it.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.socket = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.file = self.socket.makefile("rwb")
+        self.welcome = self.read()
+        self.next_id = 0
+
+    def read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise AssertionError("the server closed the connection")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def call(self, opcode: int, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.next_id += 1
+        self.file.write(json.dumps({"opcode": opcode, "id": self.next_id, "data": data or {}}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            message = self.read()
+            if "event" not in message:
+                break
+        if message["id"] != self.next_id or not message["ok"]:
+            raise AssertionError(f"unexpected reply: {message}")
+        data = message["data"]
+        assert isinstance(data, dict)
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+        self.socket.close()
+
+
+class EndToEndTests(TestCase):
+    def setUp(self) -> None:
+        try:
+            import twisted.plugins.vendepass_plugin  # noqa: F401
+        except ImportError:
+            raise SkipTest("vendepass is not installed (pip install .)")
+        self.directory = Path(self.mktemp()).resolve()
+        self.directory.mkdir(parents=True)
+
+    def start(self, *args: str) -> ServerProcess:
+        server = ServerProcess(self.directory, *args)
+        self.addCleanup(server.kill)
+        return server
+
+    def connect(self, server: ServerProcess) -> Connection:
+        connection = Connection(server.port)
+        self.addCleanup(connection.close)
+        return connection
+
+    def test_purchase_survives_sigkill(self) -> None:
+        """
+        A ticket acknowledged over a real socket is there after the server is
+        killed with SIGKILL and restarted on the same database.
+        """
+        server = self.start()
+        customer = self.connect(server)
+        self.assertEqual(customer.welcome["event"], "welcome")
+        self.assertEqual(customer.welcome["data"]["protocol"], 1)
+        customer.call(10, {"username": "e2e_buyer", "password": "correct horse"})
+        customer.call(1, {"username": "e2e_buyer", "password": "correct horse"})
+        network = customer.call(2)
+        self.assertEqual(len(network["airports"]), 10)
+        route = network["routes"][0]
+        itineraries = customer.call(2, {"origin": route["origin"], "destination": route["destination"]})
+        itinerary = itineraries["itineraries"][0]
+        flights = [leg["flight"] for leg in itinerary["legs"]]
+        ticket = customer.call(3, {"flights": flights})["ticket"]
+        self.assertEqual(ticket["status"], "active")
+
+        server.kill()
+        self.assertEqual(server.process.returncode, -signal.SIGKILL)
+
+        restarted = self.start()
+        again = self.connect(restarted)
+        again.call(1, {"username": "e2e_buyer", "password": "correct horse"})
+        tickets = again.call(4)["tickets"]
+        self.assertEqual(tickets, [ticket])
+        seatmap = again.call(8, {"flight": flights[0]})
+        sold = [s for s in seatmap["seats"] if s["status"] == "sold"]
+        self.assertEqual(sold, [{"seat": ticket["legs"][0]["seat"], "status": "sold", "mine": True}])
+
+    def test_demo_customer_and_options(self) -> None:
+        """
+        The bundled demo customers can log in; --hold-seconds reaches the welcome.
+        """
+        server = self.start("--hold-seconds", "42")
+        customer = self.connect(server)
+        self.assertEqual(customer.welcome["data"]["hold_seconds"], 42)
+        from vendepass.fixtures import BUNDLED, load
+
+        demo = load(BUNDLED).customers[0]
+        self.assertEqual(customer.call(1, {"username": demo.username, "password": demo.password}), {"username": demo.username})
+
+    def test_bad_fixtures_is_a_clear_error(self) -> None:
+        """
+        An invalid fixtures file stops the server at once with a message
+        naming the problem, and leaves no database behind.
+        """
+        bad = self.directory / "bad.json"
+        bad.write_text(json.dumps({"format": 1, "airline": {"code": "VP", "name": "X", "currency": "BRL"},
+                                   "airports": [], "aircraft": [], "timetable": []}))
+        result = subprocess.run(
+            [*twistd(), "-n", "--logfile=-", "--pidfile=", "vendepass",
+             "--db", str(self.directory / "new.sqlite3"), "--fixtures", str(bad)],
+            cwd=self.directory, capture_output=True, timeout=DEADLINE,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(b"no airports", result.stdout + result.stderr)
+        self.assertNotIn(b"Traceback", result.stdout + result.stderr)
+        self.assertFalse(os.path.exists(self.directory / "new.sqlite3"))
