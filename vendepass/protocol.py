@@ -159,6 +159,8 @@ class VendePassProtocol(LineReceiver):
             raise MalformedJSON("The line is not valid UTF-8.")
         except ValueError as e:
             raise MalformedJSON(f"The line is not valid JSON: {e}.")
+        except RecursionError:
+            raise MalformedJSON("The line is not valid JSON: nested too deeply.")
         if not isinstance(message, dict):
             raise InvalidRequest("A request is a JSON object.")
         request_id = message.get("id")
@@ -185,8 +187,12 @@ class VendePassProtocol(LineReceiver):
         return await entry.handler(self, data)
 
     def _failed(self, failure: Failure, request: dict[str, Any]) -> dict[str, Any]:
-        if failure.check(VendePassError) and not failure.check(SessionClosed):
-            error: VendePassError = failure.value  # type: ignore[assignment]
+        error: VendePassError
+        if failure.check(SessionClosed):
+            # The connection is gone; this answer goes nowhere.
+            error = failure.value  # type: ignore[assignment]
+        elif failure.check(VendePassError):
+            error = failure.value  # type: ignore[assignment]
         else:
             self._log.failure(
                 "request {opcode} ({name}) from {session} failed",

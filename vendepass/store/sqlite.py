@@ -54,12 +54,11 @@ from vendepass.store import IExecutor, IStore, LegRequest
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
 
 # Booking codes: 8 characters without look-alikes (no 0/O, 1/I/L): 31**8 ≈ 8.5e11.
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 
-_SCHEMA = """
+_SCHEMA_1 = """
 CREATE TABLE airline (
     code TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -146,6 +145,11 @@ CREATE INDEX seats_hold ON seats(hold_id) WHERE hold_id IS NOT NULL;
 CREATE INDEX seats_ticket ON seats(ticket_id) WHERE ticket_id IS NOT NULL;
 """
 
+# MIGRATIONS[n] takes a database from schema version n to n + 1 (PRAGMA
+# user_version). Append to it; never edit a migration that has shipped.
+MIGRATIONS: list[str] = [_SCHEMA_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
 
 def booking_code() -> str:
     return "".join(secrets.choice(_CODE_ALPHABET) for _ in range(8))
@@ -162,6 +166,18 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
+def migrate(db: sqlite3.Connection, start: int) -> None:
+    """
+    Apply the migrations from schema version C{start} on, inside the
+    caller's transaction.
+    """
+    for migration in MIGRATIONS[start:]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def create(db: sqlite3.Connection, fixtures: Fixtures, hash_password: Callable[[str], str], now: float) -> None:
     """
     Create the schema in an empty database and load C{fixtures} into it, in
@@ -170,9 +186,7 @@ def create(db: sqlite3.Connection, fixtures: Fixtures, hash_password: Callable[[
     network = fixtures.network
     db.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
+        migrate(db, 0)
         db.execute(
             "INSERT INTO airline (code, name, currency) VALUES (?, ?, ?)",
             (network.airline_code, network.airline_name, network.currency),
@@ -206,7 +220,6 @@ def create(db: sqlite3.Connection, fixtures: Fixtures, hash_password: Callable[[
             "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
             [(c.username, hash_password(c.password), now) for c in fixtures.customers],
         )
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         db.execute("ROLLBACK")
         raise
@@ -283,6 +296,14 @@ class SQLiteStore:
                 raise RuntimeError(
                     f"{path} has schema version {version}, newer than this VendePass ({SCHEMA_VERSION})"
                 )
+            elif version < SCHEMA_VERSION:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    migrate(db, version)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
             now = clock.seconds()
             db.execute("BEGIN IMMEDIATE")
             db.execute("DELETE FROM seats WHERE hold_id IS NOT NULL")
@@ -319,7 +340,10 @@ class SQLiteStore:
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
-                    db.execute("ROLLBACK")
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        self._log.failure("rolling back")
                 raise
             return result
 
