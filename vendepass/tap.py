@@ -28,7 +28,7 @@ class Options(usage.Options):
     optParameters = [
         ["db", None, "vendepass.sqlite3", "Path of the SQLite database; created and loaded with the fixtures if new."],
         ["fixtures", None, None, "Fixtures file to load into a new database (default: the bundled airline)."],
-        ["hold-seconds", None, DEFAULT_HOLD_SECONDS, "How long a hold lasts, in seconds.", float],
+        ["hold-seconds", None, DEFAULT_HOLD_SECONDS, "How long a hold lasts, in seconds.", int],
         ["sales-window", None, DEFAULT_SALES_WINDOW_DAYS, "How many days ahead flights are sold.", int],
     ]
 
