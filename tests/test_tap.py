@@ -1,0 +1,119 @@
+"""
+Tests for C{twistd vendepass}'s options and service wiring.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.common import MINI
+from vendepass.protocol import VendePassFactory
+from vendepass.service import ReservationService
+from vendepass.tap import Options, makeService
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.db = str(Path(self.mktemp()).resolve())
+        Path(self.db).parent.mkdir(parents=True, exist_ok=True)
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(["--db", self.db, *args])
+        return options
+
+    def test_defaults(self) -> None:
+        options = Options()
+        options.parseOptions(["--db", self.db])
+        self.assertEqual(options["listen"], ["tcp:65432"])
+        self.assertEqual(options["hold-seconds"], 300)
+        self.assertEqual(options["sales-window"], 30)
+        self.assertIsNone(options["fixtures"])
+        # A new database: the bundled fixtures were checked already.
+        assert options.fixtures is not None
+        self.assertEqual(len(options.fixtures.network.airports), 10)
+
+    def test_default_db_name(self) -> None:
+        self.assertEqual(Options()["db"], "vendepass.sqlite3")
+
+    def test_listen_repeatable(self) -> None:
+        options = self.parse("--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:interface=::1")
+        self.assertEqual(options["listen"], ["tcp:0:interface=127.0.0.1", "tcp:0:interface=::1"])
+
+    def test_hold_seconds(self) -> None:
+        self.assertEqual(self.parse("--hold-seconds", "45")["hold-seconds"], 45)
+        self.assertRaises(UsageError, self.parse, "--hold-seconds", "0")
+        self.assertRaises(UsageError, self.parse, "--hold-seconds", "soon")
+
+    def test_sales_window(self) -> None:
+        self.assertEqual(self.parse("--sales-window", "7")["sales-window"], 7)
+        self.assertRaises(UsageError, self.parse, "--sales-window", "0")
+
+    def test_bad_fixtures(self) -> None:
+        """
+        A bad fixtures file for a new database is a usage error naming the problem.
+        """
+        bad = Path(self.mktemp())
+        bad.write_text(json.dumps({"format": 2}))
+        error = self.assertRaises(UsageError, self.parse, "--fixtures", str(bad))
+        self.assertIn("unsupported format", str(error))
+        missing = self.assertRaises(UsageError, self.parse, "--fixtures", str(bad) + ".nope")
+        self.assertIn("cannot read", str(missing))
+
+    def test_existing_database_ignores_fixtures(self) -> None:
+        """
+        Fixtures are only read for a new database.
+        """
+        Path(self.db).write_bytes(b"not empty")
+        options = self.parse("--fixtures", "/nonexistent.json")
+        self.assertIsNone(options.fixtures)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_services(self) -> None:
+        """
+        One reservation service, and one endpoint service per --listen, all
+        sharing one factory.
+        """
+        db = Path(self.mktemp()).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        options = Options()
+        options.parseOptions(
+            ["--db", str(db), "--fixtures", str(MINI), "--hold-seconds", "90",
+             "--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:interface=::1"]
+        )
+        top = makeService(options)
+        services = list(top)
+        reservations = [s for s in services if isinstance(s, ReservationService)]
+        endpoints = [s for s in services if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(len(reservations), 1)
+        self.assertEqual(reservations[0].hold_seconds, 90)
+        self.assertEqual(set(reservations[0].airports), {"SSA", "REC", "MAO"})
+        self.assertEqual(len(endpoints), 2)
+        factories = {id(e.factory) for e in endpoints}
+        self.assertEqual(len(factories), 1)
+        self.assertIsInstance(endpoints[0].factory, VendePassFactory)
+        self.assertTrue(db.exists())
+        reservations[0].store.stop()
+
+    def test_unopenable_database(self) -> None:
+        options = Options()
+        options.parseOptions(["--db", "/nonexistent/dir/vendepass.sqlite3"])
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertIn("cannot open the database", str(error))
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_found(self) -> None:
+        """
+        twistd finds the vendepass plugin, pointing at vendepass.tap.
+        """
+        makers = [p for p in getPlugins(IPlugin) if getattr(p, "tapname", None) == "vendepass"]
+        self.assertEqual(len(makers), 1)
+        self.assertEqual(makers[0].module, "vendepass.tap")  # type: ignore[attr-defined]
