@@ -43,8 +43,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(Options()["db"], "vendepass.sqlite3")
 
     def test_listen_repeatable(self) -> None:
-        options = self.parse("--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:interface=::1")
-        self.assertEqual(options["listen"], ["tcp:0:interface=127.0.0.1", "tcp:0:interface=::1"])
+        options = self.parse("--listen", "tcp:0:interface=127.0.0.1", "--listen", r"tcp:0:interface=\:\:1")
+        self.assertEqual(options["listen"], ["tcp:0:interface=127.0.0.1", r"tcp:0:interface=\:\:1"])
+
+    def test_bad_listen(self) -> None:
+        """
+        An endpoint string that does not parse is a usage error, not a traceback.
+        """
+        error = self.assertRaises(UsageError, self.parse, "--listen", "tcp:0:interface=::1")
+        self.assertIn("not a valid endpoint", str(error))
+        self.assertRaises(UsageError, self.parse, "--listen", "carrier-pigeon:65432")
 
     def test_hold_seconds(self) -> None:
         self.assertEqual(self.parse("--hold-seconds", "45")["hold-seconds"], 45)
@@ -86,7 +94,7 @@ class MakeServiceTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(
             ["--db", str(db), "--fixtures", str(MINI), "--hold-seconds", "90",
-             "--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:interface=::1"]
+             "--listen", "tcp:0:interface=127.0.0.1", "--listen", r"tcp:0:interface=\:\:1"]
         )
         top = makeService(options)
         services = list(top)

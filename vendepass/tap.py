@@ -47,6 +47,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
+        for description in self["listen"]:
+            try:
+                serverFromString(reactor, description)
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--listen {description!r} is not a valid endpoint: {e}")
         if not 1 <= self["hold-seconds"] <= 86400:
             raise usage.UsageError("--hold-seconds must be between 1 and 86400")
         if not 1 <= self["sales-window"] <= 366:
