@@ -42,7 +42,7 @@ class ServerProcess:
     A C{twistd -n vendepass} subprocess listening on a free loopback port.
     """
 
-    def __init__(self, directory: Path, *args: str) -> None:
+    def __init__(self, directory: Path, *args: str, listen: str = "tcp:0:interface=127.0.0.1") -> None:
         self.directory = directory
         self.process = subprocess.Popen(
             [
@@ -52,7 +52,7 @@ class ServerProcess:
                 "--pidfile=",
                 "vendepass",
                 "--listen",
-                "tcp:0:interface=127.0.0.1",
+                listen,
                 "--db",
                 str(directory / "vendepass.sqlite3"),
                 *args,
@@ -83,7 +83,7 @@ class ServerProcess:
                 break
             if line is None:
                 break
-            match = re.search(r"VendePassFactory starting on (\d+)", line)
+            match = re.search(r"VendePassFactory(?: \(TLS\))? starting on (\d+)", line)
             if match:
                 return int(match.group(1))
         self.kill()
@@ -143,8 +143,8 @@ class EndToEndTests(TestCase):
         self.directory = Path(self.mktemp()).resolve()
         self.directory.mkdir(parents=True)
 
-    def start(self, *args: str) -> ServerProcess:
-        server = ServerProcess(self.directory, *args)
+    def start(self, *args: str, **kwargs: str) -> ServerProcess:
+        server = ServerProcess(self.directory, *args, **kwargs)
         self.addCleanup(server.kill)
         return server
 
@@ -214,3 +214,49 @@ class EndToEndTests(TestCase):
         self.assertIn(b"no airports", result.stdout + result.stderr)
         self.assertNotIn(b"Traceback", result.stdout + result.stderr)
         self.assertFalse(os.path.exists(self.directory / "new.sqlite3"))
+
+    def test_tls_listener(self) -> None:
+        """
+        --listen ssl:... serves the same protocol over TLS, with the given certificate.
+        """
+        import datetime
+        import ssl
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        key_file = self.directory / "key.pem"
+        cert_file = self.directory / "cert.pem"
+        key_file.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        server = self.start(listen=f"ssl:0:interface=127.0.0.1:privateKey={key_file}:certKey={cert_file}")
+
+        context = ssl.create_default_context(cafile=str(cert_file))
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            stream = tls.makefile("rwb")
+            welcome = json.loads(stream.readline())
+            self.assertEqual(welcome["event"], "welcome")
+            stream.write(b'{"opcode": 0, "id": "tls"}\n')
+            stream.flush()
+            reply = json.loads(stream.readline())
+            self.assertEqual((reply["id"], reply["ok"]), ("tls", True))
