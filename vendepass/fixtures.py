@@ -18,11 +18,11 @@ from vendepass.model import Aircraft, Airport, Money, Network, TimetableEntry
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "airline.json"
 
-_IATA = re.compile(r"^[A-Z]{3}$")
-_FLIGHT = re.compile(r"^[A-Z0-9]{2}[0-9]{1,4}$")
-_HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
-_LETTERS = re.compile(r"^[A-Z]{1,10}$")
-USERNAME = re.compile(r"^[a-z0-9_]{3,32}$")
+_IATA = re.compile(r"[A-Z]{3}")
+_FLIGHT = re.compile(r"[A-Z0-9]{2}[0-9]{1,4}")
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+_LETTERS = re.compile(r"[A-Z]{1,10}")
+USERNAME = re.compile(r"[a-z0-9_]{3,32}")
 
 
 @frozen
@@ -60,7 +60,7 @@ def parse(document: Any) -> Fixtures:
     code = _get(airline, "code", str, "airline")
     name = _get(airline, "name", str, "airline")
     currency = _get(airline, "currency", str, "airline")
-    if not re.match(r"^[A-Z]{3}$", currency):
+    if not re.fullmatch(r"[A-Z]{3}", currency):
         raise FixturesError(f"airline: currency {currency!r} is not an ISO 4217 code")
 
     airports: dict[str, Airport] = {}
@@ -74,7 +74,7 @@ def parse(document: Any) -> Fixtures:
             name=_get(raw, "name", str, where),
             timezone=_get(raw, "timezone", str, where),
         )
-        if not _IATA.match(airport.code):
+        if not _IATA.fullmatch(airport.code):
             raise FixturesError(f"{where}: code {airport.code!r} is not a three-letter IATA code")
         if airport.code in airports:
             raise FixturesError(f"{where}: duplicate airport {airport.code}")
@@ -101,7 +101,7 @@ def parse(document: Any) -> Fixtures:
             raise FixturesError(f"{where}: duplicate aircraft type {plane.type}")
         if not 1 <= plane.rows <= 99:
             raise FixturesError(f"{where}: rows must be between 1 and 99")
-        if not _LETTERS.match(plane.letters) or len(set(plane.letters)) != len(plane.letters):
+        if not _LETTERS.fullmatch(plane.letters) or len(set(plane.letters)) != len(plane.letters):
             raise FixturesError(f"{where}: letters must be distinct capital letters")
         aircraft[plane.type] = plane
 
@@ -113,7 +113,7 @@ def parse(document: Any) -> Fixtures:
             raise FixturesError(f"{where}: must be an object")
         number = _get(raw, "flight", str, where)
         where = f"timetable[{i}] ({number})"
-        if not _FLIGHT.match(number):
+        if not _FLIGHT.fullmatch(number):
             raise FixturesError(f"{where}: bad flight number")
         if number in numbers:
             raise FixturesError(f"{where}: duplicate flight number {number}")
@@ -126,7 +126,7 @@ def parse(document: Any) -> Fixtures:
         if origin == destination:
             raise FixturesError(f"{where}: origin and destination are the same")
         departure = _get(raw, "departure", str, where)
-        hhmm = _HHMM.match(departure)
+        hhmm = _HHMM.fullmatch(departure)
         if hhmm is None:
             raise FixturesError(f"{where}: bad departure time {departure!r} (expected HH:MM)")
         duration = _get(raw, "duration_minutes", int, where)
@@ -161,7 +161,7 @@ def parse(document: Any) -> Fixtures:
         if not isinstance(raw, dict):
             raise FixturesError(f"{where}: must be an object")
         customer = Customer(_get(raw, "username", str, where), _get(raw, "password", str, where))
-        if not USERNAME.match(customer.username):
+        if not USERNAME.fullmatch(customer.username):
             raise FixturesError(f"{where}: bad username {customer.username!r}")
         if any(c.username == customer.username for c in customers):
             raise FixturesError(f"{where}: duplicate username {customer.username!r}")

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 import attrs
 from attrs import field, frozen
 
-_SEAT = re.compile(r"^([1-9][0-9]{0,2})([A-Z])$")
+_SEAT = re.compile(r"([1-9][0-9]{0,2})([A-Z])")
 
 
 def iso_utc(ts: float) -> str:
@@ -95,7 +95,7 @@ class Aircraft:
         return tuple(f"{row}{letter}" for row in range(1, self.rows + 1) for letter in self.letters)
 
     def has_seat(self, seat: str) -> bool:
-        match = _SEAT.match(seat)
+        match = _SEAT.fullmatch(seat)
         if match is None:
             return False
         return 1 <= int(match.group(1)) <= self.rows and match.group(2) in self.letters

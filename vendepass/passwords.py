@@ -64,5 +64,5 @@ class ScryptHasher:
     @staticmethod
     def _derive(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
         return hashlib.scrypt(
-            password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r + 2**20, dklen=_KEY_BYTES
+            password.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r + 2**20, dklen=_KEY_BYTES
         )

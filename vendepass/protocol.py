@@ -10,6 +10,7 @@ protocol stops reading, which also bounds what a client can make us buffer.
 from __future__ import annotations
 
 import json
+import re
 from datetime import date
 from typing import Any, Awaitable, Callable
 
@@ -57,7 +58,32 @@ def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], requi
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
         raise InvalidRequest(f"Field {name!r} must be {names}.", field=name)
+    if isinstance(value, str) and not _is_unicode(value):
+        raise InvalidRequest(f"Field {name!r} is not valid Unicode text.", field=name)
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """
+    Whether C{text} is real Unicode text: JSON's C{"\\ud800"} escapes can
+    smuggle in lone surrogates, which are not.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        # An echoed id held a lone surrogate: send it escaped, as JSON allows.
+        return json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 _JSON_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
@@ -65,14 +91,14 @@ _JSON_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a l
 
 def _flight_list(data: dict[str, Any]) -> list[str]:
     flights = _field(data, "flights", list)
-    if not flights or not all(isinstance(f, str) for f in flights):
+    if not flights or not all(isinstance(f, str) and _is_unicode(f) for f in flights):
         raise InvalidRequest("Field 'flights' must be a non-empty list of flight ids.", field="flights")
     return flights
 
 
 def _seat_list(data: dict[str, Any]) -> list[str | None] | None:
     seats = _field(data, "seats", list, required=False)
-    if seats is not None and not all(s is None or isinstance(s, str) for s in seats):
+    if seats is not None and not all(s is None or isinstance(s, str) and _is_unicode(s) for s in seats):
         raise InvalidRequest("Field 'seats' must list one seat (a string) or null per flight.", field="seats")
     return seats
 
@@ -91,7 +117,8 @@ class VendePassProtocol(LineReceiver):
     """
 
     delimiter = b"\n"
-    MAX_LENGTH = MAX_LINE_BYTES
+    # One more for the "\r" of a "\r\n" ending; lineReceived checks the rest.
+    MAX_LENGTH = MAX_LINE_BYTES + 1
     _log = Logger()
 
     def __init__(self, service: ReservationService, clock: IReactorTime) -> None:
@@ -127,7 +154,7 @@ class VendePassProtocol(LineReceiver):
 
     def _send(self, message: dict[str, Any]) -> None:
         if not self._closed and self.transport is not None:
-            self.transport.write(json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+            self.transport.write(_encode(message))
 
     def _event(self, name: str, data: dict[str, Any]) -> None:
         self._send({"event": name, "data": data})
@@ -135,7 +162,7 @@ class VendePassProtocol(LineReceiver):
     # -- requests -----------------------------------------------------------
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        error = LineTooLong(f"A line may have at most {self.MAX_LENGTH} bytes; closing the connection.")
+        error = LineTooLong(f"A line may have at most {MAX_LINE_BYTES} bytes; closing the connection.")
         self._send({"id": None, "opcode": None, "ok": False, "error": error.to_wire()})
         if self.transport is not None:
             self.transport.loseConnection()
@@ -143,6 +170,9 @@ class VendePassProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
+        if len(line) > MAX_LINE_BYTES:
+            self.lineLengthExceeded(line)
+            return
         # One request at a time: stop reading until this one is answered.
         self.pauseProducing()
         started = self.clock.seconds()
@@ -163,16 +193,17 @@ class VendePassProtocol(LineReceiver):
             raise MalformedJSON("The line is not valid JSON: nested too deeply.")
         if not isinstance(message, dict):
             raise InvalidRequest("A request is a JSON object.")
+        opcode = message.get("opcode")
+        if isinstance(opcode, int) and not isinstance(opcode, bool):
+            request["opcode"] = opcode
         request_id = message.get("id")
         if request_id is None or isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
             request["id"] = request_id
         else:
             raise InvalidRequest("Field 'id' must be a string or an integer.", field="id")
-        opcode = message.get("opcode")
-        if isinstance(opcode, bool) or not isinstance(opcode, int):
+        if request["opcode"] is None:
             raise InvalidRequest("Field 'opcode' must be an integer.", field="opcode")
-        request["opcode"] = opcode
-        entry = OPCODES.get(opcode)
+        entry = OPCODES.get(request["opcode"])
         if entry is None:
             raise UnknownOpcode(f"Unknown opcode {opcode}.", opcode=opcode)
         request["name"] = entry.name
@@ -214,9 +245,12 @@ class VendePassProtocol(LineReceiver):
             outcome="ok" if response["ok"] else response["error"]["code"],
             ms=(self.clock.seconds() - started) * 1000,
         )
-        self._send(response)
-        if not self._closed:
-            self.resumeProducing()
+        try:
+            self._send(response)
+        finally:
+            # Whatever happened, go on with the next request.
+            if not self._closed:
+                self.resumeProducing()
 
     # -- opcodes ------------------------------------------------------------
 
@@ -243,6 +277,9 @@ class VendePassProtocol(LineReceiver):
         origin = _field(data, "origin", str, required=False)
         destination = _field(data, "destination", str, required=False)
         if origin is None and destination is None:
+            for name in ("date", "max_legs", "include_sold_out", "limit"):
+                if data.get(name) is not None:
+                    raise InvalidRequest(f"Field {name!r} needs 'origin' and 'destination'.", field=name)
             return {
                 "airports": [
                     {"code": a.code, "city": a.city, "name": a.name} for a in self.service.airports.values()
@@ -252,14 +289,16 @@ class VendePassProtocol(LineReceiver):
         if origin is None or destination is None:
             missing = "origin" if origin is None else "destination"
             raise InvalidRequest(f"Give both 'origin' and 'destination' (missing {missing!r}).", field=missing)
+        if origin.upper() == destination.upper():
+            raise InvalidRequest("'origin' and 'destination' must differ.", field="destination")
         day_text = _field(data, "date", str, required=False)
         day = None
         if day_text is not None:
             try:
+                if not _DATE.fullmatch(day_text):
+                    raise ValueError(day_text)
                 day = date.fromisoformat(day_text)
             except ValueError:
-                raise InvalidRequest("Field 'date' must be a date like 2026-12-01.", field="date")
-            if len(day_text) != 10:
                 raise InvalidRequest("Field 'date' must be a date like 2026-12-01.", field="date")
         max_legs = _field(data, "max_legs", int, required=False)
         if max_legs is not None and not 1 <= max_legs <= self.service.max_legs:

@@ -181,7 +181,7 @@ class ReservationService(Service):
 
     def register(self, username: str, password: str) -> Deferred[str]:
         async def register() -> str:
-            if not USERNAME.match(username):
+            if not USERNAME.fullmatch(username):
                 raise InvalidRequest(
                     "A username has 3 to 32 characters: lowercase letters, digits and _.", field="username"
                 )
@@ -196,7 +196,7 @@ class ReservationService(Service):
 
     def login(self, session: Session, username: str, password: str) -> Deferred[str]:
         async def login() -> str:
-            stored = await self.store.password_hash(username) if USERNAME.match(username) else None
+            stored = await self.store.password_hash(username) if USERNAME.fullmatch(username) else None
             # Verify even for an unknown user, so both take the same time.
             ok = await self._cpu.submit(lambda: self._hasher.verify(password, stored))
             if not ok:

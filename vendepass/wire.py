@@ -54,6 +54,7 @@ def hold(value: Hold) -> dict[str, Any]:
         "legs": [
             {
                 "flight": leg.flight.flight_id,
+                "number": leg.flight.number,
                 "seat": leg.seat,
                 "origin": leg.flight.origin,
                 "destination": leg.flight.destination,

@@ -637,7 +637,7 @@ class SQLiteStore:
     def _tickets(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[Ticket]:
         rows = db.execute(
             "SELECT ticket_id, username, status, price_cents, currency, bought_at, cancelled_at FROM tickets"
-            f" WHERE {where} ORDER BY bought_at, ticket_id",
+            f" WHERE {where} ORDER BY bought_at, rowid",
             args,
         ).fetchall()
         result = []
