@@ -32,6 +32,7 @@ from vendepass.errors import (
     SessionClosed,
     SoldOut,
     TicketNotFound,
+    UnknownSeat,
     UsernameTaken,
 )
 from vendepass.fixtures import Fixtures
@@ -426,6 +427,10 @@ class SQLiteStore:
                     raise SoldOut(f"Flight {flight.flight_id} is sold out.", flight=flight.flight_id)
             else:
                 seat = leg.seat
+                if not flight.aircraft.has_seat(seat):
+                    raise UnknownSeat(
+                        f"Flight {flight.flight_id} has no seat {seat!r}.", flight=flight.flight_id, seat=seat
+                    )
                 row = db.execute(
                     "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
                     " WHERE s.flight_id = ? AND s.seat = ?",
