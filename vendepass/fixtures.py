@@ -54,7 +54,7 @@ def parse(document: Any) -> Fixtures:
     """
     if not isinstance(document, dict):
         raise FixturesError("fixtures: the document must be a JSON object")
-    if document.get("format") != 1:
+    if type(document.get("format")) is not int or document["format"] != 1:
         raise FixturesError("fixtures: unsupported format (expected \"format\": 1)")
     airline = _get(document, "airline", dict, "fixtures")
     code = _get(airline, "code", str, "airline")
@@ -80,7 +80,7 @@ def parse(document: Any) -> Fixtures:
             raise FixturesError(f"{where}: duplicate airport {airport.code}")
         try:
             ZoneInfo(airport.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise FixturesError(f"{where}: unknown time zone {airport.timezone!r}")
         airports[airport.code] = airport
     if not airports:
@@ -133,7 +133,7 @@ def parse(document: Any) -> Fixtures:
         if not 10 <= duration <= 24 * 60:
             raise FixturesError(f"{where}: duration_minutes must be between 10 and 1440")
         days = _get(raw, "days", list, where)
-        if not days or any(isinstance(d, bool) or d not in range(1, 8) for d in days):
+        if not days or any(type(d) is not int or d not in range(1, 8) for d in days):
             raise FixturesError(f"{where}: days must list ISO weekdays 1 (Monday) to 7 (Sunday)")
         plane_type = _get(raw, "aircraft", str, where)
         if plane_type not in aircraft:
@@ -156,7 +156,10 @@ def parse(document: Any) -> Fixtures:
         )
 
     customers: list[Customer] = []
-    for i, raw in enumerate(document.get("customers", [])):
+    raw_customers = document.get("customers", [])
+    if not isinstance(raw_customers, list):
+        raise FixturesError("fixtures: field 'customers' must be list")
+    for i, raw in enumerate(raw_customers):
         where = f"customers[{i}]"
         if not isinstance(raw, dict):
             raise FixturesError(f"{where}: must be an object")

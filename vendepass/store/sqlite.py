@@ -156,6 +156,17 @@ def booking_code() -> str:
     return "".join(secrets.choice(_CODE_ALPHABET) for _ in range(8))
 
 
+class _CommitThenRefuse(Exception):
+    """
+    Raised by a transaction's work to commit what it did so far (say, ending
+    an expired hold) and then refuse the request with C{error}.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
@@ -337,7 +348,11 @@ class SQLiteStore:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                result = work(db, self._clock.seconds())
+                try:
+                    result = work(db, self._clock.seconds())
+                except _CommitThenRefuse as refusal:
+                    db.execute("COMMIT")
+                    raise refusal.error
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -503,7 +518,9 @@ class SQLiteStore:
             raise HoldNotFound(f"No hold {hold_id!r}.", hold_id=hold_id)
         if row[1] == "expired" or row[2] <= now:
             self._end_hold(db, hold_id, "expired", now)
-            raise HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
+            raise _CommitThenRefuse(
+                HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
+            )
 
     def release(self, hold_id: str, username: str) -> Deferred[None]:
         def work(db: sqlite3.Connection, now: float) -> None:

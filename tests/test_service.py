@@ -1,0 +1,970 @@
+"""
+Tests of L{ReservationService}: the reservation rules on a real SQLite store
+in memory, driven by a L{Clock} (no sleeps, no reactor).
+
+Most tests run the store on an L{InlineExecutor}. The race tests run it on a
+L{QueueExecutor}, which only queues jobs, so a test can run them in the
+order it chooses.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from tests.common import ALICE, BIG, BOB, DIRECT, FAST_HASHER, MINI, NO_SUCH_DAY, START, TINY, make_service
+from vendepass.errors import (
+    AlreadyCancelled,
+    BadCredentials,
+    FlightDeparted,
+    HoldExpired,
+    HoldNotFound,
+    InvalidItinerary,
+    InvalidRequest,
+    NotLoggedIn,
+    SeatUnavailable,
+    SessionClosed,
+    TicketNotFound,
+    UnknownAirport,
+    UnknownFlight,
+    UnknownSeat,
+    UsernameTaken,
+)
+from vendepass.fixtures import Fixtures, load, parse
+from vendepass.model import Hold, Itinerary, Money
+from vendepass.service import ReservationService, Session
+from vendepass.store import IExecutor, InlineExecutor
+from vendepass.store.sqlite import SQLiteStore
+
+HOUR = 3600.0
+DAY = 86400.0
+# TINY (VP100 on 2026-12-02) leaves Salvador at 08:00 local, 11:00 UTC.
+TINY_DEPARTS = START + 26 * HOUR
+# Midnight UTC at the end of START's day.
+MIDNIGHT = datetime(2026, 12, 2, tzinfo=timezone.utc).timestamp()
+
+
+@define
+class _Job:
+    job: Callable[[], Any]
+    deferred: Deferred[Any]
+
+
+@implementer(IExecutor)
+@define
+class QueueExecutor:
+    """
+    An executor that runs nothing by itself: jobs wait in C{queue} until the
+    test runs them, in the order it likes. L{execute} runs a job without
+    delivering its result, so a test can also choose when the caller hears
+    of it.
+    """
+
+    queue: list[_Job] = field(factory=list)
+
+    def submit(self, job: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append(_Job(job, d))
+        return d
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def execute(self, index: int = 0) -> Callable[[], None]:
+        """
+        Run queued job C{index} now; return a function that delivers its
+        result (or exception) to whoever submitted it.
+        """
+        pending = self.queue.pop(index)
+        try:
+            result = pending.job()
+        except BaseException:
+            failure = Failure()
+            return lambda: pending.deferred.errback(failure)
+        return lambda: pending.deferred.callback(result)
+
+    def run(self, index: int = 0) -> None:
+        """
+        Run queued job C{index} and deliver its result at once.
+        """
+        self.execute(index)()
+
+    def run_all(self) -> None:
+        """
+        Run jobs in order until none is left (including jobs queued by the
+        callbacks of earlier ones).
+        """
+        while self.queue:
+            self.run(0)
+
+
+def build(
+    fixtures: Callable[[], Fixtures] = lambda: load(MINI),
+    executor: IExecutor | None = None,
+    hold_seconds: float = 60,
+) -> ReservationService:
+    """
+    A started service on an in-memory SQLite store whose jobs run on
+    C{executor}; its clock starts at L{START}.
+    """
+    clock = Clock()
+    clock.advance(START)
+    store = SQLiteStore.open(":memory:", clock, executor or InlineExecutor(), fixtures, FAST_HASHER.hash)
+    service = ReservationService(store, clock, FAST_HASHER, InlineExecutor(), hold_seconds=hold_seconds)
+    service.startService()
+    return service
+
+
+class Notifications:
+    """
+    A session's notify callback that records the events pushed to it.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, name: str, data: dict[str, Any]) -> None:
+        self.events.append((name, data))
+
+
+class ServiceTestMixin:
+    successResultOf: Callable[..., Any]
+    failureResultOf: Callable[..., Any]
+    addCleanup: Callable[..., Any]
+
+    service: ReservationService
+    clock: Clock
+
+    def use(self, service: ReservationService) -> None:
+        self.service = service
+        self.clock = service.clock  # type: ignore[assignment]
+        self.addCleanup(self._stop)
+
+    def _stop(self) -> None:
+        if self.service.running:
+            self.service.stopService()
+
+    def ok(self, d: Deferred[Any]) -> Any:
+        return self.successResultOf(d)
+
+    def refused(self, d: Deferred[Any], kind: type[BaseException]) -> Any:
+        return self.failureResultOf(d, kind).value
+
+    def session(self, user: tuple[str, str] | None = ALICE) -> tuple[Session, Notifications]:
+        events = Notifications()
+        session = self.service.open_session(events, "test")
+        if user is not None:
+            self.ok(self.service.login(session, *user))
+        return session, events
+
+    def seats(self, flight_id: str) -> dict[str, tuple[str, str | None]]:
+        """
+        The taken seats of a flight: seat -> (status, owner).
+        """
+        flight = self.service.schedule().by_id[flight_id]
+        return {
+            s.seat: (s.status, s.owner) for s in self.ok(self.service.store.seats(flight)) if s.status != "free"
+        }
+
+    def hold_state(self, hold: Hold) -> str | None:
+        return self.ok(self.service.store.expire_hold(hold.hold_id))
+
+    def active_holds(self) -> int:
+        """
+        How many holds the database has in state C{active}.
+        """
+        db = self.service.store._db  # type: ignore[attr-defined]
+        return int(db.execute("SELECT COUNT(*) FROM holds WHERE state = 'active'").fetchone()[0])
+
+
+class HoldLifecycleTests(ServiceTestMixin, SynchronousTestCase):
+    """
+    Holds expire, and end with their session or their user.
+    """
+
+    def setUp(self) -> None:
+        self.use(make_service(hold_seconds=60))
+
+    def test_hold(self) -> None:
+        session, events = self.session()
+        hold = self.ok(self.service.hold(session, [TINY, BIG], ["2A", None]))
+        self.assertEqual(hold.username, "alice")
+        self.assertEqual([(leg.flight.flight_id, leg.seat) for leg in hold.legs], [(TINY, "2A"), (BIG, "1A")])
+        self.assertEqual(hold.expires_at, START + 60)
+        self.assertEqual(hold.price, Money(84990, "BRL"))
+        self.assertEqual(session.holds, {hold.hold_id})
+        self.assertEqual(self.seats(TINY), {"2A": ("held", "alice")})
+        self.assertEqual(events.events, [])
+
+    def test_hold_needs_login(self) -> None:
+        session, _ = self.session(None)
+        self.refused(self.service.hold(session, [TINY]), NotLoggedIn)
+        self.assertEqual(self.seats(TINY), {})
+
+    def test_hold_expires_exactly_on_time(self) -> None:
+        """
+        A hold ends exactly C{hold_seconds} after it was made, not before,
+        and its session is told with a C{hold_expired} event.
+        """
+        session, events = self.session()
+        hold = self.ok(self.service.hold(session, [TINY], ["1A"]))
+        self.clock.advance(59.75)
+        self.assertEqual(events.events, [])
+        self.assertEqual(self.seats(TINY), {"1A": ("held", "alice")})
+        self.assertEqual(session.holds, {hold.hold_id})
+        self.clock.advance(0.25)
+        self.assertEqual(events.events, [("hold_expired", {"hold_id": hold.hold_id})])
+        self.assertEqual(session.holds, set())
+        self.assertEqual(self.seats(TINY), {})
+        self.assertEqual(self.hold_state(hold), "expired")
+        # Told once, whatever comes later.
+        self.clock.advance(300)
+        self.ok(self.service.sweep())
+        self.assertEqual(len(events.events), 1)
+
+    def test_hold_seconds(self) -> None:
+        """
+        The hold time is the service's C{hold_seconds}.
+        """
+        self.use(make_service(hold_seconds=300))
+        session, events = self.session()
+        hold = self.ok(self.service.hold(session, [TINY]))
+        self.assertEqual(hold.expires_at, START + 300)
+        self.clock.advance(299.5)
+        self.assertEqual(events.events, [])
+        self.clock.advance(0.5)
+        self.assertEqual(events.events, [("hold_expired", {"hold_id": hold.hold_id})])
+
+    def test_buy_late(self) -> None:
+        session, events = self.session()
+        hold = self.ok(self.service.hold(session, [TINY, BIG]))
+        self.clock.advance(60)
+        error = self.refused(self.service.buy(session, hold_id=hold.hold_id), HoldExpired)
+        self.assertEqual(error.details, {"hold_id": hold.hold_id})
+        self.assertEqual(self.ok(self.service.tickets(session)), [])
+        self.assertEqual(self.seats(TINY), {})
+        self.assertEqual(self.seats(BIG), {})
+
+    def test_buy_late_before_timer(self) -> None:
+        """
+        Even if the timer has not run yet (the clock jumped), a hold whose
+        time is up cannot be bought.
+        """
+        session, _ = self.session()
+        hold = self.ok(self.service.hold(session, [TINY]))
+        self.clock.rightNow += 60
+        self.refused(self.service.buy(session, hold_id=hold.hold_id), HoldExpired)
+        self.assertEqual(self.seats(TINY), {})
+
+    def test_buy_own_hold(self) -> None:
+        session, events = self.session()
+        hold = self.ok(self.service.hold(session, [TINY, BIG], ["1B", "7D"]))
+        self.clock.advance(30)
+        ticket = self.ok(self.service.buy(session, hold_id=hold.hold_id))
+        self.assertEqual(ticket.username, "alice")
+        self.assertEqual(ticket.status, "active")
+        self.assertEqual([(leg.flight_id, leg.seat) for leg in ticket.legs], [(TINY, "1B"), (BIG, "7D")])
+        self.assertEqual(ticket.price, hold.price)
+        self.assertEqual(ticket.bought_at, START + 30)
+        self.assertEqual(session.holds, set())
+        self.assertEqual(self.seats(TINY), {"1B": ("sold", "alice")})
+        self.assertEqual(self.ok(self.service.tickets(session)), [ticket])
+        # The hold's timer is gone: no expiry event, the seat stays sold.
+        self.clock.advance(120)
+        self.assertEqual(events.events, [])
+        self.assertEqual(self.seats(TINY), {"1B": ("sold", "alice")})
+        self.refused(self.service.buy(session, hold_id=hold.hold_id), HoldNotFound)
+
+    def test_buy_other_users_hold(self) -> None:
+        alice, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        hold = self.ok(self.service.hold(alice, [TINY]))
+        self.refused(self.service.buy(bob, hold_id=hold.hold_id), HoldNotFound)
+        self.refused(self.service.release(bob, hold.hold_id), HoldNotFound)
+        self.assertEqual(self.seats(TINY), {"1A": ("held", "alice")})
+        self.assertEqual(self.ok(self.service.tickets(bob)), [])
+
+    def test_buy_own_hold_from_another_session(self) -> None:
+        """
+        A hold belongs to its user: another connection of the same user can
+        buy it, and the first one then hears nothing about it expiring.
+        """
+        first, first_events = self.session()
+        second, _ = self.session()
+        hold = self.ok(self.service.hold(first, [TINY]))
+        self.ok(self.service.buy(second, hold_id=hold.hold_id))
+        self.assertEqual(first.holds, set())
+        self.clock.advance(120)
+        self.assertEqual(first_events.events, [])
+
+    def test_buy_in_one_step(self) -> None:
+        session, _ = self.session()
+        ticket = self.ok(self.service.buy(session, flight_ids=[TINY, BIG], seats=[None, "30F"]))
+        self.assertEqual([(leg.flight_id, leg.seat) for leg in ticket.legs], [(TINY, "1A"), (BIG, "30F")])
+        self.assertEqual(session.holds, set())
+        self.assertEqual(self.seats(BIG), {"30F": ("sold", "alice")})
+
+    def test_seat_unavailable(self) -> None:
+        alice, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        self.ok(self.service.hold(alice, [TINY], ["2B"]))
+        error = self.refused(self.service.hold(bob, [TINY], ["2B"]), SeatUnavailable)
+        self.assertEqual(error.details["held_until"], "2026-12-01T09:01:00Z")
+        self.refused(self.service.buy(bob, flight_ids=[TINY], seats=["2B"]), SeatUnavailable)
+
+    def test_release(self) -> None:
+        session, events = self.session()
+        hold = self.ok(self.service.hold(session, [TINY]))
+        self.assertIsNone(self.ok(self.service.release(session, hold.hold_id)))
+        self.assertEqual(session.holds, set())
+        self.assertEqual(self.seats(TINY), {})
+        self.clock.advance(120)
+        self.assertEqual(events.events, [])
+        self.refused(self.service.release(session, hold.hold_id), HoldNotFound)
+
+    def test_close_session_releases(self) -> None:
+        """
+        Closing a session frees its seats at once, and its holds never send
+        an event to the dead connection.
+        """
+        session, events = self.session()
+        other, other_events = self.session(BOB)
+        hold = self.ok(self.service.hold(session, [TINY, BIG], ["1A", "1A"]))
+        kept = self.ok(self.service.hold(other, [TINY], ["2A"]))
+        calls = len(self.clock.getDelayedCalls())
+        self.ok(self.service.close_session(session))
+        self.assertFalse(session.alive)
+        self.assertEqual(self.seats(TINY), {"2A": ("held", "bob")})
+        self.assertEqual(self.seats(BIG), {})
+        self.assertEqual(self.hold_state(hold), "released")
+        self.assertEqual(len(self.clock.getDelayedCalls()), calls - 1)
+        self.clock.advance(59)
+        self.ok(self.service.sweep())
+        self.clock.advance(120)
+        self.assertEqual(events.events, [])
+        # The other session's hold lives on and expires normally.
+        self.assertEqual(other_events.events, [("hold_expired", {"hold_id": kept.hold_id})])
+
+    def test_closed_session_cannot_hold(self) -> None:
+        session, _ = self.session()
+        self.ok(self.service.close_session(session))
+        self.refused(self.service.hold(session, [TINY]), SessionClosed)
+        self.assertEqual(self.seats(TINY), {})
+        self.assertEqual(self.active_holds(), 0)
+
+    def test_login_switch_releases(self) -> None:
+        """
+        Logging in as another user on a session releases the holds made on it.
+        """
+        session, events = self.session(ALICE)
+        hold = self.ok(self.service.hold(session, [TINY], ["1A"]))
+        self.assertEqual(self.ok(self.service.login(session, *BOB)), "bob")
+        self.assertEqual(session.username, "bob")
+        self.assertEqual(session.holds, set())
+        self.assertEqual(self.seats(TINY), {})
+        self.assertEqual(self.hold_state(hold), "released")
+        self.clock.advance(120)
+        self.assertEqual(events.events, [])
+        # Now the session acts for bob.
+        self.ok(self.service.hold(session, [TINY], ["1A"]))
+        self.assertEqual(self.seats(TINY), {"1A": ("held", "bob")})
+
+    def test_login_same_user_keeps_holds(self) -> None:
+        session, events = self.session(ALICE)
+        hold = self.ok(self.service.hold(session, [TINY], ["1A"]))
+        self.assertEqual(self.ok(self.service.login(session, *ALICE)), "alice")
+        self.assertEqual(session.holds, {hold.hold_id})
+        self.assertEqual(self.seats(TINY), {"1A": ("held", "alice")})
+        self.assertEqual(self.hold_state(hold), "active")
+        self.ok(self.service.buy(session, hold_id=hold.hold_id))
+        self.assertEqual(self.seats(TINY), {"1A": ("sold", "alice")})
+
+    def test_failed_login_keeps_user_and_holds(self) -> None:
+        session, _ = self.session(ALICE)
+        hold = self.ok(self.service.hold(session, [TINY], ["1A"]))
+        self.refused(self.service.login(session, "bob", "wrong-password"), BadCredentials)
+        self.assertEqual(session.username, "alice")
+        self.assertEqual(session.holds, {hold.hold_id})
+        self.assertEqual(self.hold_state(hold), "active")
+
+    def test_logout_releases(self) -> None:
+        session, events = self.session(ALICE)
+        hold = self.ok(self.service.hold(session, [TINY, BIG]))
+        self.assertIsNone(self.ok(self.service.logout(session)))
+        self.assertIsNone(session.username)
+        self.assertEqual(session.holds, set())
+        self.assertEqual(self.seats(TINY), {})
+        self.assertEqual(self.seats(BIG), {})
+        self.assertEqual(self.hold_state(hold), "released")
+        self.clock.advance(120)
+        self.assertEqual(events.events, [])
+        self.refused(self.service.hold(session, [TINY]), NotLoggedIn)
+        self.refused(self.service.tickets(session), NotLoggedIn)
+        self.refused(self.service.logout(session), NotLoggedIn)
+
+    def test_sweep(self) -> None:
+        """
+        The sweep ends every hold whose time is up, even when its timer has
+        not run (here the clock jumps without running timers), and tells
+        each live session once.
+        """
+        alice, alice_events = self.session(ALICE)
+        bob, bob_events = self.session(BOB)
+        gone, gone_events = self.session(ALICE)
+        idle = len(self.clock.getDelayedCalls())
+        first = self.ok(self.service.hold(alice, [TINY], ["1A"]))
+        second = self.ok(self.service.hold(bob, [BIG], ["1A"]))
+        self.clock.rightNow += 30
+        later = self.ok(self.service.hold(bob, [TINY], ["2A"]))
+        self.clock.rightNow += 30
+        self.ok(self.service.sweep())
+        self.assertEqual(alice_events.events, [("hold_expired", {"hold_id": first.hold_id})])
+        self.assertEqual(bob_events.events, [("hold_expired", {"hold_id": second.hold_id})])
+        self.assertEqual(alice.holds, set())
+        self.assertEqual(bob.holds, {later.hold_id})
+        self.assertEqual(self.seats(TINY), {"2A": ("held", "bob")})
+        self.assertEqual(self.seats(BIG), {})
+        self.assertEqual(self.hold_state(first), "expired")
+        # The swept holds' timers were cancelled: only the later hold's is
+        # left, and running the clock now sends nothing twice.
+        self.assertEqual(len(self.clock.getDelayedCalls()), idle + 1)
+        self.clock.advance(0)
+        self.assertEqual(len(alice_events.events), 1)
+        self.assertEqual(len(bob_events.events), 1)
+        self.clock.advance(30)
+        self.assertEqual(bob_events.events[1:], [("hold_expired", {"hold_id": later.hold_id})])
+        self.assertEqual(gone_events.events, [])
+        self.assertEqual(self.active_holds(), 0)
+        self.ok(self.service.close_session(gone))
+
+    def test_sweeper_runs(self) -> None:
+        """
+        The service sweeps on its own every minute.
+        """
+        session, events = self.session()
+        hold = self.ok(self.service.hold(session, [TINY]))
+        # Cancel the hold's own timer through a private door, so that only
+        # the periodic sweep can end it.
+        timer, _ = self.service._timers[hold.hold_id]
+        timer.cancel()
+        self.clock.advance(60)
+        self.assertEqual(events.events, [("hold_expired", {"hold_id": hold.hold_id})])
+        self.assertEqual(self.seats(TINY), {})
+
+    def test_stop_cancels_timers(self) -> None:
+        session, _ = self.session()
+        self.ok(self.service.hold(session, [TINY]))
+        self.service.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RaceTests(ServiceTestMixin, SynchronousTestCase):
+    """
+    A hold whose session closes while the hold is on its way through the
+    store must not stay held, whatever the order the jobs run in.
+    """
+
+    def setUp(self) -> None:
+        self.executor = QueueExecutor()
+        self.use(build(executor=self.executor))
+        self.session_, self.events = self.session_in_queue()
+        self.idle_calls = len(self.clock.getDelayedCalls())
+
+    def session_in_queue(self) -> tuple[Session, Notifications]:
+        events = Notifications()
+        session = self.service.open_session(events, "test")
+        d = self.service.login(session, *ALICE)
+        self.executor.run_all()
+        self.ok(d)
+        return session, events
+
+    def settle(self) -> None:
+        """
+        Check that nothing is held, nothing will expire, nothing was told.
+        """
+        self.executor.run_all()
+        self.assertEqual(self.active_holds(), 0)
+        flight = self.service.schedule().by_id[TINY]
+        d = self.service.store.free_seats([flight])
+        self.executor.run_all()
+        self.assertEqual(self.ok(d), {TINY: 4})
+        self.assertEqual(self.session_.holds, set())
+        self.assertEqual(len(self.clock.getDelayedCalls()), self.idle_calls)
+        self.clock.advance(120)
+        self.executor.run_all()
+        self.assertEqual(self.events.events, [])
+
+    def test_release_job_first(self) -> None:
+        """
+        The session closes while its hold job waits; the release job runs
+        first (finding nothing), then the hold job: it must not hold.
+        """
+        d = self.service.hold(self.session_, [TINY], ["1A"])
+        self.assertEqual(len(self.executor.queue), 1)
+        self.service.close_session(self.session_)
+        self.assertEqual(len(self.executor.queue), 2)
+        self.executor.run(1)
+        self.executor.run(0)
+        self.refused(d, SessionClosed)
+        self.settle()
+
+    def test_hold_job_first(self) -> None:
+        """
+        The session closes while its hold job waits; the hold job runs
+        first, then the release job.
+        """
+        d = self.service.hold(self.session_, [TINY], ["1A"])
+        self.service.close_session(self.session_)
+        self.executor.run(0)
+        self.refused(d, SessionClosed)
+        self.executor.run(0)
+        self.settle()
+
+    def test_closed_after_hold_committed(self) -> None:
+        """
+        The hold commits while the session is alive; the session closes
+        before the answer arrives; the release job runs, then the answer
+        arrives.
+        """
+        d = self.service.hold(self.session_, [TINY], ["1A"])
+        deliver = self.executor.execute(0)
+        self.assertEqual(self.active_holds(), 1)
+        close = self.service.close_session(self.session_)
+        self.executor.run(0)
+        self.ok(close)
+        deliver()
+        self.executor.run_all()
+        self.refused(d, SessionClosed)
+        self.settle()
+
+    def test_answer_before_release_job(self) -> None:
+        """
+        The hold commits while the session is alive; the session closes;
+        the answer arrives before the release job runs.
+        """
+        d = self.service.hold(self.session_, [TINY], ["1A"])
+        deliver = self.executor.execute(0)
+        close = self.service.close_session(self.session_)
+        deliver()
+        self.assertEqual(self.active_holds(), 1)
+        self.executor.run_all()
+        self.ok(close)
+        self.refused(d, SessionClosed)
+        self.settle()
+
+    def test_other_sessions_hold_survives(self) -> None:
+        """
+        Closing one session releases only its own holds, even in a race.
+        """
+        bob = self.service.open_session(Notifications(), "bob")
+        login = self.service.login(bob, *BOB)
+        self.executor.run_all()
+        self.ok(login)
+        kept = self.service.hold(bob, [TINY], ["2A"])
+        d = self.service.hold(self.session_, [TINY], ["1A"])
+        self.service.close_session(self.session_)
+        self.executor.run(2)
+        self.executor.run_all()
+        self.refused(d, SessionClosed)
+        self.ok(kept)
+        self.assertEqual(self.active_holds(), 1)
+        self.assertEqual(self.seats_in_queue(), {"2A": ("held", "bob")})
+
+    def seats_in_queue(self) -> dict[str, tuple[str, str | None]]:
+        flight = self.service.schedule().by_id[TINY]
+        d = self.service.store.seats(flight)
+        self.executor.run_all()
+        return {s.seat: (s.status, s.owner) for s in self.ok(d) if s.status != "free"}
+
+
+class AccountTests(ServiceTestMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.use(make_service())
+
+    def test_register_and_login(self) -> None:
+        self.assertEqual(self.ok(self.service.register("carol_99", "carol-password")), "carol_99")
+        stored = self.ok(self.service.store.password_hash("carol_99"))
+        self.assertNotIn("carol-password", stored)
+        session, _ = self.session(None)
+        self.assertIsNone(session.username)
+        self.assertEqual(self.ok(self.service.login(session, "carol_99", "carol-password")), "carol_99")
+        self.assertEqual(session.username, "carol_99")
+
+    def test_register_taken(self) -> None:
+        self.refused(self.service.register("alice", "another-password"), UsernameTaken)
+        self.ok(self.service.register("carol", "carol-password"))
+        self.refused(self.service.register("carol", "carol-password"), UsernameTaken)
+        # The first password still works.
+        session, _ = self.session(ALICE)
+        self.assertEqual(session.username, "alice")
+
+    def test_register_bad_username(self) -> None:
+        for username in ("ab", "a" * 33, "Carol", "carol!", "ca rol", "carol-x", "", "çarol"):
+            error = self.refused(self.service.register(username, "good-password"), InvalidRequest)
+            self.assertEqual(error.details, {"field": "username"}, username)
+            self.assertIsNone(self.ok(self.service.store.password_hash(username)))
+
+    def test_register_username_trailing_newline(self) -> None:
+        """
+        A username is only lowercase letters, digits and _: not even a final
+        newline (which C{$} in a Python pattern lets through).
+        """
+        error = self.refused(self.service.register("carol\n", "good-password"), InvalidRequest)
+        self.assertEqual(error.details, {"field": "username"})
+        self.assertIsNone(self.ok(self.service.store.password_hash("carol\n")))
+
+    def test_register_username_limits(self) -> None:
+        for username in ("abc", "a" * 32, "x_1"):
+            self.assertEqual(self.ok(self.service.register(username, "good-password")), username)
+
+    def test_register_bad_password(self) -> None:
+        for password in ("", "short", "7chars!", "p" * 257):
+            error = self.refused(self.service.register("carol", password), InvalidRequest)
+            self.assertEqual(error.details, {"field": "password"})
+        self.assertIsNone(self.ok(self.service.store.password_hash("carol")))
+
+    def test_register_password_limits(self) -> None:
+        self.ok(self.service.register("carol", "8 chars!"))
+        self.ok(self.service.register("dave", "p" * 256))
+        session, _ = self.session(None)
+        self.ok(self.service.login(session, "dave", "p" * 256))
+
+    def test_login(self) -> None:
+        session, _ = self.session(None)
+        self.assertEqual(self.ok(self.service.login(session, *ALICE)), "alice")
+        self.assertEqual(session.username, "alice")
+
+    def test_bad_credentials(self) -> None:
+        session, _ = self.session(None)
+        for username, password in [
+            ("alice", "bob-password"),
+            ("alice", ""),
+            ("nobody", "alice-password"),
+            ("Alice", "alice-password"),
+            ("al", "alice-password"),
+        ]:
+            error = self.refused(self.service.login(session, username, password), BadCredentials)
+            self.assertEqual(error.code, "bad_credentials")
+            self.assertIsNone(session.username)
+
+    def test_tickets_need_login(self) -> None:
+        session, _ = self.session(None)
+        self.refused(self.service.tickets(session), NotLoggedIn)
+        self.refused(self.service.buy(session, flight_ids=[TINY]), NotLoggedIn)
+        self.refused(self.service.cancel(session, "ABCDEFGH"), NotLoggedIn)
+        self.refused(self.service.release(session, "H0"), NotLoggedIn)
+
+
+class FlightRulesTests(ServiceTestMixin, SynchronousTestCase):
+    """
+    Which flights can be sold: the sales window, departures, itineraries.
+    """
+
+    def setUp(self) -> None:
+        self.use(make_service())
+
+    def test_unknown_flights(self) -> None:
+        session, _ = self.session()
+        for flight_id in (NO_SUCH_DAY, "VP999-2026-12-02", "VP100", "VP100-2026-13-01", "VP100-20261202"):
+            error = self.refused(self.service.hold(session, [flight_id]), UnknownFlight)
+            self.assertEqual(error.details, {"flight": flight_id})
+            self.refused(self.service.seatmap(session, flight_id), UnknownFlight)
+
+    def test_bad_seats(self) -> None:
+        session, _ = self.session()
+        error = self.refused(self.service.hold(session, [TINY], ["3A"]), UnknownSeat)
+        self.assertEqual(error.details, {"flight": TINY, "seat": "3A"})
+        self.refused(self.service.hold(session, [TINY], ["1C"]), UnknownSeat)
+        self.refused(self.service.buy(session, flight_ids=[TINY], seats=["a1"]), UnknownSeat)
+        error = self.refused(self.service.hold(session, [TINY, BIG], ["1A"]), InvalidRequest)
+        self.assertEqual(error.details, {"field": "seats"})
+        self.assertEqual(self.seats(TINY), {})
+
+    def test_seat_with_trailing_newline(self) -> None:
+        """
+        C{"1A\n"} is not a seat: taking it must not sell seat 1A a second time.
+        """
+        alice, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        self.ok(self.service.hold(alice, [TINY], ["1A"]))
+        error = self.refused(self.service.buy(bob, flight_ids=[TINY], seats=["1A\n"]), UnknownSeat)
+        self.assertEqual(error.details, {"flight": TINY, "seat": "1A\n"})
+        self.refused(self.service.hold(bob, [TINY], ["2B\n"]), UnknownSeat)
+        self.assertEqual(self.ok(self.service.tickets(bob)), [])
+        flight = self.service.schedule().by_id[TINY]
+        self.assertEqual(self.ok(self.service.store.free_seats([flight])), {TINY: 3})
+
+    def test_invalid_itinerary(self) -> None:
+        session, _ = self.session()
+        # BIG leaves Recife, DIRECT leaves Salvador.
+        self.refused(self.service.hold(session, [BIG, DIRECT]), InvalidItinerary)
+        self.refused(self.service.buy(session, flight_ids=[]), InvalidItinerary)
+        self.refused(self.service.hold(session, [TINY, "VP101-2026-12-02"]), InvalidItinerary)
+        self.assertEqual(self.seats(TINY), {})
+
+    def test_sales_window(self) -> None:
+        """
+        Flights are sold 30 days ahead; the window moves at midnight UTC.
+        """
+        session, _ = self.session()
+        last = "VP100-2026-12-31"
+        beyond = "VP100-2027-01-01"
+        self.assertEqual(self.ok(self.service.seatmap(session, last)).flight.flight_id, last)
+        error = self.refused(self.service.seatmap(session, beyond), UnknownFlight)
+        self.assertEqual(error.details, {"flight": beyond})
+        self.refused(self.service.hold(session, [beyond]), UnknownFlight)
+        self.refused(self.service.buy(session, flight_ids=[beyond]), UnknownFlight)
+        self.clock.advance(MIDNIGHT - 1 - self.clock.seconds())
+        self.refused(self.service.seatmap(session, beyond), UnknownFlight)
+        self.clock.advance(1)
+        self.assertEqual(self.ok(self.service.seatmap(session, beyond)).flight.flight_id, beyond)
+        hold = self.ok(self.service.hold(session, [beyond]))
+        self.assertEqual(hold.legs[0].flight.flight_id, beyond)
+        self.refused(self.service.seatmap(session, "VP100-2027-01-02"), UnknownFlight)
+        self.assertEqual(
+            [i.legs[0].flight_id for i in self.ok(self.service.search("SSA", "REC", on=date(2027, 1, 1)))],
+            [beyond],
+        )
+        self.assertEqual(self.ok(self.service.search("SSA", "REC", on=date(2027, 1, 2))), [])
+
+    def test_schedule_rolls_days_later(self) -> None:
+        session, _ = self.session()
+        self.clock.advance(10 * DAY)
+        self.ok(self.service.seatmap(session, "VP100-2027-01-10"))
+        self.refused(self.service.seatmap(session, "VP100-2027-01-11"), UnknownFlight)
+        # The window keeps yesterday's flights (time zones): departed, not unknown.
+        self.refused(self.service.seatmap(session, "VP100-2026-12-10"), FlightDeparted)
+        self.refused(self.service.seatmap(session, "VP100-2026-12-05"), UnknownFlight)
+
+    def test_departed(self) -> None:
+        session, _ = self.session()
+        self.clock.advance(TINY_DEPARTS - 1 - self.clock.seconds())
+        self.ok(self.service.seatmap(session, TINY))
+        self.clock.advance(1)
+        error = self.refused(self.service.hold(session, [TINY]), FlightDeparted)
+        self.assertEqual(error.details, {"flight": TINY})
+        self.assertEqual(error.code, "flight_departed")
+        self.refused(self.service.buy(session, flight_ids=[TINY]), FlightDeparted)
+        self.refused(self.service.seatmap(session, TINY), FlightDeparted)
+        self.refused(self.service.hold(session, [TINY, BIG]), FlightDeparted)
+        # A later flight of the same itinerary is still for sale.
+        self.ok(self.service.hold(session, [BIG]))
+
+    def test_buy_hold_after_departure(self) -> None:
+        self.use(make_service(hold_seconds=2 * DAY))
+        session, _ = self.session()
+        hold = self.ok(self.service.hold(session, [TINY, BIG]))
+        self.clock.advance(TINY_DEPARTS - self.clock.seconds())
+        self.refused(self.service.buy(session, hold_id=hold.hold_id), FlightDeparted)
+        self.assertEqual(self.ok(self.service.tickets(session)), [])
+
+    def test_cancel(self) -> None:
+        alice, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        ticket = self.ok(self.service.buy(alice, flight_ids=[TINY, BIG], seats=["1A", "1A"]))
+        self.refused(self.service.cancel(bob, ticket.ticket_id), TicketNotFound)
+        self.assertEqual(self.seats(TINY), {"1A": ("sold", "alice")})
+        cancelled = self.ok(self.service.cancel(alice, ticket.ticket_id))
+        self.assertEqual(cancelled.status, "cancelled")
+        self.assertEqual(self.seats(TINY), {})
+        self.refused(self.service.cancel(alice, ticket.ticket_id), AlreadyCancelled)
+        self.assertEqual(self.ok(self.service.tickets(alice)), [cancelled])
+        self.ok(self.service.hold(bob, [TINY, BIG], ["1A", "1A"]))
+
+    def test_cancel_after_departure(self) -> None:
+        session, _ = self.session()
+        ticket = self.ok(self.service.buy(session, flight_ids=[TINY, BIG]))
+        self.clock.advance(TINY_DEPARTS - self.clock.seconds())
+        error = self.refused(self.service.cancel(session, ticket.ticket_id), FlightDeparted)
+        self.assertEqual(error.details, {"ticket_id": ticket.ticket_id})
+        self.assertEqual([t.status for t in self.ok(self.service.tickets(session))], ["active"])
+
+    def test_tickets_across_sessions(self) -> None:
+        first, _ = self.session()
+        ticket = self.ok(self.service.buy(first, flight_ids=[DIRECT]))
+        self.ok(self.service.close_session(first))
+        second, _ = self.session()
+        self.assertEqual(self.ok(self.service.tickets(second)), [ticket])
+        bob, _ = self.session(BOB)
+        self.assertEqual(self.ok(self.service.tickets(bob)), [])
+
+
+# A network with a hub (REC) for the search tests. On any day:
+#   VP1  SSA 08:00 -> REC 09:15                  (2 seats)
+#   VP2  REC 09:59 -> MAO   connection of 44 minutes: too short
+#   VP3  REC 10:00 -> MAO   45 minutes: just enough; arrives 13:00 Manaus
+#   VP8  REC 10:00 -> MAO   same times as VP3, cheaper
+#   VP5  REC 10:30 -> FOR 11:30, VP6 FOR 13:00 -> MAO 15:00 Manaus (3 legs)
+#   VP4  SSA 12:00 -> MAO 14:00 Manaus (direct)
+#   VP9  MAO 22:30 -> REC (02:30 UTC the next day)
+#   VP7  SSA 06:00 -> REC, Saturdays only
+HUB: dict[str, Any] = {
+    "format": 1,
+    "airline": {"code": "VP", "name": "Hub Test Air", "currency": "BRL"},
+    "airports": [
+        {"code": "SSA", "city": "Salvador", "name": "Salvador", "timezone": "America/Bahia"},
+        {"code": "REC", "city": "Recife", "name": "Recife", "timezone": "America/Recife"},
+        {"code": "FOR", "city": "Fortaleza", "name": "Fortaleza", "timezone": "America/Fortaleza"},
+        {"code": "MAO", "city": "Manaus", "name": "Manaus", "timezone": "America/Manaus"},
+    ],
+    "aircraft": [
+        {"type": "TWO", "name": "Two seats", "rows": 1, "letters": "AB"},
+        {"type": "A320", "name": "Airbus A320", "rows": 30, "letters": "ABCDEF"},
+    ],
+    "timetable": [
+        {"flight": "VP1", "origin": "SSA", "destination": "REC", "departure": "08:00", "duration_minutes": 75,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "TWO", "fare": "100.00"},
+        {"flight": "VP2", "origin": "REC", "destination": "MAO", "departure": "09:59", "duration_minutes": 240,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "A320", "fare": "100.00"},
+        {"flight": "VP3", "origin": "REC", "destination": "MAO", "departure": "10:00", "duration_minutes": 240,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "A320", "fare": "500.00"},
+        {"flight": "VP8", "origin": "REC", "destination": "MAO", "departure": "10:00", "duration_minutes": 240,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "A320", "fare": "400.00"},
+        {"flight": "VP5", "origin": "REC", "destination": "FOR", "departure": "10:30", "duration_minutes": 60,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "A320", "fare": "50.00"},
+        {"flight": "VP6", "origin": "FOR", "destination": "MAO", "departure": "13:00", "duration_minutes": 180,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "A320", "fare": "50.00"},
+        {"flight": "VP4", "origin": "SSA", "destination": "MAO", "departure": "12:00", "duration_minutes": 180,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "A320", "fare": "900.00"},
+        {"flight": "VP9", "origin": "MAO", "destination": "REC", "departure": "22:30", "duration_minutes": 200,
+         "days": [1, 2, 3, 4, 5, 6, 7], "aircraft": "A320", "fare": "300.00"},
+        {"flight": "VP7", "origin": "SSA", "destination": "REC", "departure": "06:00", "duration_minutes": 75,
+         "days": [6], "aircraft": "A320", "fare": "80.00"},
+    ],
+    "customers": [
+        {"username": "alice", "password": "alice-password"},
+        {"username": "bob", "password": "bob-password"},
+    ],
+}
+
+WEDNESDAY = date(2026, 12, 2)
+
+
+def numbers(itineraries: list[Itinerary]) -> list[tuple[str, ...]]:
+    return [tuple(leg.number for leg in i.legs) for i in itineraries]
+
+
+class SearchTests(ServiceTestMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.use(build(lambda: parse(json.loads(json.dumps(HUB)))))
+
+    def search(self, origin: str = "SSA", destination: str = "MAO", **kwargs: Any) -> list[Itinerary]:
+        return self.ok(self.service.search(origin, destination, **kwargs))
+
+    def test_via_hub(self) -> None:
+        """
+        One day's itineraries: direct, through the hub with at least 45
+        minutes to connect (44 is not enough), and with three legs; sorted by
+        departure, then arrival, then price.
+        """
+        found = self.search(on=WEDNESDAY)
+        self.assertEqual(numbers(found), [("VP1", "VP8"), ("VP1", "VP3"), ("VP1", "VP5", "VP6"), ("VP4",)])
+        for itinerary in found:
+            self.assertEqual({leg.flight_id[-10:] for leg in itinerary.legs}, {"2026-12-02"})
+        via = found[0]
+        self.assertEqual(via.legs[1].departure - via.legs[0].arrival, timedelta(minutes=45))
+        self.assertEqual(via.price, Money(50000, "BRL"))
+        self.assertEqual(found[1].price, Money(60000, "BRL"))
+        self.assertEqual(via.free_seats, (2, 180))
+        self.assertEqual(found[3].free_seats, (180,))
+
+    def test_sorted_by_departure(self) -> None:
+        found = self.search(limit=500)
+        self.assertTrue(len(found) > 100, len(found))
+        keys = [(i.legs[0].departs_ts, i.legs[-1].arrives_ts, i.price.cents) for i in found]
+        self.assertEqual(keys, sorted(keys))
+        self.assertTrue(all(key[0] > self.clock.seconds() for key in keys))
+        self.assertNotIn(("VP1", "VP2"), numbers(found))
+
+    def test_date_filter(self) -> None:
+        """
+        The date is the local date of departure at the origin.
+        """
+        saturday = date(2026, 12, 5)
+        self.assertEqual(numbers(self.search("SSA", "REC", on=saturday, max_legs=1)), [("VP7",), ("VP1",)])
+        self.assertEqual(numbers(self.search("SSA", "REC", on=WEDNESDAY, max_legs=1)), [("VP1",)])
+        # Via Manaus: VP4 lands at 14:00, VP9 leaves at 22:30 the same day.
+        self.assertEqual(
+            numbers(self.search("SSA", "REC", on=WEDNESDAY)), [("VP1",), ("VP4", "VP9")]
+        )
+        late = self.search("MAO", "REC", on=WEDNESDAY, max_legs=1)
+        self.assertEqual([i.legs[0].flight_id for i in late], ["VP9-2026-12-02"])
+        # 22:30 in Manaus is already the next day in UTC.
+        self.assertEqual(late[0].legs[0].departure.astimezone(timezone.utc).date(), date(2026, 12, 3))
+        self.assertEqual(self.search(on=date(2027, 2, 1)), [])
+
+    def test_max_legs(self) -> None:
+        self.assertEqual(numbers(self.search(on=WEDNESDAY, max_legs=1)), [("VP4",)])
+        self.assertEqual(
+            numbers(self.search(on=WEDNESDAY, max_legs=2)), [("VP1", "VP8"), ("VP1", "VP3"), ("VP4",)]
+        )
+        self.assertEqual(len(self.search(on=WEDNESDAY, max_legs=3)), 4)
+
+    def test_limit(self) -> None:
+        everything = self.search()
+        self.assertEqual(len(everything), 50)
+        self.assertEqual(self.search(limit=5), everything[:5])
+        self.assertEqual(len(self.search(limit=1)), 1)
+        self.assertEqual(self.search(limit=0), [])
+
+    def test_sold_out_hidden(self) -> None:
+        session, _ = self.session()
+        self.ok(self.service.buy(session, flight_ids=["VP1-2026-12-02"]))
+        self.ok(self.service.hold(session, ["VP1-2026-12-02"]))
+        self.assertEqual(numbers(self.search(on=WEDNESDAY)), [("VP4",)])
+        shown = self.search(on=WEDNESDAY, include_sold_out=True)
+        self.assertEqual(numbers(shown), [("VP1", "VP8"), ("VP1", "VP3"), ("VP1", "VP5", "VP6"), ("VP4",)])
+        self.assertEqual(shown[0].free_seats, (0, 180))
+        # Another day's VP1 is not affected.
+        self.assertEqual(len(self.search(on=date(2026, 12, 3))), 4)
+        # When the hold expires, its seat is free again.
+        self.clock.advance(60)
+        self.assertEqual(
+            [i.free_seats for i in self.search(on=WEDNESDAY)], [(1, 180), (1, 180), (1, 180, 180), (180,)]
+        )
+
+    def test_departed_not_listed(self) -> None:
+        today = date(2026, 12, 1)
+        self.assertEqual(numbers(self.search(on=today)), [("VP1", "VP8"), ("VP1", "VP3"), ("VP1", "VP5", "VP6"), ("VP4",)])
+        # VP1 leaves Salvador at 08:00 local, 11:00 UTC.
+        self.clock.advance(2 * HOUR)
+        self.assertEqual(numbers(self.search(on=today)), [("VP4",)])
+
+    def test_hold_too_short_connection(self) -> None:
+        session, _ = self.session()
+        self.refused(self.service.hold(session, ["VP1-2026-12-02", "VP2-2026-12-02"]), InvalidItinerary)
+        self.ok(self.service.hold(session, ["VP1-2026-12-02", "VP3-2026-12-02"]))
+
+    def test_unknown_airport(self) -> None:
+        for origin, destination in (("XXX", "MAO"), ("SSA", "GRU"), ("ssa", "MAO")):
+            bad = destination if origin == "SSA" else origin
+            error = self.refused(self.service.search(origin, destination), UnknownAirport)
+            self.assertEqual(error.details, {"airport": bad})
+
+    def test_same_airport(self) -> None:
+        self.assertEqual(self.search("SSA", "SSA"), [])
+
+    def test_routes(self) -> None:
+        self.assertEqual(
+            self.service.routes,
+            (
+                ("FOR", "MAO"),
+                ("MAO", "REC"),
+                ("REC", "FOR"),
+                ("REC", "MAO"),
+                ("SSA", "MAO"),
+                ("SSA", "REC"),
+            ),
+        )
+
