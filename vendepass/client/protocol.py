@@ -1,0 +1,239 @@
+"""
+The client side of protocol v1: one Deferred-returning method per operation.
+
+    protocol = await connect(reactor, "tcp:host=localhost:port=65432", on_event)
+    await protocol.login("maria", "maria123")
+    itineraries = await protocol.search("THE", "CWB", date="2026-12-01")
+
+Server refusals fail the Deferred with L{ServerError} (carrying the error
+code); a dropped connection fails every pending call with L{ConnectionLost}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+DEFAULT_ENDPOINT = "tcp:host=localhost:port=65432"
+
+# Opcodes of protocol v1 (docs/protocol.md).
+PING, LOGIN, ROUTES, BUY, TICKETS, CANCEL, HOLD, RELEASE, SEATMAP, LOGOUT, REGISTER = range(11)
+
+
+class ServerError(Exception):
+    """
+    The server refused a request.
+
+    @ivar code: the stable error code (C{"seat_unavailable"}, ...).
+    @ivar message: the server's sentence for humans (English).
+    @ivar details: the other fields of the error (C{"seat"}, C{"held_until"}, ...).
+    """
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class ConnectionLost(Exception):
+    """
+    The connection to the server closed before the answer came.
+    """
+
+
+class VendePassClientProtocol(LineReceiver):
+    """
+    A connection to a VendePass server. Requests may be pipelined: each call
+    gets its own Deferred, matched to its response by id.
+    """
+
+    delimiter = b"\n"
+    # Answers can be large (a whole sales window of itineraries).
+    MAX_LENGTH = 16 * 1024 * 1024
+    _log = Logger()
+
+    def __init__(self, on_event: EventCallback | None = None) -> None:
+        self.on_event = on_event
+        self.welcome: dict[str, Any] | None = None
+        self._next_id = 0
+        self._pending: dict[int, Deferred[dict[str, Any]]] = {}
+        self._welcome_waiters: list[Deferred[dict[str, Any]]] = []
+        self._lost: Failure | None = None
+
+    # -- connection ---------------------------------------------------------
+
+    def when_welcomed(self) -> Deferred[dict[str, Any]]:
+        """
+        Fires with the server's welcome data (at once if it came already).
+        """
+        d: Deferred[dict[str, Any]] = Deferred()
+        if self.welcome is not None:
+            d.callback(self.welcome)
+        elif self._lost is not None:
+            d.errback(self._lost)
+        else:
+            self._welcome_waiters.append(d)
+        return d
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
+        self._lost = Failure(ConnectionLost(f"The connection to the server was lost: {reason.getErrorMessage()}"))
+        pending, self._pending = self._pending, {}
+        waiters, self._welcome_waiters = self._welcome_waiters, []
+        for d in [*pending.values(), *waiters]:
+            d.errback(self._lost)
+        if self.on_event is not None:
+            self.on_event("connection_lost", {"reason": reason.getErrorMessage()})
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self._log.warn("unreadable line from the server: {line!r}", line=line[:200])
+            return
+        if not isinstance(message, dict):
+            return
+        if "event" in message:
+            data = message.get("data") or {}
+            if message["event"] == "welcome" and self.welcome is None:
+                self.welcome = data
+                waiters, self._welcome_waiters = self._welcome_waiters, []
+                for d in waiters:
+                    d.callback(data)
+            if self.on_event is not None:
+                self.on_event(message["event"], data)
+            return
+        d = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+        if d is None:
+            if not message.get("ok", True):
+                error = message.get("error") or {}
+                self._log.warn("server error: {code}: {message}", code=error.get("code"), message=error.get("message"))
+                if self.on_event is not None:
+                    self.on_event("error", error)
+            return
+        if message.get("ok"):
+            d.callback(message.get("data") or {})
+        else:
+            error = dict(message.get("error") or {})
+            code = str(error.pop("code", "internal_error"))
+            text = str(error.pop("message", code))
+            d.errback(ServerError(code, text, error))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._log.error("the server sent a line longer than {limit} bytes", limit=self.MAX_LENGTH)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- requests -----------------------------------------------------------
+
+    def call(self, opcode: int, data: dict[str, Any] | None = None) -> Deferred[dict[str, Any]]:
+        """
+        Send one request; fires with the result data, or fails with
+        L{ServerError} or L{ConnectionLost}.
+        """
+        d: Deferred[dict[str, Any]] = Deferred()
+        if self._lost is not None or self.transport is None:
+            d.errback(self._lost or Failure(ConnectionLost("Not connected.")))
+            return d
+        self._next_id += 1
+        request_id = self._next_id
+        self._pending[request_id] = d
+        message: dict[str, Any] = {"opcode": opcode, "id": request_id}
+        if data:
+            message["data"] = {k: v for k, v in data.items() if v is not None}
+        self.transport.write(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
+        return d
+
+    def _get(self, opcode: int, key: str, data: dict[str, Any] | None = None) -> Deferred[Any]:
+        return self.call(opcode, data).addCallback(lambda result: result[key])
+
+    def ping(self) -> Deferred[dict[str, Any]]:
+        return self.call(PING)
+
+    def login(self, username: str, password: str) -> Deferred[str]:
+        return self._get(LOGIN, "username", {"username": username, "password": password})
+
+    def register(self, username: str, password: str) -> Deferred[str]:
+        return self._get(REGISTER, "username", {"username": username, "password": password})
+
+    def logout(self) -> Deferred[dict[str, Any]]:
+        return self.call(LOGOUT)
+
+    def routes(self) -> Deferred[dict[str, Any]]:
+        """
+        The network: C{{"airports": [...], "routes": [...]}}.
+        """
+        return self.call(ROUTES)
+
+    def search(
+        self,
+        origin: str,
+        destination: str,
+        date: str | None = None,
+        max_legs: int | None = None,
+        include_sold_out: bool | None = None,
+        limit: int | None = None,
+    ) -> Deferred[list[dict[str, Any]]]:
+        """
+        Itineraries from C{origin} to C{destination} (IATA codes).
+        """
+        return self._get(
+            ROUTES,
+            "itineraries",
+            {
+                "origin": origin,
+                "destination": destination,
+                "date": date,
+                "max_legs": max_legs,
+                "include_sold_out": include_sold_out,
+                "limit": limit,
+            },
+        )
+
+    def seatmap(self, flight: str) -> Deferred[dict[str, Any]]:
+        return self.call(SEATMAP, {"flight": flight})
+
+    def hold(self, flights: list[str], seats: list[str | None] | None = None) -> Deferred[dict[str, Any]]:
+        return self._get(HOLD, "hold", {"flights": flights, "seats": seats})
+
+    def release(self, hold_id: str) -> Deferred[dict[str, Any]]:
+        return self.call(RELEASE, {"hold_id": hold_id})
+
+    def buy(
+        self,
+        hold_id: str | None = None,
+        flights: list[str] | None = None,
+        seats: list[str | None] | None = None,
+        request_id: str | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Buy a hold, or (with C{flights}) hold and buy in one step; fires with the ticket.
+        """
+        return self._get(BUY, "ticket", {"hold_id": hold_id, "flights": flights, "seats": seats, "request_id": request_id})
+
+    def tickets(self) -> Deferred[list[dict[str, Any]]]:
+        return self._get(TICKETS, "tickets")
+
+    def cancel(self, ticket_id: str, request_id: str | None = None) -> Deferred[dict[str, Any]]:
+        return self._get(CANCEL, "ticket", {"ticket_id": ticket_id, "request_id": request_id})
+
+
+async def connect(
+    reactor: IReactorCore, endpoint: str = DEFAULT_ENDPOINT, on_event: EventCallback | None = None
+) -> VendePassClientProtocol:
+    """
+    Connect to a server with a client endpoint string and wait for its welcome.
+    """
+    protocol = VendePassClientProtocol(on_event)
+    await connectProtocol(clientFromString(reactor, endpoint), protocol)
+    await protocol.when_welcomed()
+    return protocol
