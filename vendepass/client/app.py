@@ -1,0 +1,460 @@
+"""
+The interactive terminal app: menus on standard input and output, driven by
+the reactor (C{twisted.internet.stdio}), so server events such as an expired
+hold are shown at once, even while the app waits for the customer to type.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import termios
+from collections import deque
+from datetime import date
+from typing import Any
+
+from twisted.internet import stdio
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorCore, IReactorTime
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from vendepass.client import views
+from vendepass.client.i18n import Texts
+from vendepass.client.protocol import ConnectionLost, ServerError, VendePassClientProtocol, connect
+
+YES = {"y", "yes", "s", "sim"}
+NO = {"n", "no", "nao", "não"}
+
+
+class EndOfInput(Exception):
+    """
+    The customer closed standard input (Ctrl-D).
+    """
+
+
+@implementer(IHalfCloseableProtocol)
+class Console(LineReceiver):
+    """
+    Line input and text output on standard I/O, one question at a time.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self) -> None:
+        self._lines: deque[str] = deque()
+        self._waiter: Deferred[str] | None = None
+        self._prompt = ""
+        self._echo_off: list[Any] | None = None
+        self.closed = False
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            self._restore_echo()
+            waiter.callback(text)
+        else:
+            self._lines.append(text)
+
+    def readConnectionLost(self) -> None:
+        self.closed = True
+        self._restore_echo()
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            self.write("\n")
+            waiter.errback(EndOfInput())
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(EndOfInput())) -> None:
+        self.readConnectionLost()
+
+    def write(self, text: str) -> None:
+        if self.transport is not None:
+            self.transport.write(text.encode("utf-8"))
+
+    def say(self, text: str) -> None:
+        """
+        Print C{text}; if a question is waiting for an answer, ask it again below.
+        """
+        if self._waiter is not None:
+            self.write("\n" + text + "\n" + self._prompt)
+        else:
+            self.write(text + "\n")
+
+    def ask(self, prompt: str, secret: bool = False) -> Deferred[str]:
+        """
+        Ask a question; fires with the answer, or fails with L{EndOfInput}.
+        """
+        self._prompt = prompt
+        self.write(prompt)
+        if self._lines:
+            return succeed(self._lines.popleft())
+        if self.closed:
+            self.write("\n")
+            return fail(EndOfInput())
+        if secret:
+            self._hide_echo()
+        self._waiter = Deferred()
+        return self._waiter
+
+    def _hide_echo(self) -> None:
+        try:
+            fd = sys.stdin.fileno()
+            if not os.isatty(fd):
+                return
+            attributes = termios.tcgetattr(fd)
+            hidden = list(attributes)
+            hidden[3] &= ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSANOW, hidden)
+            self._echo_off = attributes
+        except (OSError, ValueError, termios.error):
+            self._echo_off = None
+
+    def _restore_echo(self) -> None:
+        if self._echo_off is not None:
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._echo_off)
+            except (OSError, ValueError, termios.error):
+                pass
+            self._echo_off = None
+            self.write("\n")
+
+
+class App:
+    """
+    The menus, and what the customer holds right now.
+    """
+
+    def __init__(self, reactor: IReactorCore, console: Console, texts: Texts) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor  # type: ignore[assignment]
+        self.console = console
+        self._ = texts
+        self.client: VendePassClientProtocol | None = None
+        self.username: str | None = None
+        self.hold: dict[str, Any] | None = None
+        self.hold_deadline = 0.0
+        self.hold_seconds = 300
+        self._reminders: list[IDelayedCall] = []
+        self._network: dict[str, Any] | None = None
+        self._leaving = False
+
+    # -- plumbing -----------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        self.console.say(text)
+
+    async def ask(self, prompt: str, secret: bool = False) -> str:
+        return (await self.console.ask(prompt, secret)).strip()
+
+    async def confirm(self, prompt: str) -> bool:
+        while True:
+            answer = (await self.ask(prompt)).lower()
+            if answer in YES:
+                return True
+            if answer in NO or answer == "":
+                return False
+            self.say(self._("Please answer y (yes) or n (no)."))
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "hold_expired" and self.hold is not None and data.get("hold_id") == self.hold["hold_id"]:
+            self._end_hold()
+            self.say(self._("Your hold expired: the seats were released. Search again to choose new seats."))
+        elif name == "connection_lost" and not self._leaving:
+            self.say(self._("The connection to the server was lost."))
+
+    @property
+    def api(self) -> VendePassClientProtocol:
+        assert self.client is not None
+        return self.client
+
+    # -- holds --------------------------------------------------------------
+
+    def _start_hold(self, hold: dict[str, Any]) -> None:
+        self.hold = hold
+        self.hold_deadline = self.clock.seconds() + self.hold_seconds
+        for before in (60, 10):
+            if self.hold_seconds > before:
+                self._reminders.append(self.clock.callLater(self.hold_seconds - before, self._remind, before))
+
+    def _remind(self, left: int) -> None:
+        if self.hold is not None:
+            self.say(self._("Hurry: your hold ends in {left} seconds.", left=left))
+
+    def _end_hold(self) -> None:
+        self.hold = None
+        for call in self._reminders:
+            if call.active():
+                call.cancel()
+        self._reminders = []
+
+    def remaining(self) -> str:
+        seconds = max(0, int(self.hold_deadline - self.clock.seconds()))
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+    async def release_hold(self) -> None:
+        if self.hold is not None:
+            hold_id = self.hold["hold_id"]
+            self._end_hold()
+            try:
+                await self.api.release(hold_id)
+            except ServerError:
+                pass
+
+    # -- the whole session --------------------------------------------------
+
+    async def run(self, endpoint: str) -> int:
+        self.say(self._("VendePass - cheap flights across Brazil"))
+        try:
+            self.client = await connect(self.reactor, endpoint, self.event)
+        except Exception as e:
+            self.say(self._("Cannot reach the server at {endpoint}: {reason}", endpoint=endpoint, reason=e))
+            return 3
+        self.hold_seconds = int((self.client.welcome or {}).get("hold_seconds", 300))
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
+        code = 0
+        try:
+            while True:
+                if self.username is None:
+                    if not await self.account_menu():
+                        break
+                elif not await self.main_menu():
+                    break
+        except EndOfInput:
+            pass
+        except ConnectionLost:
+            code = 3
+        await self.leave()
+        self.say(self._("Goodbye!"))
+        return code
+
+    def _on_shutdown(self) -> Deferred[None] | None:
+        """
+        Ctrl-C: release what we hold before the reactor stops.
+        """
+        if self._leaving:
+            return None
+        self.say("")
+        return Deferred.fromCoroutine(self.leave())
+
+    async def leave(self) -> None:
+        if self._leaving:
+            return
+        self._leaving = True
+        try:
+            if self.client is not None and self.client.transport is not None:
+                await self.release_hold()
+                if self.username is not None:
+                    await self.api.logout()
+        except (ServerError, ConnectionLost):
+            pass
+        finally:
+            if self.client is not None and self.client.transport is not None:
+                self.client.transport.loseConnection()
+
+    # -- menus --------------------------------------------------------------
+
+    async def menu(self, title: str, options: list[tuple[str, str]]) -> str:
+        self.say("")
+        self.say(title)
+        for key, label in options:
+            self.say(f"  {key}) {label}")
+        keys = {key for key, _ in options}
+        while True:
+            choice = (await self.ask(self._("Choose: "))).lower()
+            if choice in keys:
+                return choice
+            self.say(self._("Please choose one of: {keys}", keys=", ".join(k for k, _ in options)))
+
+    async def account_menu(self) -> bool:
+        choice = await self.menu(
+            self._("Welcome to VendePass!"),
+            [("1", self._("Log in")), ("2", self._("Create an account")), ("0", self._("Quit"))],
+        )
+        if choice == "0":
+            return False
+        username = await self.ask(self._("Username: "))
+        password = await self.ask(self._("Password: "), secret=True)
+        try:
+            if choice == "2":
+                await self.api.register(username, password)
+                self.say(self._("Account {username} created.", username=username))
+            self.username = await self.api.login(username, password)
+            self.say(self._("Hello, {username}!", username=self.username))
+        except ServerError as e:
+            self.say(views.error(self._, e))
+        return True
+
+    async def main_menu(self) -> bool:
+        choice = await self.menu(
+            self._("Logged in as {username}.", username=self.username),
+            [
+                ("1", self._("Search flights and buy")),
+                ("2", self._("My tickets")),
+                ("3", self._("Cancel a ticket")),
+                ("4", self._("Log out")),
+                ("0", self._("Quit")),
+            ],
+        )
+        try:
+            if choice == "1":
+                await self.search()
+            elif choice == "2":
+                self.say(views.tickets(self._, await self.api.tickets()))
+            elif choice == "3":
+                await self.cancel()
+            elif choice == "4":
+                await self.release_hold()
+                await self.api.logout()
+                self.username = None
+                self.say(self._("Logged out."))
+            else:
+                return False
+        except ServerError as e:
+            self.say(views.error(self._, e))
+        return True
+
+    # -- searching and buying -----------------------------------------------
+
+    async def ask_airport(self, prompt: str) -> dict[str, Any] | None:
+        assert self._network is not None
+        while True:
+            typed = await self.ask(prompt)
+            if not typed:
+                return None
+            airport = views.find_airport(self._network["airports"], typed)
+            if airport is not None:
+                return airport
+            self.say(self._("Unknown city or airport: {name}", name=typed))
+
+    async def search(self) -> None:
+        if self._network is None:
+            self._network = await self.api.routes()
+        self.say(
+            self._("Airports: {airports}", airports=", ".join(
+                f"{a['code']} {a['city']}" for a in self._network["airports"]))
+        )
+        origin = await self.ask_airport(self._("From (city or code, empty to go back): "))
+        if origin is None:
+            return
+        destination = await self.ask_airport(self._("To (city or code): "))
+        if destination is None:
+            return
+        if destination["code"] == origin["code"]:
+            self.say(self._("Origin and destination must differ."))
+            return
+        while True:
+            day = await self.ask(self._("Date (YYYY-MM-DD, empty for any day): "))
+            try:
+                if day:
+                    date.fromisoformat(day)
+                break
+            except ValueError:
+                self.say(self._("The date must look like 2026-12-01."))
+        found = await self.api.search(origin["code"], destination["code"], day or None)
+        self.say(views.itineraries(self._, found))
+        if not found:
+            return
+        while True:
+            choice = await self.ask(self._("Itinerary number (empty to go back): "))
+            if not choice:
+                return
+            if choice.isdigit() and 1 <= int(choice) <= len(found):
+                break
+            self.say(self._("Please type a number from 1 to {last}.", last=len(found)))
+        await self.buy(found[int(choice) - 1])
+
+    async def pick_seats(self, legs: list[dict[str, Any]]) -> list[str | None] | None:
+        seats: list[str | None] = []
+        for leg in legs:
+            seatmap = await self.api.seatmap(leg["flight"])
+            self.say(views.cabin(self._, seatmap))
+            statuses = {s["seat"]: s["status"] for s in seatmap["seats"]}
+            while True:
+                typed = (await self.ask(
+                    self._("Seat on {number} (e.g. 12A; empty: any free seat; q: back): ", number=leg["number"])
+                )).upper()
+                if typed == "Q":
+                    return None
+                if not typed:
+                    seats.append(None)
+                    break
+                if typed not in statuses:
+                    self.say(self._("Seat {seat} does not exist on this flight.", seat=typed))
+                elif statuses[typed] != "free":
+                    self.say(self._("Seat {seat} is already taken.", seat=typed))
+                else:
+                    seats.append(typed)
+                    break
+        return seats
+
+    async def buy(self, itinerary: dict[str, Any]) -> None:
+        legs = itinerary["legs"]
+        flights = [leg["flight"] for leg in legs]
+        while True:
+            seats = await self.pick_seats(legs)
+            if seats is None:
+                return
+            try:
+                hold = await self.api.hold(flights, seats)
+                break
+            except ServerError as e:
+                self.say(views.error(self._, e))
+                if e.code not in ("seat_unavailable", "sold_out") or not await self.confirm(
+                    self._("Choose other seats? [y/n] ")
+                ):
+                    return
+        self._start_hold(hold)
+        self.say(views.hold(self._, hold))
+        self.say(self._("These seats are yours for {time} while you decide.", time=self.remaining()))
+        if not await self.confirm(
+            self._("Buy for {price}? ({time} left) [y/n] ", price=self._.money(hold["price"]), time=self.remaining())
+        ):
+            await self.release_hold()
+            self.say(self._("Seats released."))
+            return
+        if self.hold is None or self.hold["hold_id"] != hold["hold_id"]:
+            self.say(self._("Your hold expired: the seats were released. Search again to choose new seats."))
+            return
+        try:
+            ticket = await self.api.buy(hold_id=hold["hold_id"], request_id=os.urandom(8).hex())
+        except ServerError as e:
+            self._end_hold()
+            self.say(views.error(self._, e))
+            return
+        self._end_hold()
+        self.say(self._("Done! Your ticket:"))
+        self.say(views.ticket(self._, ticket))
+
+    async def cancel(self) -> None:
+        active = [t for t in await self.api.tickets() if t["status"] == "active"]
+        if not active:
+            self.say(self._("You have no active tickets."))
+            return
+        self.say(views.tickets(self._, active))
+        typed = (await self.ask(self._("Ticket to cancel (empty to go back): "))).upper()
+        if not typed:
+            return
+        if not await self.confirm(self._("Cancel ticket {ticket_id}? This cannot be undone. [y/n] ", ticket_id=typed)):
+            self.say(self._("Nothing was cancelled."))
+            return
+        ticket = await self.api.cancel(typed, request_id=os.urandom(8).hex())
+        self.say(self._("Ticket {ticket_id} cancelled.", ticket_id=ticket["ticket_id"]))
+
+
+async def interactive(reactor: IReactorCore, endpoint: str, texts: Texts) -> int:
+    """
+    Run the interactive app on standard I/O until the customer quits.
+    """
+    console = Console()
+    stdio.StandardIO(console, reactor=reactor)  # type: ignore[arg-type]
+    app = App(reactor, console, texts)
+    try:
+        return await app.run(endpoint)
+    finally:
+        if console.transport is not None:
+            console.transport.loseConnection()

@@ -1,0 +1,218 @@
+"""
+How the client shows things to people: tables, the cabin picture of a seat
+map, tickets, and server errors as short sentences. Pure functions of the
+protocol's values and a L{Texts}.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from typing import Any, Sequence
+
+from vendepass.client.i18n import Texts
+from vendepass.client.protocol import ServerError
+
+FREE, HELD, SOLD, MINE = ".", "o", "x", "*"
+
+
+def when(iso: str) -> str:
+    """
+    C{2026-12-01T07:30:00-03:00} as C{2026-12-01 07:30} (local time of the airport).
+    """
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    """
+    A plain text table; columns whose index is in C{right} are right-aligned.
+    """
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width) for i, (cell, width) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def route(legs: Sequence[dict[str, Any]]) -> str:
+    return " > ".join([legs[0]["origin"], *(leg["destination"] for leg in legs)])
+
+
+def itineraries(texts: Texts, found: Sequence[dict[str, Any]]) -> str:
+    if not found:
+        return texts("No flights found.")
+    rows = [
+        [
+            str(number),
+            when(i["departure"]),
+            when(i["arrival"]),
+            route(i["legs"]),
+            ", ".join(leg["number"] for leg in i["legs"]),
+            str(i["free_seats"]),
+            texts.money(i["price"]),
+        ]
+        for number, i in enumerate(found, 1)
+    ]
+    headers = ["#", texts("Departure"), texts("Arrival"), texts("Route"), texts("Flights"), texts("Free"), texts("Price")]
+    return table(headers, rows, right=(0, 5, 6))
+
+
+def network(texts: Texts, data: dict[str, Any]) -> str:
+    airports = table(
+        [texts("Code"), texts("City"), texts("Airport")],
+        [[a["code"], a["city"], a["name"]] for a in data["airports"]],
+    )
+    direct: dict[str, list[str]] = {}
+    for r in data["routes"]:
+        direct.setdefault(r["origin"], []).append(r["destination"])
+    routes = "\n".join(f"{origin} > {', '.join(sorted(dests))}" for origin, dests in sorted(direct.items()))
+    return f"{airports}\n\n{texts('Direct flights:')}\n{routes}"
+
+
+def seat_symbol(seat: dict[str, Any]) -> str:
+    if seat["mine"]:
+        return MINE
+    return {"free": FREE, "held": HELD, "sold": SOLD}.get(seat["status"], "?")
+
+
+def cabin(texts: Texts, seatmap: dict[str, Any]) -> str:
+    """
+    The seat map drawn as the cabin: one line per row, an aisle in the middle.
+    """
+    letters: str = seatmap["letters"]
+    half = (len(letters) + 1) // 2
+    by_seat = {s["seat"]: s for s in seatmap["seats"]}
+    flight = seatmap["flight"]
+
+    def row_text(cells: Sequence[str]) -> str:
+        return " ".join(cells[:half]) + "   " + " ".join(cells[half:])
+
+    lines = [
+        texts(
+            "Flight {number} {origin} > {destination}, {departure}",
+            number=flight["number"],
+            origin=flight["origin"],
+            destination=flight["destination"],
+            departure=when(flight["departure"]),
+        ),
+        "     " + row_text(list(letters)),
+    ]
+    for row in range(1, seatmap["rows"] + 1):
+        cells = [seat_symbol(by_seat[f"{row}{letter}"]) if f"{row}{letter}" in by_seat else " " for letter in letters]
+        lines.append(f"{row:>3}  " + row_text(cells))
+    free = sum(1 for s in seatmap["seats"] if s["status"] == "free")
+    lines.append(
+        texts("{free} free", free=free)
+        + f"   {FREE} {texts('free')}  {HELD} {texts('held')}  {SOLD} {texts('sold')}  {MINE} {texts('yours')}"
+    )
+    return "\n".join(lines)
+
+
+def ticket(texts: Texts, value: dict[str, Any]) -> str:
+    status = texts("active") if value["status"] == "active" else texts("cancelled")
+    lines = [
+        texts("Ticket {ticket_id} ({status}), {price}", ticket_id=value["ticket_id"], status=status,
+              price=texts.money(value["price"]))
+    ]
+    for leg in value["legs"]:
+        lines.append(
+            texts(
+                "  {number} {origin} > {destination}  {departure} - {arrival}  seat {seat}",
+                number=leg["number"],
+                origin=leg["origin"],
+                destination=leg["destination"],
+                departure=when(leg["departure"]),
+                arrival=when(leg["arrival"]),
+                seat=leg["seat"],
+            )
+        )
+    return "\n".join(lines)
+
+
+def tickets(texts: Texts, values: Sequence[dict[str, Any]]) -> str:
+    if not values:
+        return texts("You have no tickets yet.")
+    rows = [
+        [
+            t["ticket_id"],
+            texts("active") if t["status"] == "active" else texts("cancelled"),
+            route(t["legs"]),
+            when(t["legs"][0]["departure"]),
+            ", ".join(leg["seat"] for leg in t["legs"]),
+            texts.money(t["price"]),
+        ]
+        for t in values
+    ]
+    headers = [texts("Ticket"), texts("Status"), texts("Route"), texts("Departure"), texts("Seats"), texts("Price")]
+    return table(headers, rows, right=(5,))
+
+
+def hold(texts: Texts, value: dict[str, Any]) -> str:
+    seats = ", ".join(f"{leg['number']} {texts('seat')} {leg['seat']}" for leg in value["legs"])
+    return texts("Held: {seats}, {price}.", seats=seats, price=texts.money(value["price"]))
+
+
+def error(texts: Texts, failure: ServerError) -> str:
+    """
+    A server refusal as a short sentence in the user's language.
+    """
+    d = failure.details
+    sentences = {
+        "bad_credentials": texts("Wrong username or password."),
+        "username_taken": texts("That username is already taken."),
+        "not_logged_in": texts("Please log in first."),
+        "unknown_airport": texts("Unknown airport."),
+        "unknown_flight": texts("That flight does not exist or is not on sale."),
+        "unknown_seat": texts("Seat {seat} does not exist on this flight.", seat=d.get("seat", "?")),
+        "invalid_itinerary": texts("Those flights do not connect."),
+        "sold_out": texts("Sorry, this flight is sold out."),
+        "hold_not_found": texts("That hold no longer exists."),
+        "hold_expired": texts("Your hold expired; the seats were released."),
+        "ticket_not_found": texts("No such ticket."),
+        "already_cancelled": texts("That ticket is already cancelled."),
+        "flight_departed": texts("That flight has already departed."),
+        "internal_error": texts("The server had a problem; nothing was changed. Please try again."),
+        "line_too_long": texts("The request was too long."),
+    }
+    if failure.code == "seat_unavailable":
+        if d.get("held_until"):
+            return texts(
+                "Seat {seat} is being bought by someone else (held until {until}).",
+                seat=d.get("seat", "?"),
+                until=when(d["held_until"]),
+            )
+        return texts("Seat {seat} is already taken.", seat=d.get("seat", "?"))
+    if failure.code == "invalid_request":
+        return texts("The server did not accept that: {message}", message=failure.message)
+    return sentences.get(failure.code, failure.message)
+
+
+def normalise(text: str) -> str:
+    """
+    Lower case without accents, to match what people type to city names.
+    """
+    decomposed = unicodedata.normalize("NFKD", text.strip().lower())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def find_airport(airports: Sequence[dict[str, Any]], typed: str) -> dict[str, Any] | None:
+    """
+    The airport whose code, or city name (ignoring case and accents, or a
+    unique prefix of it), is C{typed}.
+    """
+    wanted = normalise(typed)
+    if not wanted:
+        return None
+    for airport in airports:
+        if airport["code"].lower() == wanted or normalise(airport["city"]) == wanted:
+            return airport
+    matches = [a for a in airports if normalise(a["city"]).startswith(wanted)]
+    return matches[0] if len(matches) == 1 else None
