@@ -53,14 +53,14 @@ class Console(LineReceiver):
         text = line.decode("utf-8", "replace").rstrip("\r")
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
-            self._restore_echo()
+            self.restore_echo()
             waiter.callback(text)
         else:
             self._lines.append(text)
 
     def readConnectionLost(self) -> None:
         self.closed = True
-        self._restore_echo()
+        self.restore_echo()
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
             self.write("\n")
@@ -114,7 +114,7 @@ class Console(LineReceiver):
         except (OSError, ValueError, termios.error):
             self._echo_off = None
 
-    def _restore_echo(self) -> None:
+    def restore_echo(self) -> None:
         if self._echo_off is not None:
             try:
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._echo_off)
@@ -236,6 +236,7 @@ class App:
         """
         Ctrl-C: release what we hold before the reactor stops.
         """
+        self.console.restore_echo()
         if self._leaving:
             return None
         self.say("")
