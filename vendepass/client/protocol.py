@@ -74,13 +74,14 @@ class VendePassClientProtocol(LineReceiver):
 
     def when_welcomed(self) -> Deferred[dict[str, Any]]:
         """
-        Fires with the server's welcome data (at once if it came already).
+        Fires with the server's welcome data (at once if it came already);
+        fails with L{ConnectionLost} once the connection is gone.
         """
         d: Deferred[dict[str, Any]] = Deferred()
-        if self.welcome is not None:
-            d.callback(self.welcome)
-        elif self._lost is not None:
+        if self._lost is not None:
             d.errback(self._lost)
+        elif self.welcome is not None:
+            d.callback(self.welcome)
         else:
             self._welcome_waiters.append(d)
         return d
@@ -97,33 +98,41 @@ class VendePassClientProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
+            message = None
+        if not isinstance(message, dict):
             self._log.warn("unreadable line from the server: {line!r}", line=line[:200])
             return
-        if not isinstance(message, dict):
-            return
         if "event" in message:
-            data = message.get("data") or {}
+            data = message.get("data")
+            if not isinstance(data, dict):
+                data = {}
             if message["event"] == "welcome" and self.welcome is None:
                 self.welcome = data
                 waiters, self._welcome_waiters = self._welcome_waiters, []
-                for d in waiters:
-                    d.callback(data)
+                for waiter in waiters:
+                    waiter.callback(data)
             if self.on_event is not None:
                 self.on_event(message["event"], data)
             return
-        d = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+        request_id = message.get("id")
+        d: Deferred[dict[str, Any]] | None = None
+        if isinstance(request_id, int):
+            d = self._pending.pop(request_id, None)
+        error = message.get("error")
+        if not isinstance(error, dict):
+            error = {"code": "internal_error", "message": f"Unreadable error from the server: {error!r}"}
         if d is None:
             if not message.get("ok", True):
-                error = message.get("error") or {}
                 self._log.warn("server error: {code}: {message}", code=error.get("code"), message=error.get("message"))
                 if self.on_event is not None:
                     self.on_event("error", error)
             return
         if message.get("ok"):
-            d.callback(message.get("data") or {})
+            data = message.get("data")
+            d.callback(data if isinstance(data, dict) else {})
         else:
-            error = dict(message.get("error") or {})
+            error = dict(error)
             code = str(error.pop("code", "internal_error"))
             text = str(error.pop("message", code))
             d.errback(ServerError(code, text, error))
