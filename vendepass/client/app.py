@@ -6,6 +6,7 @@ hold are shown at once, even while the app waits for the customer to type.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import termios
@@ -34,6 +35,12 @@ class EndOfInput(Exception):
     """
 
 
+class QuestionWithdrawn(Exception):
+    """
+    The question no longer makes sense (say, the hold it was about expired).
+    """
+
+
 @implementer(IHalfCloseableProtocol)
 class Console(LineReceiver):
     """
@@ -48,6 +55,9 @@ class Console(LineReceiver):
         self._prompt = ""
         self._echo_off: list[Any] | None = None
         self.closed = False
+        # Once the app is leaving, no question is asked again.
+        self.leaving = False
+        self._gone: list[Deferred[None]] = []
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r")
@@ -71,16 +81,44 @@ class Console(LineReceiver):
 
     def connectionLost(self, reason: Failure = Failure(EndOfInput())) -> None:
         self.readConnectionLost()
+        gone, self._gone = self._gone, []
+        for d in gone:
+            d.callback(None)
+
+    def close(self, clock: IReactorTime, timeout: float = 5.0) -> Deferred[None]:
+        """
+        Close standard I/O once everything written is flushed; fires when done.
+        """
+        d: Deferred[None] = Deferred()
+        if self.transport is None:
+            d.callback(None)
+            return d
+        self._gone.append(d)
+        self.transport.loseConnection()
+        return d.addTimeout(timeout, clock).addErrback(lambda f: None)
+
+    def withdraw(self) -> None:
+        """
+        Take back the question being asked: its Deferred fails with L{QuestionWithdrawn}.
+        """
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            self.restore_echo()
+            self.write("\n")
+            waiter.errback(QuestionWithdrawn())
 
     def write(self, text: str) -> None:
         if self.transport is not None:
             self.transport.write(text.encode("utf-8"))
 
-    def say(self, text: str) -> None:
+    def say(self, text: str, reprompt: bool = True) -> None:
         """
-        Print C{text}; if a question is waiting for an answer, ask it again below.
+        Print C{text}; if a question is waiting for an answer, ask it again
+        below (unless C{reprompt} is false).
         """
-        if self._waiter is not None:
+        if self._waiter is not None and (self.leaving or not reprompt):
+            self.write("\n" + text + "\n")
+        elif self._waiter is not None:
             self.write("\n" + text + "\n" + self._prompt)
         else:
             self.write(text + "\n")
@@ -142,6 +180,7 @@ class App:
         self._reminders: list[IDelayedCall] = []
         self._network: dict[str, Any] | None = None
         self._leaving = False
+        self._confirming: str | None = None
 
     # -- plumbing -----------------------------------------------------------
 
@@ -163,7 +202,12 @@ class App:
     def event(self, name: str, data: dict[str, Any]) -> None:
         if name == "hold_expired" and self.hold is not None and data.get("hold_id") == self.hold["hold_id"]:
             self._end_hold()
-            self.say(self._("Your hold expired: the seats were released. Search again to choose new seats."))
+            confirming = self._confirming == data.get("hold_id")
+            self.console.say(self._("Your hold expired: the seats were released. Search again to choose new seats."),
+                             reprompt=not confirming)
+            if confirming:
+                # "Buy it?" has no object any more.
+                self.console.withdraw()
         elif name == "connection_lost" and not self._leaving:
             self.say(self._("The connection to the server was lost."))
 
@@ -193,7 +237,7 @@ class App:
         self._reminders = []
 
     def remaining(self) -> str:
-        seconds = max(0, int(self.hold_deadline - self.clock.seconds()))
+        seconds = max(0, math.ceil(self.hold_deadline - self.clock.seconds()))
         return f"{seconds // 60}:{seconds % 60:02d}"
 
     async def release_hold(self) -> None:
@@ -239,8 +283,17 @@ class App:
         self.console.restore_echo()
         if self._leaving:
             return None
-        self.say("")
-        return Deferred.fromCoroutine(self.leave())
+
+        async def interrupted() -> None:
+            held = self.hold is not None
+            self.console.leaving = True
+            await self.leave()
+            if held:
+                self.say(self._("Seats released."))
+            self.say(self._("Goodbye!"))
+            await self.console.close(self.clock)
+
+        return Deferred.fromCoroutine(interrupted())
 
     async def leave(self) -> None:
         if self._leaving:
@@ -412,9 +465,16 @@ class App:
         self._start_hold(hold)
         self.say(views.hold(self._, hold))
         self.say(self._("These seats are yours for {time} while you decide.", time=self.remaining()))
-        if not await self.confirm(
-            self._("Buy for {price}? ({time} left) [y/n] ", price=self._.money(hold["price"]), time=self.remaining())
-        ):
+        self._confirming = hold["hold_id"]
+        try:
+            wanted = await self.confirm(
+                self._("Buy for {price}? ({time} left) [y/n] ", price=self._.money(hold["price"]), time=self.remaining())
+            )
+        except QuestionWithdrawn:
+            return
+        finally:
+            self._confirming = None
+        if not wanted:
             await self.release_hold()
             self.say(self._("Seats released."))
             return
@@ -457,5 +517,5 @@ async def interactive(reactor: IReactorCore, endpoint: str, texts: Texts) -> int
     try:
         return await app.run(endpoint)
     finally:
-        if console.transport is not None:
-            console.transport.loseConnection()
+        # Let the last words reach the terminal before the reactor stops.
+        await console.close(reactor)  # type: ignore[arg-type]

@@ -37,22 +37,36 @@ class UsageProblem(Exception):
     """
 
 
-def parser(texts: Texts) -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """
+    An argument parser that writes its messages to the given stream.
+    """
+
+    stream: TextIO | None = None
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            (self.stream or file or sys.stderr).write(message)
+
+
+def parser(texts: Texts, environ: Mapping[str, str] | None = None, stream: TextIO | None = None) -> argparse.ArgumentParser:
+    environ = os.environ if environ is None else environ
+    _Parser.stream = stream
+    top = _Parser(
         prog="vendepass-client",
         description=texts("Buy VendePass tickets. Without a command, starts the interactive app."),
     )
     top.add_argument("--version", action="version", version=f"vendepass-client {__version__}")
     top.add_argument(
         "--connect",
-        default=os.environ.get("VENDEPASS_CONNECT", DEFAULT_ENDPOINT),
+        default=environ.get("VENDEPASS_CONNECT", DEFAULT_ENDPOINT),
         help=texts("server endpoint (default: {default})", default=DEFAULT_ENDPOINT),
     )
     top.add_argument("--lang", choices=["en", "pt_BR", "pt"], help=texts("language (default: from LANG)"))
     top.add_argument("--json", action="store_true", help=texts("print JSON for scripts"))
     top.add_argument(
         "--user",
-        default=os.environ.get("VENDEPASS_USER"),
+        default=environ.get("VENDEPASS_USER"),
         help=texts("username (password from VENDEPASS_PASSWORD or a prompt)"),
     )
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -61,9 +75,9 @@ def parser(texts: Texts) -> argparse.ArgumentParser:
     routes.add_argument("origin", nargs="?", help=texts("city name or airport code"))
     routes.add_argument("destination", nargs="?", help=texts("city name or airport code"))
     routes.add_argument("--date", help=texts("departure date, YYYY-MM-DD"))
-    routes.add_argument("--max-legs", type=int, choices=[1, 2, 3])
-    routes.add_argument("--include-sold-out", action="store_true")
-    routes.add_argument("--limit", type=int)
+    routes.add_argument("--max-legs", type=int, choices=[1, 2, 3], help=texts("at most this many flights"))
+    routes.add_argument("--include-sold-out", action="store_true", help=texts("also list full itineraries"))
+    routes.add_argument("--limit", type=int, help=texts("at most this many itineraries"))
 
     seatmap = commands.add_parser("seatmap", help=texts("the seat map of a flight"))
     seatmap.add_argument("flight", help=texts("flight id, e.g. VP1203-2026-12-01"))
@@ -77,7 +91,7 @@ def parser(texts: Texts) -> argparse.ArgumentParser:
     commands.add_parser("tickets", help=texts("list my tickets"))
 
     cancel = commands.add_parser("cancel", help=texts("cancel a ticket"))
-    cancel.add_argument("ticket_id")
+    cancel.add_argument("ticket_id", help=texts("the ticket's booking code"))
 
     commands.add_parser("register", help=texts("create an account for --user"))
     return top
@@ -112,7 +126,10 @@ async def _command(
         await client.login(args.user, password)
 
     if args.command == "routes":
+        searching = [args.date, args.max_legs, args.include_sold_out or None, args.limit]
         if args.origin is None and args.destination is None:
+            if any(value is not None for value in searching):
+                raise UsageProblem(texts("Give an origin and a destination to search."))
             data = await client.routes()
             show(data, views.network(texts, data))
             return
@@ -130,6 +147,8 @@ async def _command(
             if airport is None:
                 raise UsageProblem(texts("Unknown city or airport: {name}", name=typed))
             codes.append(airport["code"])
+        if codes[0] == codes[1]:
+            raise UsageProblem(texts("Origin and destination must differ."))
         found = await client.search(
             codes[0], codes[1], args.date, args.max_legs, args.include_sold_out or None, args.limit
         )
@@ -172,7 +191,7 @@ async def main(
         lang_option = argv[argv.index("--lang") + 1]
     texts = Texts(choose_language(lang_option, environ))
     try:
-        args = parser(texts).parse_args(argv)
+        args = parser(texts, environ, err).parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     texts = Texts(choose_language(args.lang, environ))

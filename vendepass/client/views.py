@@ -16,14 +16,18 @@ from vendepass.client.protocol import ServerError
 FREE, HELD, SOLD, MINE = ".", "o", "x", "*"
 
 
-def when(iso: str) -> str:
+def when(iso: str, local: bool = False) -> str:
     """
-    C{2026-12-01T07:30:00-03:00} as C{2026-12-01 07:30} (local time of the airport).
+    C{2026-12-01T07:30:00-03:00} as C{2026-12-01 07:30}: the time where it
+    was given (a flight's airport), or with C{local} in this computer's time zone.
     """
     try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M")
+        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except ValueError:
         return iso
+    if local:
+        moment = moment.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
@@ -175,7 +179,7 @@ def error(texts: Texts, failure: ServerError) -> str:
         "invalid_itinerary": texts("Those flights do not connect."),
         "sold_out": texts("Sorry, this flight is sold out."),
         "hold_not_found": texts("That hold no longer exists."),
-        "hold_expired": texts("Your hold expired; the seats were released."),
+        "hold_expired": texts("Your hold expired: the seats were released. Search again to choose new seats."),
         "ticket_not_found": texts("No such ticket."),
         "already_cancelled": texts("That ticket is already cancelled."),
         "flight_departed": texts("That flight has already departed."),
@@ -187,7 +191,7 @@ def error(texts: Texts, failure: ServerError) -> str:
             return texts(
                 "Seat {seat} is being bought by someone else (held until {until}).",
                 seat=d.get("seat", "?"),
-                until=when(d["held_until"]),
+                until=when(d["held_until"], local=True),
             )
         return texts("Seat {seat} is already taken.", seat=d.get("seat", "?"))
     if failure.code == "invalid_request":
