@@ -494,10 +494,12 @@ class LeavingTests(AppTestCase):
         SIGINT while holding a seat: the app releases the hold before it
         exits (by its own handler, not killed by the signal).
         """
-        from twisted.logger import globalLogPublisher
+        from twisted.logger import ILogObserver, globalLogPublisher
+        from zope.interface import provider
 
         released: list[str] = []
 
+        @provider(ILogObserver)
         def observe(event: dict[str, object]) -> None:
             # The app's own release request, not the server's clean-up on close.
             if event.get("log_format") == "released hold {hold_id} by {username}":

@@ -97,7 +97,7 @@ class MakeServiceTests(SynchronousTestCase):
              "--listen", "tcp:0:interface=127.0.0.1", "--listen", r"tcp:0:interface=\:\:1"]
         )
         top = makeService(options)
-        services = list(top)
+        services = list(top)  # type: ignore[call-overload]
         reservations = [s for s in services if isinstance(s, ReservationService)]
         endpoints = [s for s in services if isinstance(s, StreamServerEndpointService)]
         self.assertEqual(len(reservations), 1)
