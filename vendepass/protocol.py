@@ -96,6 +96,21 @@ def _flight_list(data: dict[str, Any]) -> list[str]:
     return flights
 
 
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def _request_id(data: dict[str, Any]) -> str | None:
+    """
+    The optional client-chosen key that makes a retry safe.
+    """
+    request_id = _field(data, "request_id", str, required=False)
+    if request_id is not None and not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequest(
+            "Field 'request_id' must have 1 to 128 printable ASCII characters, without spaces.", field="request_id"
+        )
+    return request_id
+
+
 def _seat_list(data: dict[str, Any]) -> list[str | None] | None:
     seats = _field(data, "seats", list, required=False)
     if seats is not None and not all(s is None or isinstance(s, str) and _is_unicode(s) for s in seats):
@@ -323,23 +338,27 @@ class VendePassProtocol(LineReceiver):
         assert self.session is not None
         flights = _flight_list(data)
         seats = _seat_list(data)
-        return {"hold": wire.hold(await self.service.hold(self.session, flights, seats))}
+        request_id = _request_id(data)
+        return {"hold": wire.hold(await self.service.hold(self.session, flights, seats, request_id))}
 
     async def _release(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None
-        await self.service.release(self.session, _field(data, "hold_id", str))
+        hold_id = _field(data, "hold_id", str)
+        await self.service.release(self.session, hold_id, _request_id(data))
         return {}
 
     async def _buy(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None
-        _field(data, "request_id", str, required=False)
+        request_id = _request_id(data)
         hold_id = _field(data, "hold_id", str, required=False)
         if hold_id is not None:
             if data.get("flights") is not None:
                 raise InvalidRequest("Give either 'hold_id' or 'flights', not both.", field="flights")
-            ticket = await self.service.buy(self.session, hold_id=hold_id)
+            ticket = await self.service.buy(self.session, hold_id=hold_id, request_id=request_id)
         elif data.get("flights") is not None:
-            ticket = await self.service.buy(self.session, flight_ids=_flight_list(data), seats=_seat_list(data))
+            ticket = await self.service.buy(
+                self.session, flight_ids=_flight_list(data), seats=_seat_list(data), request_id=request_id
+            )
         else:
             raise InvalidRequest("Give 'hold_id', or 'flights' to hold and buy in one step.", field="hold_id")
         return {"ticket": wire.ticket(ticket)}
@@ -350,8 +369,8 @@ class VendePassProtocol(LineReceiver):
 
     async def _cancel(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None
-        _field(data, "request_id", str, required=False)
-        ticket = await self.service.cancel(self.session, _field(data, "ticket_id", str))
+        request_id = _request_id(data)
+        ticket = await self.service.cancel(self.session, _field(data, "ticket_id", str), request_id)
         return {"ticket": wire.ticket(ticket)}
 
 

@@ -275,16 +275,31 @@ class ReservationService(Service):
                 )
         return [LegRequest(flight, seat) for flight, seat in zip(flights, seats)]
 
-    def hold(self, session: Session, flight_ids: list[str], seats: list[str | None] | None = None) -> Deferred[Hold]:
+    def hold(
+        self,
+        session: Session,
+        flight_ids: list[str],
+        seats: list[str | None] | None = None,
+        request_id: str | None = None,
+    ) -> Deferred[Hold]:
+        """
+        Hold seats on the flights of one itinerary. With a C{request_id}
+        already used by this user, the first hold is answered again.
+        """
+
         async def hold() -> Hold:
             username = self._user(session)
             legs = self._legs(flight_ids, seats)
             expires_at = self.clock.seconds() + self.hold_seconds
-            result = await self.store.hold(username, session.session_id, legs, expires_at, lambda: session.alive)
+            result = await self.store.hold(
+                username, session.session_id, legs, expires_at, lambda: session.alive, request_id
+            )
             if not session.alive:
                 # Closed while the answer travelled back: nobody may keep it.
                 await self.store.release_session(session.session_id)
                 raise SessionClosed()
+            if result.hold_id in self._timers:
+                return result  # a retry of a hold this server already tracks
             session.holds.add(result.hold_id)
             delay = max(0.0, result.expires_at - self.clock.seconds())
             self._timers[result.hold_id] = (self.clock.callLater(delay, self._expire, result.hold_id, session), session)
@@ -298,10 +313,10 @@ class ReservationService(Service):
 
         return _run(hold())
 
-    def release(self, session: Session, hold_id: str) -> Deferred[None]:
+    def release(self, session: Session, hold_id: str, request_id: str | None = None) -> Deferred[None]:
         async def release() -> None:
             username = self._user(session)
-            await self.store.release(hold_id, username)
+            await self.store.release(hold_id, username, request_id)
             self._forget(hold_id)
             self._log.info("released hold {hold_id} by {username}", hold_id=hold_id, username=username)
 
@@ -313,19 +328,22 @@ class ReservationService(Service):
         hold_id: str | None = None,
         flight_ids: list[str] | None = None,
         seats: list[str | None] | None = None,
+        request_id: str | None = None,
     ) -> Deferred[Ticket]:
         """
         Buy a hold (C{hold_id}) or, in one step, seats on C{flight_ids}.
+        With a C{request_id} already used by this user, the first purchase is
+        answered again and nothing is bought twice.
         """
 
         async def buy() -> Ticket:
             username = self._user(session)
             if hold_id is not None:
-                ticket = await self.store.buy_hold(hold_id, username)
+                ticket = await self.store.buy_hold(hold_id, username, request_id)
                 self._forget(hold_id)
             else:
                 assert flight_ids is not None
-                ticket = await self.store.buy(username, self._legs(flight_ids, seats))
+                ticket = await self.store.buy(username, self._legs(flight_ids, seats), request_id)
             self._log.info(
                 "sold {ticket_id} to {username}: {seats}",
                 ticket_id=ticket.ticket_id,
@@ -342,10 +360,10 @@ class ReservationService(Service):
 
         return _run(tickets())
 
-    def cancel(self, session: Session, ticket_id: str) -> Deferred[Ticket]:
+    def cancel(self, session: Session, ticket_id: str, request_id: str | None = None) -> Deferred[Ticket]:
         async def cancel() -> Ticket:
             username = self._user(session)
-            ticket = await self.store.cancel(ticket_id, username)
+            ticket = await self.store.cancel(ticket_id, username, request_id)
             self._log.info("cancelled {ticket_id} of {username}", ticket_id=ticket_id, username=username)
             return ticket
 

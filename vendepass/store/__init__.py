@@ -136,15 +136,22 @@ class IStore(Interface):
         legs: list[LegRequest],
         expires_at: float,
         alive: Callable[[], bool],
+        request_id: str | None = None,
     ) -> Deferred[Hold]:
         """
-        Hold a seat on every leg, all or nothing. Fails with
+        Hold a seat on every leg, all or nothing.
+
+        Every changing method takes an optional C{request_id}: if
+        C{username} already did that request, it is not done again and the
+        first outcome is returned. Refusals are not recorded (they changed
+        nothing). Reusing a C{request_id} for another kind of operation fails
+        with L{vendepass.errors.InvalidRequest}. Fails with
         L{vendepass.errors.SeatUnavailable}, L{vendepass.errors.SoldOut},
         L{vendepass.errors.FlightDeparted}, or L{vendepass.errors.SessionClosed}
         if C{alive()} is false when the transaction runs.
         """
 
-    def release(hold_id: str, username: str) -> Deferred[None]:
+    def release(hold_id: str, username: str, request_id: str | None = None) -> Deferred[None]:
         """
         Release an active hold of C{username}. Fails with
         L{vendepass.errors.HoldNotFound} or L{vendepass.errors.HoldExpired}.
@@ -167,14 +174,14 @@ class IStore(Interface):
         End every hold whose time is up; fires with C{(hold_id, session_id)} pairs.
         """
 
-    def buy_hold(hold_id: str, username: str) -> Deferred[Ticket]:
+    def buy_hold(hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         """
         Turn an active, unexpired hold of C{username} into a ticket. Fails with
         L{vendepass.errors.HoldNotFound}, L{vendepass.errors.HoldExpired} or
         L{vendepass.errors.FlightDeparted}.
         """
 
-    def buy(username: str, legs: list[LegRequest]) -> Deferred[Ticket]:
+    def buy(username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
         """
         Hold and buy in one step, all or nothing; fails like L{IStore.hold}.
         """
@@ -184,7 +191,7 @@ class IStore(Interface):
         Every ticket of C{username}, oldest first.
         """
 
-    def cancel(ticket_id: str, username: str) -> Deferred[Ticket]:
+    def cancel(ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         """
         Cancel an active ticket of C{username} and free its seats. Fails with
         L{vendepass.errors.TicketNotFound} (also for another user's ticket),

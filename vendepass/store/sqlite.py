@@ -13,11 +13,13 @@ transaction that looks at a seat ends such holds first, inside itself.
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -31,6 +33,7 @@ from vendepass.errors import (
     SeatUnavailable,
     SessionClosed,
     SoldOut,
+    InvalidRequest,
     TicketNotFound,
     UnknownSeat,
     UsernameTaken,
@@ -146,14 +149,94 @@ CREATE INDEX seats_hold ON seats(hold_id) WHERE hold_id IS NOT NULL;
 CREATE INDEX seats_ticket ON seats(ticket_id) WHERE ticket_id IS NOT NULL;
 """
 
+# Version 2: safe retries (the outcome of each request_id) and the
+# append-only audit log of every change of seat state.
+_SCHEMA_2 = """
+CREATE TABLE requests (
+    username TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (username, request_id)
+) WITHOUT ROWID;
+CREATE INDEX requests_age ON requests(created_at);
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    username TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('hold', 'release', 'expire', 'buy', 'cancel')),
+    hold_id TEXT,
+    ticket_id TEXT,
+    seats TEXT NOT NULL
+);
+CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+INSERT INTO audit (at, username, action, ticket_id, seats)
+    SELECT t.bought_at, t.username, 'buy', t.ticket_id,
+           (SELECT json_group_array(l.flight_id || '/' || l.seat)
+              FROM (SELECT flight_id, seat FROM ticket_legs WHERE ticket_id = t.ticket_id ORDER BY leg) l)
+    FROM tickets t WHERE t.status = 'active' ORDER BY t.bought_at, t.rowid;
+"""
+
 # MIGRATIONS[n] takes a database from schema version n to n + 1 (PRAGMA
 # user_version). Append to it; never edit a migration that has shipped.
-MIGRATIONS: list[str] = [_SCHEMA_1]
+MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def booking_code() -> str:
     return "".join(secrets.choice(_CODE_ALPHABET) for _ in range(8))
+
+
+def _audit(
+    db: sqlite3.Connection,
+    now: float,
+    username: str,
+    action: str,
+    seats: Iterable[tuple[str, str]],
+    hold_id: str | None = None,
+    ticket_id: str | None = None,
+) -> None:
+    """
+    Append one change of seat state to the audit log, in the transaction that makes it.
+    """
+    db.execute(
+        "INSERT INTO audit (at, username, action, hold_id, ticket_id, seats) VALUES (?, ?, ?, ?, ?, ?)",
+        (now, username, action, hold_id, ticket_id, json.dumps([f"{f}/{s}" for f, s in seats])),
+    )
+
+
+REQUEST_RETENTION = 86400.0
+
+
+def _replay(db: sqlite3.Connection, username: str, request_id: str | None, kind: str) -> str | None:
+    """
+    The outcome recorded for C{request_id} of C{username}, if that request
+    was already done: then it is answered again, not done twice.
+    """
+    if request_id is None:
+        return None
+    row = db.execute(
+        "SELECT kind, outcome FROM requests WHERE username = ? AND request_id = ?", (username, request_id)
+    ).fetchone()
+    if row is None:
+        return None
+    if row[0] != kind:
+        raise InvalidRequest(
+            f"request_id {request_id!r} was already used for another operation ({row[0]}).", field="request_id"
+        )
+    return str(row[1])
+
+
+def _remember(db: sqlite3.Connection, now: float, username: str, request_id: str | None, kind: str, outcome: str) -> None:
+    if request_id is not None:
+        db.execute(
+            "INSERT INTO requests (username, request_id, kind, outcome, created_at) VALUES (?, ?, ?, ?, ?)",
+            (username, request_id, kind, outcome, now),
+        )
 
 
 class _CommitThenRefuse(Exception):
@@ -184,9 +267,13 @@ def migrate(db: sqlite3.Connection, start: int) -> None:
     caller's transaction.
     """
     for migration in MIGRATIONS[start:]:
-        for statement in migration.split(";"):
-            if statement.strip():
+        statement = ""
+        for line in migration.splitlines(keepends=True):
+            statement += line
+            if sqlite3.complete_statement(statement):
                 db.execute(statement)
+                statement = ""
+        assert not statement.strip(), statement
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -316,13 +403,14 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
+            store = cls(db, clock, executor)
             now = clock.seconds()
             db.execute("BEGIN IMMEDIATE")
-            db.execute("DELETE FROM seats WHERE hold_id IS NOT NULL")
-            db.execute("UPDATE holds SET state = 'released', ended_at = ? WHERE state = 'active'", (now,))
+            for (hold_id,) in db.execute("SELECT hold_id FROM holds WHERE state = 'active'").fetchall():
+                store._end_hold(db, hold_id, "released", now)
             db.execute("DELETE FROM holds WHERE ended_at < ?", (now - 86400,))
             db.execute("COMMIT")
-            return cls(db, clock, executor)
+            return store
         except BaseException:
             db.close()
             raise
@@ -405,11 +493,24 @@ class SQLiteStore:
     # -- seats --------------------------------------------------------------
 
     def _end_hold(self, db: sqlite3.Connection, hold_id: str, state: str, now: float) -> None:
+        """
+        End an active hold (C{state} is C{"released"} or C{"expired"}) and free its seats.
+        """
+        seats = db.execute(
+            "SELECT s.flight_id, s.seat FROM hold_legs l JOIN seats s"
+            " ON s.flight_id = l.flight_id AND s.seat = l.seat AND s.hold_id = l.hold_id"
+            " WHERE l.hold_id = ? ORDER BY l.leg",
+            (hold_id,),
+        ).fetchall()
         db.execute("DELETE FROM seats WHERE hold_id = ?", (hold_id,))
-        db.execute(
-            "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ? AND state = 'active'",
+        ended = db.execute(
+            "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ? AND state = 'active'"
+            " RETURNING username",
             (state, now, hold_id),
-        )
+        ).fetchone()
+        if ended is not None:
+            action = "expire" if state == "expired" else "release"
+            _audit(db, now, ended[0], action, seats, hold_id=hold_id)
 
     def _end_expired_on(self, db: sqlite3.Connection, flight_id: str, now: float) -> None:
         expired = db.execute(
@@ -479,10 +580,14 @@ class SQLiteStore:
         legs: list[LegRequest],
         expires_at: float,
         alive: Callable[[], bool],
+        request_id: str | None = None,
     ) -> Deferred[Hold]:
         price = Money(sum(leg.flight.fare.cents for leg in legs), self._currency)
 
         def work(db: sqlite3.Connection, now: float) -> Hold:
+            done = _replay(db, username, request_id, "hold")
+            if done is not None:
+                return self._hold_by_id(db, done)
             # Checked inside the transaction: a connection that closed while
             # this hold waited must not leave an orphaned hold behind.
             if not alive():
@@ -498,6 +603,9 @@ class SQLiteStore:
                 "INSERT INTO hold_legs (hold_id, leg, flight_id, seat) VALUES (?, ?, ?, ?)",
                 [(hold_id, i, leg.flight.flight_id, seat) for i, (leg, seat) in enumerate(zip(legs, seats))],
             )
+            _audit(db, now, username, "hold", [(leg.flight.flight_id, seat) for leg, seat in zip(legs, seats)],
+                   hold_id=hold_id)
+            _remember(db, now, username, request_id, "hold", hold_id)
             return Hold(
                 hold_id=hold_id,
                 username=username,
@@ -507,6 +615,18 @@ class SQLiteStore:
             )
 
         return self._write(work)
+
+    def _hold_by_id(self, db: sqlite3.Connection, hold_id: str) -> Hold:
+        username, expires_at, price = db.execute(
+            "SELECT username, expires_at, price_cents FROM holds WHERE hold_id = ?", (hold_id,)
+        ).fetchone()
+        legs = tuple(
+            HeldSeat(flight_by_id(self._network, flight_id), seat)
+            for flight_id, seat in db.execute(
+                "SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,)
+            )
+        )
+        return Hold(hold_id, username, legs, expires_at, Money(price, self._currency))
 
     def _active_hold(self, db: sqlite3.Connection, hold_id: str, username: str, now: float) -> None:
         """
@@ -522,10 +642,13 @@ class SQLiteStore:
                 HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
             )
 
-    def release(self, hold_id: str, username: str) -> Deferred[None]:
+    def release(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[None]:
         def work(db: sqlite3.Connection, now: float) -> None:
+            if _replay(db, username, request_id, "release") is not None:
+                return
             self._active_hold(db, hold_id, username, now)
             self._end_hold(db, hold_id, "released", now)
+            _remember(db, now, username, request_id, "release", hold_id)
 
         return self._write(work)
 
@@ -563,6 +686,8 @@ class SQLiteStore:
             ).fetchall()
             for hold_id, _ in rows:
                 self._end_hold(db, hold_id, "expired", now)
+            # Retries are answered for at least REQUEST_RETENTION seconds.
+            db.execute("DELETE FROM requests WHERE created_at < ?", (now - REQUEST_RETENTION,))
             return [(str(h), str(s)) for h, s in rows]
 
         return self._write(work)
@@ -616,8 +741,11 @@ class SQLiteStore:
         price = Money(sum(leg.price.cents for leg in ticket_legs), self._currency)
         return Ticket(ticket_id, username, "active", ticket_legs, price, now, None)
 
-    def buy_hold(self, hold_id: str, username: str) -> Deferred[Ticket]:
+    def buy_hold(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         def work(db: sqlite3.Connection, now: float) -> Ticket:
+            done = _replay(db, username, request_id, "buy")
+            if done is not None:
+                return self._ticket_as_bought(db, done)
             self._active_hold(db, hold_id, username, now)
             legs = []
             for flight_id, seat in db.execute(
@@ -638,14 +766,23 @@ class SQLiteStore:
                 "UPDATE holds SET state = 'bought', ended_at = ? WHERE hold_id = ? AND state = 'active'",
                 (now, hold_id),
             )
+            _audit(db, now, username, "buy", [(f.flight_id, seat) for f, seat in legs], hold_id=hold_id,
+                   ticket_id=ticket_id)
+            _remember(db, now, username, request_id, "buy", ticket_id)
             return self._ticket_legs(db, ticket_id, username, now, legs)
 
         return self._write(work)
 
-    def buy(self, username: str, legs: list[LegRequest]) -> Deferred[Ticket]:
+    def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
         def work(db: sqlite3.Connection, now: float) -> Ticket:
+            done = _replay(db, username, request_id, "buy")
+            if done is not None:
+                return self._ticket_as_bought(db, done)
             ticket_id = self._new_ticket(db, username, now, [leg.flight for leg in legs])
             seats = self._claim(db, now, legs, None, ticket_id)
+            _audit(db, now, username, "buy", [(leg.flight.flight_id, seat) for leg, seat in zip(legs, seats)],
+                   ticket_id=ticket_id)
+            _remember(db, now, username, request_id, "buy", ticket_id)
             return self._ticket_legs(db, ticket_id, username, now, [(leg.flight, seat) for leg, seat in zip(legs, seats)])
 
         return self._write(work)
@@ -677,8 +814,19 @@ class SQLiteStore:
             )
         return result
 
-    def cancel(self, ticket_id: str, username: str) -> Deferred[Ticket]:
+    def _ticket_as_bought(self, db: sqlite3.Connection, ticket_id: str) -> Ticket:
+        """
+        A ticket as its purchase was acknowledged (whatever happened to it since).
+        """
+        [ticket] = self._tickets(db, "ticket_id = ?", (ticket_id,))
+        return attrs.evolve(ticket, status="active", cancelled_at=None)
+
+    def cancel(self, ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         def work(db: sqlite3.Connection, now: float) -> Ticket:
+            done = _replay(db, username, request_id, "cancel")
+            if done is not None:
+                [cancelled] = self._tickets(db, "ticket_id = ?", (done,))
+                return cancelled
             found = self._tickets(db, "ticket_id = ? AND username = ?", (ticket_id, username))
             if not found:
                 raise TicketNotFound(f"No ticket {ticket_id!r}.", ticket_id=ticket_id)
@@ -696,6 +844,9 @@ class SQLiteStore:
                 (now, ticket_id, username),
             )
             db.execute("DELETE FROM seats WHERE ticket_id = ?", (ticket_id,))
+            _audit(db, now, username, "cancel", [(leg.flight_id, leg.seat) for leg in ticket.legs],
+                   ticket_id=ticket_id)
+            _remember(db, now, username, request_id, "cancel", ticket_id)
             return Ticket(ticket_id, username, "cancelled", ticket.legs, ticket.price, ticket.bought_at, now)
 
         return self._write(work)
