@@ -274,7 +274,7 @@ def migrate(db: sqlite3.Connection, start: int) -> None:
                 db.execute(statement)
                 statement = ""
         assert not statement.strip(), statement
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
 
 def create(db: sqlite3.Connection, fixtures: Fixtures, hash_password: Callable[[str], str], now: float) -> None:
