@@ -24,7 +24,8 @@ from twisted.internet.task import react
 from vendepass import __version__
 from vendepass.client import views
 from vendepass.client.i18n import Texts, choose_language
-from vendepass.client.protocol import DEFAULT_ENDPOINT, ConnectionLost, ServerError, VendePassClientProtocol, connect
+from vendepass.client.protocol import DEFAULT_ENDPOINT, ConnectionLost, ServerError
+from vendepass.client.reconnecting import ReconnectingClient
 
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
@@ -105,7 +106,7 @@ def _password(environ: Mapping[str, str], prompt: Callable[[str], str], texts: T
 
 
 async def _command(
-    client: VendePassClientProtocol,
+    client: ReconnectingClient,
     args: argparse.Namespace,
     texts: Texts,
     out: TextIO,
@@ -202,7 +203,10 @@ async def main(
         return await interactive(reactor, args.connect, texts)
 
     try:
-        client = await connect(reactor, args.connect)
+        # Scripts get safe retries: a purchase whose answer is lost with the
+        # connection is resent on a new one and never done twice.
+        client = ReconnectingClient(reactor, args.connect)
+        await client.ping()
     except CONNECT_ERRORS as e:
         err.write(texts("Cannot reach the server at {endpoint}: {reason}", endpoint=args.connect, reason=e) + "\n")
         return UNREACHABLE
@@ -220,8 +224,7 @@ async def main(
         err.write(texts("The connection to the server was lost.") + "\n")
         return UNREACHABLE
     finally:
-        if client.transport is not None:
-            client.transport.loseConnection()
+        client.close()
     return OK
 
 

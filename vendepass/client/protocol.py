@@ -12,6 +12,7 @@ code); a dropped connection fails every pending call with L{ConnectionLost}.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -27,6 +28,13 @@ DEFAULT_ENDPOINT = "tcp:host=localhost:port=65432"
 
 # Opcodes of protocol v1 (docs/protocol.md).
 PING, LOGIN, ROUTES, BUY, TICKETS, CANCEL, HOLD, RELEASE, SEATMAP, LOGOUT, REGISTER = range(11)
+
+
+def new_request_id() -> str:
+    """
+    A fresh key for a changing request: resending it can never do it twice.
+    """
+    return uuid.uuid4().hex
 
 
 class ServerError(Exception):
@@ -211,11 +219,13 @@ class VendePassClientProtocol(LineReceiver):
     def seatmap(self, flight: str) -> Deferred[dict[str, Any]]:
         return self.call(SEATMAP, {"flight": flight})
 
-    def hold(self, flights: list[str], seats: list[str | None] | None = None) -> Deferred[dict[str, Any]]:
-        return self._get(HOLD, "hold", {"flights": flights, "seats": seats})
+    def hold(
+        self, flights: list[str], seats: list[str | None] | None = None, request_id: str | None = None
+    ) -> Deferred[dict[str, Any]]:
+        return self._get(HOLD, "hold", {"flights": flights, "seats": seats, "request_id": request_id or new_request_id()})
 
-    def release(self, hold_id: str) -> Deferred[dict[str, Any]]:
-        return self.call(RELEASE, {"hold_id": hold_id})
+    def release(self, hold_id: str, request_id: str | None = None) -> Deferred[dict[str, Any]]:
+        return self.call(RELEASE, {"hold_id": hold_id, "request_id": request_id or new_request_id()})
 
     def buy(
         self,
@@ -227,13 +237,14 @@ class VendePassClientProtocol(LineReceiver):
         """
         Buy a hold, or (with C{flights}) hold and buy in one step; fires with the ticket.
         """
-        return self._get(BUY, "ticket", {"hold_id": hold_id, "flights": flights, "seats": seats, "request_id": request_id})
+        data = {"hold_id": hold_id, "flights": flights, "seats": seats, "request_id": request_id or new_request_id()}
+        return self._get(BUY, "ticket", data)
 
     def tickets(self) -> Deferred[list[dict[str, Any]]]:
         return self._get(TICKETS, "tickets")
 
     def cancel(self, ticket_id: str, request_id: str | None = None) -> Deferred[dict[str, Any]]:
-        return self._get(CANCEL, "ticket", {"ticket_id": ticket_id, "request_id": request_id})
+        return self._get(CANCEL, "ticket", {"ticket_id": ticket_id, "request_id": request_id or new_request_id()})
 
 
 async def connect(

@@ -1,0 +1,120 @@
+"""
+The reconnecting client: a call whose answer is lost with the connection is
+resent on a new one, and the server's request_id makes that safe.
+
+A real server listens on a loopback port (the service runs inline on a
+Clock); a test protocol drops the connection instead of sending chosen
+answers, after the work is committed: the worst moment for a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.trial.unittest import TestCase
+
+from tests.common import ALICE, BIG, TINY, make_service
+from vendepass.client.reconnecting import ReconnectingClient
+from vendepass.protocol import VendePassFactory, VendePassProtocol
+from vendepass.service import ReservationService
+
+
+class DroppingProtocol(VendePassProtocol):
+    def _send(self, message: dict[str, Any]) -> None:
+        drops: dict[int, int] = self.factory.drops  # type: ignore[attr-defined]
+        opcode = message.get("opcode")
+        if "ok" in message and drops.get(opcode, 0) > 0:  # type: ignore[arg-type]
+            drops[opcode] -= 1  # type: ignore[index]
+            assert self.transport is not None
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        super()._send(message)
+
+
+class DroppingFactory(VendePassFactory):
+    def __init__(self, service: ReservationService) -> None:
+        super().__init__(service, service.clock)
+        self.drops: dict[int, int] = {}
+
+    def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
+        protocol = DroppingProtocol(self.service, self.clock)
+        protocol.factory = self
+        return protocol
+
+
+class ReconnectingTests(TestCase):
+    def setUp(self) -> None:
+        self.service = make_service()
+        self.factory = DroppingFactory(self.service)
+        self.port: IListeningPort = reactor.listenTCP(0, self.factory, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
+        self.addCleanup(self.port.stopListening)
+        endpoint = f"tcp:host=127.0.0.1:port={self.port.getHost().port}"  # type: ignore[attr-defined]
+        self.client = ReconnectingClient(reactor, endpoint, backoff=0.01)  # type: ignore[arg-type]
+        self.addCleanup(self.client.close)
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        return list(self.service.store._db.execute(sql))  # type: ignore[attr-defined]
+
+    async def test_buy_answer_lost(self) -> None:
+        await self.client.login(*ALICE)
+        self.factory.drops[3] = 1
+        ticket = await self.client.buy(flights=[TINY, BIG], seats=["1A", None])
+        self.assertEqual(self.client.reconnections, 1)
+        self.assertEqual(self.rows("SELECT ticket_id FROM tickets"), [(ticket["ticket_id"],)])
+        self.assertEqual(len(self.rows("SELECT * FROM seats")), 2)
+        self.assertEqual([t["ticket_id"] for t in await self.client.tickets()], [ticket["ticket_id"]])
+
+    async def test_buy_of_hold_answer_lost(self) -> None:
+        """
+        The purchase committed before the drop: the retry gets the ticket,
+        although the drop would have released the hold otherwise.
+        """
+        await self.client.login(*ALICE)
+        hold = await self.client.hold([TINY])
+        self.factory.drops[3] = 1
+        ticket = await self.client.buy(hold_id=hold["hold_id"])
+        self.assertEqual(ticket["legs"][0]["seat"], hold["legs"][0]["seat"])
+        self.assertEqual(len(self.rows("SELECT * FROM tickets")), 1)
+
+    async def test_cancel_answer_lost(self) -> None:
+        await self.client.login(*ALICE)
+        ticket = await self.client.buy(flights=[TINY])
+        self.factory.drops[5] = 1
+        cancelled = await self.client.cancel(ticket["ticket_id"])
+        self.assertEqual(cancelled["status"], "cancelled")
+        self.assertEqual(self.rows("SELECT * FROM seats"), [])
+
+    async def test_hold_answer_lost(self) -> None:
+        """
+        The lost hold died with its connection; the retry makes a new one.
+        """
+        await self.client.login(*ALICE)
+        self.factory.drops[6] = 1
+        hold = await self.client.hold([TINY], ["2B"])
+        active = self.rows("SELECT hold_id FROM holds WHERE state = 'active'")
+        self.assertEqual(active, [(hold["hold_id"],)])
+        self.assertEqual(self.rows("SELECT seat FROM seats"), [("2B",)])
+
+    async def test_release_answer_lost(self) -> None:
+        await self.client.login(*ALICE)
+        hold = await self.client.hold([TINY])
+        self.factory.drops[7] = 1
+        self.assertEqual(await self.client.release(hold["hold_id"]), {})
+        self.assertEqual(self.rows("SELECT * FROM seats"), [])
+
+    async def test_gives_up(self) -> None:
+        """
+        With the server gone, a call fails after its attempts.
+        """
+        await self.client.login(*ALICE)
+        stopped = self.port.stopListening()
+        if stopped is not None:
+            await stopped
+        self.factory.drops[0] = 100
+        self.client.close()
+        with self.assertRaises(ConnectError):
+            await self.client.ping()
+        self.assertEqual(self.client.reconnections, self.client.attempts - 1)
