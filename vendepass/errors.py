@@ -124,6 +124,17 @@ class FlightDeparted(VendePassError):
     default_message = "This flight has already departed."
 
 
+class StorageUnavailable(VendePassError):
+    """
+    The database could not be written or read (disk full, locked, I/O
+    error). The request's transaction was rolled back; the server goes on
+    and recovers by itself when the fault clears.
+    """
+
+    code = "storage_unavailable"
+    default_message = "The ticket database is unavailable right now; nothing was changed. Please try again shortly."
+
+
 class SessionClosed(VendePassError):
     """
     The connection that asked for this is gone: its work is undone.

@@ -26,6 +26,7 @@ from vendepass.errors import (
     InvalidRequest,
     NotLoggedIn,
     SessionClosed,
+    StorageUnavailable,
     UnknownAirport,
     UnknownSeat,
 )
@@ -46,6 +47,7 @@ MAX_SEARCH_LIMIT = 500
 # work is bounded whatever the network looks like.
 MAX_CANDIDATES = 5000
 SWEEP_SECONDS = 60.0
+RELEASE_ATTEMPTS = 5
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -159,11 +161,24 @@ class ReservationService(Service):
     def close_session(self, session: Session) -> Deferred[None]:
         """
         The connection is gone: from now on nothing may be held for it, and
-        every hold it made is released at once.
+        every hold it made is released at once (and again later if the
+        database cannot be written now; expiry ends them in any case).
         """
         session.alive = False
         self._sessions.pop(session.session_id, None)
-        return self._release_all(session)
+        return self._release_all(session).addErrback(self._retry_release, session, 1)
+
+    def _retry_release(self, failure: Failure, session: Session, attempt: int) -> None:
+        failure.trap(StorageUnavailable)
+        if attempt > RELEASE_ATTEMPTS:
+            self._log.warn("gave up releasing the holds of {session}; they will expire", session=session)
+            return
+        self._log.warn("cannot release the holds of {session} yet; trying again", session=session)
+
+        def again() -> None:
+            self.store.release_session(session.session_id).addErrback(self._retry_release, session, attempt + 1)
+
+        self.clock.callLater(attempt * 1.0, again)
 
     def _release_all(self, session: Session) -> Deferred[None]:
         for hold_id in session.holds:
@@ -392,9 +407,14 @@ class ReservationService(Service):
             elif state == "expired":
                 self._expired(hold_id, session)
 
-        self.store.expire_hold(hold_id).addCallbacks(
-            done, lambda f: self._log.failure("expiring hold {hold_id}", f, hold_id=hold_id)
-        )
+        def failed(failure: Failure) -> None:
+            if failure.check(StorageUnavailable):
+                # The database will be back: look again shortly.
+                self._timers[hold_id] = (self.clock.callLater(1.0, self._expire, hold_id, session), session)
+            else:
+                self._log.failure("expiring hold {hold_id}", failure, hold_id=hold_id)
+
+        self.store.expire_hold(hold_id).addCallbacks(done, failed)
 
     def _expired(self, hold_id: str, session: Session) -> None:
         if hold_id not in session.holds:
@@ -418,6 +438,9 @@ class ReservationService(Service):
                     self._expired(hold_id, session)
 
         def failed(failure: Failure) -> None:
-            self._log.failure("sweeping expired holds", failure)
+            if failure.check(StorageUnavailable):
+                self._log.warn("cannot sweep expired holds now: the database is unavailable")
+            else:
+                self._log.failure("sweeping expired holds", failure)
 
         return self.store.expired_holds().addCallbacks(done, failed)

@@ -184,6 +184,7 @@ def error(texts: Texts, failure: ServerError) -> str:
         "already_cancelled": texts("That ticket is already cancelled."),
         "flight_departed": texts("That flight has already departed."),
         "internal_error": texts("The server had a problem; nothing was changed. Please try again."),
+        "storage_unavailable": texts("The ticket database is busy or unavailable; nothing was changed. Please try again shortly."),
         "line_too_long": texts("The request was too long."),
     }
     if failure.code == "seat_unavailable":

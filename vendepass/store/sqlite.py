@@ -33,6 +33,7 @@ from vendepass.errors import (
     SeatUnavailable,
     SessionClosed,
     SoldOut,
+    StorageUnavailable,
     InvalidRequest,
     TicketNotFound,
     UnknownSeat,
@@ -451,7 +452,27 @@ class SQLiteStore:
                 raise
             return result
 
-        return self._executor.submit(job)
+        return self._executor.submit(self._guarded(job))
+
+    def _guarded(self, job: Callable[[], T]) -> Callable[[], T]:
+        """
+        C{job}, with the database's operational failures (disk full, locked,
+        I/O error) turned into L{StorageUnavailable}.
+        """
+
+        def guarded() -> T:
+            try:
+                if self._db.in_transaction:
+                    # A failed COMMIT can leave a transaction open: end it,
+                    # or nothing could ever start again.
+                    self._log.warn("rolling back a transaction left open by a failure")
+                    self._db.execute("ROLLBACK")
+                return job()
+            except sqlite3.OperationalError as e:
+                self._log.error("storage unavailable: {error}", error=str(e))
+                raise StorageUnavailable() from e
+
+        return guarded
 
     def _read(self, work: Callable[[sqlite3.Connection, float], T]) -> Deferred[T]:
         """
@@ -462,12 +483,18 @@ class SQLiteStore:
             db = self._db
             db.execute("BEGIN")
             try:
-                return work(db, self._clock.seconds())
-            finally:
+                result = work(db, self._clock.seconds())
+            except BaseException:
                 if db.in_transaction:
-                    db.execute("COMMIT")
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        self._log.failure("rolling back")
+                raise
+            db.execute("COMMIT")
+            return result
 
-        return self._executor.submit(job)
+        return self._executor.submit(self._guarded(job))
 
     # -- users --------------------------------------------------------------
 
