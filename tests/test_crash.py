@@ -34,6 +34,8 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -308,7 +310,20 @@ def check_database(path: Path, ledger: Ledger) -> list[str]:
             problems.append(f"in the database, a ticket nobody bought: {ticket_id} {stored[ticket_id]}")
     finally:
         db.close()
+    problems.extend(admin_verify(path))
     return problems
+
+
+def admin_verify(path: Path) -> list[str]:
+    """
+    The installed C{vendepass-admin verify}: the audit log replayed against the database.
+    """
+    script = Path(sys.executable).parent / "vendepass-admin"
+    command = [str(script)] if script.exists() else [sys.executable, "-c", "from vendepass.admin import run; run()"]
+    result = subprocess.run([*command, "verify", "--db", str(path)], capture_output=True, timeout=DEADLINE)
+    if result.returncode != 0:
+        return [f"vendepass-admin verify exited {result.returncode}: {result.stdout.decode()[-2000:]}"]
+    return []
 
 
 def verify(server: ServerProcess, sessions: dict[str, Connection], ledger: Ledger, unknown: list[Purchase]) -> list[str]:
