@@ -124,6 +124,21 @@ class FlightDeparted(VendePassError):
     default_message = "This flight has already departed."
 
 
+class TooManyHolds(VendePassError):
+    code = "too_many_holds"
+    default_message = "You are holding too many seats; buy or release some first."
+
+
+class TooManyConnections(VendePassError):
+    code = "too_many_connections"
+    default_message = "Too many connections from your address."
+
+
+class RateLimited(VendePassError):
+    code = "rate_limited"
+    default_message = "Too many failed attempts; wait before trying again."
+
+
 class StorageUnavailable(VendePassError):
     """
     The database could not be written or read (disk full, locked, I/O

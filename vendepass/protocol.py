@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -30,6 +30,7 @@ from vendepass.errors import (
     MalformedJSON,
     NotLoggedIn,
     SessionClosed,
+    TooManyConnections,
     UnknownOpcode,
     VendePassError,
 )
@@ -37,6 +38,8 @@ from vendepass.model import iso_utc
 from vendepass.service import MAX_SEARCH_LIMIT, SEARCH_LIMIT, ReservationService, Session
 
 MAX_LINE_BYTES = 64 * 1024
+DEFAULT_IDLE_TIMEOUT = 15 * 60.0
+DEFAULT_MAX_CONNECTIONS_PER_IP = 50
 
 Handler = Callable[["VendePassProtocol", dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -136,19 +139,37 @@ class VendePassProtocol(LineReceiver):
     MAX_LENGTH = MAX_LINE_BYTES + 1
     _log = Logger()
 
-    def __init__(self, service: ReservationService, clock: IReactorTime) -> None:
+    def __init__(self, service: ReservationService, clock: IReactorTime, idle_timeout: float | None = None) -> None:
         self.service = service
         self.clock = clock
+        self.idle_timeout = idle_timeout
         self.session: Session | None = None
         self._closed = False
+        # Reading stops while a request is in flight (answers in order) and
+        # while the transport's write buffer is full (a client that does not
+        # read its answers cannot make the server buffer without bound).
+        self._busy = False
+        self._write_blocked = False
+        self._idle_call: IDelayedCall | None = None
+        # The address the factory counted this connection under.
+        self._counted_host: str | None = None
+        # Set when the connection is refused at once (with this error).
+        self.refusal: VendePassError | None = None
 
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        if self.refusal is not None:
+            self.transport.write(_encode({"id": None, "opcode": None, "ok": False, "error": self.refusal.to_wire()}))
+            self._closed = True
+            self.transport.loseConnection()
+            return
         peer: IAddress = self.transport.getPeer()
         self.session = self.service.open_session(self._event, str(getattr(peer, "host", peer)))
         self._log.debug("connection from {peer}", peer=peer)
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._reset_idle()
         self._send(
             {
                 "event": "welcome",
@@ -162,6 +183,11 @@ class VendePassProtocol(LineReceiver):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closed = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        if self._counted_host is not None:
+            self.factory.disconnected(self._counted_host)  # type: ignore[attr-defined]
+            self._counted_host = None
         if self.session is not None:
             self.service.close_session(self.session).addErrback(
                 lambda f: self._log.failure("releasing the holds of {session}", f, session=self.session)
@@ -173,6 +199,45 @@ class VendePassProtocol(LineReceiver):
 
     def _event(self, name: str, data: dict[str, Any]) -> None:
         self._send({"event": name, "data": data})
+
+    # -- flow control and idleness --------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: stop reading requests.
+        """
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """
+        The transport's write buffer has drained: read again.
+        """
+        self._write_blocked = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self._closed or getattr(self.transport, "disconnecting", False):
+            return
+        stop = self._busy or self._write_blocked
+        if stop and not self.paused:
+            LineReceiver.pauseProducing(self)
+        elif not stop and self.paused:
+            LineReceiver.resumeProducing(self)
+
+    def _reset_idle(self) -> None:
+        if self.idle_timeout is None or self._closed:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.idle_timeout)
+        else:
+            self._idle_call = self.clock.callLater(self.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._event("idle_timeout", {"seconds": self.idle_timeout})
+        self._log.debug("closing idle connection of {session}", session=self.session)
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     # -- requests -----------------------------------------------------------
 
@@ -188,8 +253,11 @@ class VendePassProtocol(LineReceiver):
         if len(line) > MAX_LINE_BYTES:
             self.lineLengthExceeded(line)
             return
+        # Only whole lines count as activity: a client dribbling bytes is idle.
+        self._reset_idle()
         # One request at a time: stop reading until this one is answered.
-        self.pauseProducing()
+        self._busy = True
+        self._update_reading()
         started = self.clock.seconds()
         request: dict[str, Any] = {"id": None, "opcode": None}
         d = Deferred.fromCoroutine(self._handle(line, request))
@@ -264,8 +332,9 @@ class VendePassProtocol(LineReceiver):
             self._send(response)
         finally:
             # Whatever happened, go on with the next request.
-            if not self._closed:
-                self.resumeProducing()
+            self._busy = False
+            self._reset_idle()
+            self._update_reading()
 
     # -- opcodes ------------------------------------------------------------
 
@@ -394,19 +463,50 @@ OPCODES: dict[int, Opcode] = {
 
 class VendePassFactory(Factory):
     """
-    Shared by every connection: the reservation service and the clock.
+    Shared by every connection: the reservation service, the clock, and the
+    connection limits.
+
+    @ivar idle_timeout: seconds without a complete request before a
+        connection is closed (C{None}: never).
+    @ivar max_connections_per_ip: connections one address may have open at once.
     """
 
     protocol = VendePassProtocol  # type: ignore[assignment]
+    _log = Logger()
 
-    def __init__(self, service: ReservationService, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        service: ReservationService,
+        clock: IReactorTime,
+        idle_timeout: float | None = None,
+        max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
+    ) -> None:
         self.service = service
         self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_connections_per_ip = max_connections_per_ip
+        self.connections: dict[str, int] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
-        protocol = VendePassProtocol(self.service, self.clock)
+        host = str(getattr(addr, "host", addr))
+        protocol = VendePassProtocol(self.service, self.clock, self.idle_timeout)
         protocol.factory = self
+        if self.connections.get(host, 0) >= self.max_connections_per_ip:
+            self._log.info("refused a connection from {host}: too many", host=host)
+            protocol.refusal = TooManyConnections(
+                f"At most {self.max_connections_per_ip} connections from one address."
+            )
+        else:
+            self.connections[host] = self.connections.get(host, 0) + 1
+            protocol._counted_host = host
         return protocol
+
+    def disconnected(self, host: str) -> None:
+        left = self.connections.get(host, 0) - 1
+        if left > 0:
+            self.connections[host] = left
+        else:
+            self.connections.pop(host, None)
 
     def __repr__(self) -> str:
         return "<VendePassFactory>"

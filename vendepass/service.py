@@ -9,6 +9,7 @@ L{IReactorTime}; the durable state lives in an L{IStore}.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from datetime import date, datetime, timezone
 from typing import Any, Callable, Coroutine, TypeVar
@@ -25,6 +26,7 @@ from vendepass.errors import (
     BadCredentials,
     InvalidRequest,
     NotLoggedIn,
+    RateLimited,
     SessionClosed,
     StorageUnavailable,
     UnknownAirport,
@@ -35,6 +37,7 @@ from vendepass.model import Airport, Flight, Hold, Itinerary, Network, SeatMap, 
 from vendepass.passwords import ScryptHasher
 from vendepass.schedule import Schedule
 from vendepass.store import IExecutor, IStore, LegRequest
+from vendepass.throttle import LoginThrottle
 
 T = TypeVar("T")
 
@@ -95,10 +98,13 @@ class ReservationService(Service):
         hold_seconds: float = DEFAULT_HOLD_SECONDS,
         sales_window_days: int = DEFAULT_SALES_WINDOW_DAYS,
         max_legs: int = MAX_LEGS,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         """
         @param cpu: where password hashing runs (never the reactor thread).
+        @param throttle: slows down repeated failed logins.
         """
+        self.throttle = throttle if throttle is not None else LoginThrottle(clock)
         self.store = store
         self.clock = clock
         self.hold_seconds = hold_seconds
@@ -211,11 +217,19 @@ class ReservationService(Service):
 
     def login(self, session: Session, username: str, password: str) -> Deferred[str]:
         async def login() -> str:
+            wait = self.throttle.retry_after(username, session.peer)
+            if wait > 0:
+                raise RateLimited(
+                    f"Too many failed logins; try again in {math.ceil(wait)} seconds.", retry_after=math.ceil(wait)
+                )
             stored = await self.store.password_hash(username) if USERNAME.fullmatch(username) else None
             # Verify even for an unknown user, so both take the same time.
             ok = await self._cpu.submit(lambda: self._hasher.verify(password, stored))
             if not ok:
+                self.throttle.failed(username, session.peer)
+                self._log.info("failed login for {username} from {peer}", username=username[:64], peer=session.peer)
                 raise BadCredentials()
+            self.throttle.succeeded(username, session.peer)
             if session.username != username:
                 if session.username is not None:
                     await self._release_all(session)

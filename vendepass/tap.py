@@ -30,6 +30,10 @@ class Options(usage.Options):
         ["fixtures", None, None, "Fixtures file to load into a new database (default: the bundled airline)."],
         ["hold-seconds", None, DEFAULT_HOLD_SECONDS, "How long a hold lasts, in seconds.", int],
         ["sales-window", None, DEFAULT_SALES_WINDOW_DAYS, "How many days ahead flights are sold.", int],
+        ["idle-timeout", None, 900, "Close a connection after this many seconds without a request (0: never).", int],
+        ["max-connections-per-ip", None, 50, "How many connections one address may have open at once.", int],
+        ["max-held-seats", None, 9, "How many seats one customer may hold at once.", int],
+        ["max-legs", None, 3, "How many flights one itinerary may have.", int],
     ]
 
     def __init__(self) -> None:
@@ -59,6 +63,14 @@ class Options(usage.Options):
             raise usage.UsageError("--hold-seconds must be between 1 and 86400")
         if not 1 <= self["sales-window"] <= 366:
             raise usage.UsageError("--sales-window must be between 1 and 366 days")
+        if self["idle-timeout"] < 0:
+            raise usage.UsageError("--idle-timeout must be 0 (never) or more seconds")
+        if self["max-connections-per-ip"] < 1:
+            raise usage.UsageError("--max-connections-per-ip must be at least 1")
+        if not 1 <= self["max-held-seats"] <= 1000:
+            raise usage.UsageError("--max-held-seats must be between 1 and 1000")
+        if not 1 <= self["max-legs"] <= 6:
+            raise usage.UsageError("--max-legs must be between 1 and 6")
         if not os.path.exists(self["db"]) or os.path.getsize(self["db"]) == 0:
             # A new database: check the fixtures now, so a bad file is a
             # clear error message rather than a traceback at start-up.
@@ -85,7 +97,12 @@ def makeService(options: Options) -> IService:
     # the database is start-up work, not serving.
     try:
         store = SQLiteStore.open(
-            options["db"], reactor, ThreadExecutor(reactor, "vendepass-db"), fixtures, hasher.hash  # type: ignore[arg-type]
+            options["db"],
+            reactor,  # type: ignore[arg-type]
+            ThreadExecutor(reactor, "vendepass-db"),  # type: ignore[arg-type]
+            fixtures,
+            hasher.hash,
+            max_held_seats=options["max-held-seats"],
         )
     except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
         raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
@@ -96,10 +113,16 @@ def makeService(options: Options) -> IService:
         ThreadExecutor(reactor, "vendepass-hash", threads=2),  # type: ignore[arg-type]
         hold_seconds=options["hold-seconds"],
         sales_window_days=options["sales-window"],
+        max_legs=options["max-legs"],
     )
     top = MultiService()
     service.setServiceParent(top)
-    factory = VendePassFactory(service, reactor)  # type: ignore[arg-type]
+    factory = VendePassFactory(
+        service,
+        reactor,  # type: ignore[arg-type]
+        idle_timeout=options["idle-timeout"] or None,
+        max_connections_per_ip=options["max-connections-per-ip"],
+    )
     for description in options["listen"]:
         strports.service(description, factory).setServiceParent(top)
     return top

@@ -34,6 +34,7 @@ from vendepass.errors import (
     SessionClosed,
     SoldOut,
     StorageUnavailable,
+    TooManyHolds,
     InvalidRequest,
     TicketNotFound,
     UnknownSeat,
@@ -162,6 +163,7 @@ CREATE TABLE requests (
     PRIMARY KEY (username, request_id)
 ) WITHOUT ROWID;
 CREATE INDEX requests_age ON requests(created_at);
+CREATE INDEX holds_user ON holds(username) WHERE state = 'active';
 CREATE TABLE audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -364,7 +366,10 @@ class SQLiteStore:
 
     _log = Logger()
 
-    def __init__(self, db: sqlite3.Connection, clock: IReactorTime, executor: IExecutor) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, clock: IReactorTime, executor: IExecutor, max_held_seats: int = 9
+    ) -> None:
+        self.max_held_seats = max_held_seats
         self._db = db
         self._clock = clock
         self._executor = executor
@@ -379,6 +384,7 @@ class SQLiteStore:
         executor: IExecutor,
         fixtures: Callable[[], Fixtures],
         hash_password: Callable[[str], str],
+        max_held_seats: int = 9,
     ) -> SQLiteStore:
         """
         Open (creating, migrating and loading C{fixtures()} if new) the
@@ -404,7 +410,7 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
-            store = cls(db, clock, executor)
+            store = cls(db, clock, executor, max_held_seats)
             now = clock.seconds()
             db.execute("BEGIN IMMEDIATE")
             for (hold_id,) in db.execute("SELECT hold_id FROM holds WHERE state = 'active'").fetchall():
@@ -619,6 +625,16 @@ class SQLiteStore:
             # this hold waited must not leave an orphaned hold behind.
             if not alive():
                 raise SessionClosed()
+            held = db.execute(
+                "SELECT COUNT(*) FROM holds h JOIN hold_legs l ON l.hold_id = h.hold_id"
+                " WHERE h.username = ? AND h.state = 'active' AND h.expires_at > ?",
+                (username, now),
+            ).fetchone()[0]
+            if held + len(legs) > self.max_held_seats:
+                raise TooManyHolds(
+                    f"You may hold at most {self.max_held_seats} seats at once (you hold {held}).",
+                    limit=self.max_held_seats,
+                )
             hold_id = "H" + secrets.token_hex(8)
             db.execute(
                 "INSERT INTO holds (hold_id, username, session_id, created_at, expires_at, price_cents, state)"

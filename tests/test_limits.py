@@ -1,0 +1,228 @@
+"""
+Limits and abuse: held seats per customer, legs per itinerary, login
+throttling, idle connections, connections per address, and backpressure
+from clients that do not read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.common import ALICE, BIG, BOB, START, TINY, LineClient, make_service
+from vendepass.protocol import VendePassFactory, VendePassProtocol
+
+
+def replies(transport: StringTransport) -> list[dict[str, Any]]:
+    lines = transport.value().splitlines()
+    transport.clear()
+    return [json.loads(line) for line in lines]
+
+
+class HeldSeatLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.service = make_service(clock=self.clock)
+        self.service.store.max_held_seats = 3  # type: ignore[attr-defined]
+        self.alice = LineClient(self.service)
+        self.alice.login(ALICE)
+
+    def test_limit(self) -> None:
+        self.alice.ok(6, {"flights": [TINY, BIG]})
+        first = self.alice.ok(6, {"flights": [BIG]})["hold"]
+        error = self.alice.error(6, {"flights": [TINY]})
+        self.assertEqual((error["code"], error["limit"]), ("too_many_holds", 3))
+        # One-step purchases are not holds: they are not limited.
+        self.alice.ok(3, {"flights": [TINY]})
+        self.alice.ok(7, {"hold_id": first["hold_id"]})
+        self.alice.ok(6, {"flights": [BIG]})
+
+    def test_per_customer(self) -> None:
+        for _ in range(3):
+            self.alice.ok(6, {"flights": [BIG]})
+        bob = LineClient(self.service)
+        bob.login(BOB)
+        bob.ok(6, {"flights": [BIG]})
+
+    def test_expired_holds_do_not_count(self) -> None:
+        for _ in range(3):
+            self.alice.ok(6, {"flights": [BIG]})
+        self.clock.advance(61)
+        self.alice.ok(6, {"flights": [BIG]})
+
+
+class LegLimitTests(SynchronousTestCase):
+    def test_max_legs(self) -> None:
+        service = make_service()
+        service.max_legs = 1
+        alice = LineClient(service)
+        alice.login(ALICE)
+        self.assertEqual(alice.error(6, {"flights": [TINY, BIG]})["code"], "invalid_itinerary")
+        self.assertEqual(alice.error(2, {"origin": "SSA", "destination": "MAO", "max_legs": 2})["code"],
+                         "invalid_request")
+        alice.ok(6, {"flights": [TINY]})
+
+
+class LoginThrottleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.service = make_service(clock=self.clock)
+        self.client = LineClient(self.service)
+
+    def login(self, username: str, password: str) -> dict[str, Any]:
+        return self.client.request(1, {"username": username, "password": password})
+
+    def test_backs_off(self) -> None:
+        for _ in range(5):
+            self.assertEqual(self.login("alice", "wrong")["error"]["code"], "bad_credentials")
+        # The fifth failure imposes a first wait of one second.
+        limited = self.login("alice", "wrong")["error"]
+        self.assertEqual((limited["code"], limited["retry_after"]), ("rate_limited", 1))
+        # Even the right password waits: nothing is evaluated while throttled.
+        self.assertEqual(self.login(*ALICE)["error"]["code"], "rate_limited")
+        self.clock.advance(1)
+        self.assertEqual(self.login("alice", "wrong")["error"]["code"], "bad_credentials")
+        self.assertEqual(self.login("alice", "wrong")["error"]["retry_after"], 2)
+
+    def test_never_locked_out_for_long(self) -> None:
+        """
+        However many failures, the wait never exceeds the ceiling, and the
+        real customer gets in after it.
+        """
+        evaluated = 0
+        for _ in range(200):
+            reply = self.login("alice", "wrong")
+            if reply["error"]["code"] == "bad_credentials":
+                evaluated += 1
+                continue
+            self.assertLessEqual(reply["error"]["retry_after"], 300)
+            self.clock.advance(reply["error"]["retry_after"])
+        self.assertLessEqual(evaluated, 200)
+        other = LineClient(self.service)
+        assert other.protocol.session is not None
+        other.protocol.session.peer = "10.9.8.7"
+        self.clock.advance(300)
+        other.login(ALICE)
+
+    def test_unknown_user_looks_the_same(self) -> None:
+        for _ in range(6):
+            known = self.login("alice", "wrong")
+            unknown = self.login("nobody_here", "wrong")
+        self.assertEqual(known["error"], unknown["error"])
+
+    def test_success_resets_the_customer(self) -> None:
+        """
+        A good login clears the customer's failures (not the address's: a
+        guesser with an account of their own must not reset their count).
+        """
+        for _ in range(4):
+            self.login("alice", "wrong")
+        self.client.login(ALICE)
+        elsewhere = LineClient(self.service)
+        assert elsewhere.protocol.session is not None
+        elsewhere.protocol.session.peer = "10.1.1.1"
+        for _ in range(5):
+            reply = elsewhere.request(1, {"username": "alice", "password": "wrong"})
+            self.assertEqual(reply["error"]["code"], "bad_credentials")
+        self.assertEqual(self.login("bob", "wrong")["error"]["code"], "bad_credentials")
+        self.assertEqual(self.login("bob", "wrong")["error"]["code"], "rate_limited")
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    def connect(self, idle: float) -> tuple[VendePassProtocol, StringTransport, Clock]:
+        clock = Clock()
+        clock.advance(START)
+        service = make_service(clock=clock)
+        factory = VendePassFactory(service, clock, idle_timeout=idle)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+        assert isinstance(protocol, VendePassProtocol)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        replies(transport)
+        return protocol, transport, clock
+
+    def test_idle_closed(self) -> None:
+        protocol, transport, clock = self.connect(10)
+        clock.advance(9)
+        protocol.dataReceived(b'{"opcode": 0}\n')
+        clock.advance(9.5)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.5)
+        self.assertTrue(transport.disconnecting)
+        events = [m for m in replies(transport) if "event" in m]
+        self.assertEqual(events[-1], {"event": "idle_timeout", "data": {"seconds": 10}})
+
+    def test_dribbler_closed(self) -> None:
+        """
+        Bytes that never make a line are no activity.
+        """
+        protocol, transport, clock = self.connect(10)
+        for byte in b'{"opcode": 0':
+            protocol.dataReceived(bytes([byte]))
+            clock.advance(1)
+            if transport.disconnecting:
+                break
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(clock.seconds() - START, 10)
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.service = make_service()
+        self.factory = VendePassFactory(self.service, self.service.clock, max_connections_per_ip=2)
+
+    def open(self, host: str = "192.0.2.1") -> tuple[Any, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", host, 5000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def close(self, protocol: Any) -> None:
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_limit_per_address(self) -> None:
+        first, _ = self.open()
+        self.open()
+        third, transport = self.open()
+        [refusal] = replies(transport)
+        self.assertEqual(refusal["error"]["code"], "too_many_connections")
+        self.assertTrue(transport.disconnecting)
+        # Another address is not affected; a closed connection frees a place.
+        _, other = self.open("198.51.100.7")
+        self.assertEqual(replies(other)[0]["event"], "welcome")
+        self.close(first)
+        _, again = self.open()
+        self.assertEqual(replies(again)[0]["event"], "welcome")
+
+    def test_no_leak(self) -> None:
+        for _ in range(10_000):
+            protocol, _ = self.open()
+            self.close(protocol)
+        self.assertEqual(self.factory.connections, {})
+
+
+class BackpressureTests(SynchronousTestCase):
+    def test_client_that_does_not_read(self) -> None:
+        """
+        When the transport's buffer is full it pauses the protocol: requests
+        are no longer read (nor answered) until it drains; then every one is
+        answered, in order.
+        """
+        client = LineClient(make_service())
+        self.assertIs(client.transport.producer, client.protocol)
+        client.protocol.pauseProducing()  # what a full TCP transport does
+        self.assertEqual(client.transport.producerState, "paused")
+        client.feed(b"".join(b'{"opcode": 0, "id": %d}\n' % i for i in range(50)))
+        self.assertEqual([m for m in client.messages() if "id" in m], [])
+        client.protocol.resumeProducing()
+        answered = [m["id"] for m in client.messages() if "id" in m]
+        self.assertEqual(answered, list(range(50)))
