@@ -207,7 +207,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         for _ in range(10_000):
             protocol, _ = self.open()
             self.close(protocol)
-        self.assertEqual(self.factory.connections, {})
+        self.assertEqual(self.factory.open_per_address, {})
 
 
 class BackpressureTests(SynchronousTestCase):

@@ -485,28 +485,28 @@ class VendePassFactory(Factory):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_connections_per_ip = max_connections_per_ip
-        self.connections: dict[str, int] = {}
+        self.open_per_address: dict[str, int] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
         host = str(getattr(addr, "host", addr))
         protocol = VendePassProtocol(self.service, self.clock, self.idle_timeout)
         protocol.factory = self
-        if self.connections.get(host, 0) >= self.max_connections_per_ip:
+        if self.open_per_address.get(host, 0) >= self.max_connections_per_ip:
             self._log.info("refused a connection from {host}: too many", host=host)
             protocol.refusal = TooManyConnections(
                 f"At most {self.max_connections_per_ip} connections from one address."
             )
         else:
-            self.connections[host] = self.connections.get(host, 0) + 1
+            self.open_per_address[host] = self.open_per_address.get(host, 0) + 1
             protocol._counted_host = host
         return protocol
 
     def disconnected(self, host: str) -> None:
-        left = self.connections.get(host, 0) - 1
+        left = self.open_per_address.get(host, 0) - 1
         if left > 0:
-            self.connections[host] = left
+            self.open_per_address[host] = left
         else:
-            self.connections.pop(host, None)
+            self.open_per_address.pop(host, None)
 
     def __repr__(self) -> str:
         return "<VendePassFactory>"
