@@ -218,6 +218,7 @@ class BackpressureTests(SynchronousTestCase):
         answered, in order.
         """
         client = LineClient(make_service())
+        client.request(0)
         self.assertIs(client.transport.producer, client.protocol)
         client.protocol.pauseProducing()  # what a full TCP transport does
         self.assertEqual(client.transport.producerState, "paused")

@@ -150,6 +150,7 @@ class VendePassProtocol(LineReceiver):
         # read its answers cannot make the server buffer without bound).
         self._busy = False
         self._write_blocked = False
+        self._producing = False
         self._idle_call: IDelayedCall | None = None
         # The address the factory counted this connection under.
         self._counted_host: str | None = None
@@ -168,7 +169,6 @@ class VendePassProtocol(LineReceiver):
         peer: IAddress = self.transport.getPeer()
         self.session = self.service.open_session(self._event, str(getattr(peer, "host", peer)))
         self._log.debug("connection from {peer}", peer=peer)
-        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._reset_idle()
         self._send(
             {
@@ -255,6 +255,13 @@ class VendePassProtocol(LineReceiver):
             return
         # Only whole lines count as activity: a client dribbling bytes is idle.
         self._reset_idle()
+        if not self._producing and self.transport is not None:
+            # Become the transport's producer at the first request, not on
+            # connect: a TLS transport pauses its producer until the
+            # handshake is done, and pausing our reading then would stall
+            # the handshake itself.
+            self._producing = True
+            self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         # One request at a time: stop reading until this one is answered.
         self._busy = True
         self._update_reading()

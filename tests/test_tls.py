@@ -1,0 +1,137 @@
+"""
+TLS: the server listens with --listen ssl:..., and the client connects with
+tls:... and verifies the server's certificate against a CA made here.
+"""
+
+from __future__ import annotations
+
+import datetime
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.trial.unittest import TestCase
+
+from tests.common import ALICE, make_service
+from vendepass.client import cli
+from vendepass.client.protocol import connect
+from vendepass.protocol import VendePassFactory
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_ca(directory: Path, name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key, certificate
+
+
+def make_server_certificate(
+    directory: Path, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate
+) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_file = directory / "server-key.pem"
+    cert_file = directory / "server-cert.pem"
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_file.write_bytes(
+        certificate.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM)
+    )
+    return key_file, cert_file
+
+
+class TLSTests(TestCase):
+    async def asyncSetUp(self) -> None:
+        base = Path(self.mktemp()).resolve()
+        self.trusted = base / "trusted"
+        self.stranger = base / "stranger"
+        ca_key, ca = make_ca(self.trusted, "VendePass Test CA")
+        make_ca(self.stranger, "Some Other CA")
+        key_file, cert_file = make_server_certificate(base, ca_key, ca)
+        self.service = make_service()
+        endpoint = serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_file}:certKey={cert_file}"
+        )
+        self.port: IListeningPort = await endpoint.listen(VendePassFactory(self.service, self.service.clock))
+        self.addCleanup(self.port.stopListening)
+        self.number = self.port.getHost().port  # type: ignore[attr-defined]
+
+    async def test_verified(self) -> None:
+        await self.asyncSetUp()
+        lost: Deferred[None] = Deferred()
+
+        def event(name: str, data: dict[str, Any]) -> None:
+            if name == "connection_lost":
+                lost.callback(None)
+
+        client = await connect(
+            reactor,  # type: ignore[arg-type]
+            f"tls:host=localhost:port={self.number}:trustRoots={self.trusted}",
+            event,
+        )
+        self.assertEqual(await client.login(*ALICE), "alice")
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await lost
+
+    async def test_untrusted_certificate_refused(self) -> None:
+        """
+        A server whose certificate is not signed by a trusted CA is refused:
+        the CLI says it cannot connect (exit code 3).
+        """
+        await self.asyncSetUp()
+        err = StringIO()
+        code = await cli.main(
+            reactor,  # type: ignore[arg-type]
+            ["--connect", f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}", "routes"],
+            out=StringIO(),
+            err=err,
+            environ={},
+        )
+        self.assertEqual(code, 3, err.getvalue())
+        self.assertIn("Cannot reach the server", err.getvalue())
