@@ -127,3 +127,42 @@ class LineClient:
 
         self.transport.loseConnection()
         self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def brl(amount: str) -> dict[str, str]:
+    return {"amount": amount, "currency": "BRL"}
+
+
+# The flights above as the wire shows them (docs/protocol.md, "Flight").
+FLIGHTS: dict[str, dict[str, Any]] = {
+    TINY: {
+        "flight": TINY,
+        "number": "VP100",
+        "origin": "SSA",
+        "destination": "REC",
+        "departure": "2026-12-02T08:00:00-03:00",
+        "arrival": "2026-12-02T09:15:00-03:00",
+        "aircraft": "TINY",
+        "price": brl("250.00"),
+    },
+    BIG: {
+        "flight": BIG,
+        "number": "VP200",
+        "origin": "REC",
+        "destination": "MAO",
+        "departure": "2026-12-02T11:00:00-03:00",
+        "arrival": "2026-12-02T14:00:00-04:00",
+        "aircraft": "A320",
+        "price": brl("599.90"),
+    },
+    DIRECT: {
+        "flight": DIRECT,
+        "number": "VP300",
+        "origin": "SSA",
+        "destination": "MAO",
+        "departure": "2026-12-03T14:00:00-03:00",
+        "arrival": "2026-12-03T16:30:00-04:00",
+        "aircraft": "A320",
+        "price": brl("749.50"),
+    },
+}

@@ -27,7 +27,7 @@ from vendepass.client.protocol import ConnectionLost, ServerError, VendePassClie
 from vendepass.protocol import MAX_LINE_BYTES, VendePassFactory, VendePassProtocol
 from vendepass.service import ReservationService
 
-from tests.common import ALICE, BIG, BOB, DIRECT, START, TINY, TOMORROW, make_service
+from tests.common import ALICE, BIG, BOB, DIRECT, FLIGHTS, START, TINY, TOMORROW, brl, make_service
 
 JSON = dict[str, Any]
 
@@ -43,43 +43,6 @@ HOLD_ID = re.compile(r"^H[0-9a-f]{16}$")
 
 WELCOME: JSON = {"protocol": 1, "server": f"vendepass/{__version__}", "hold_seconds": HOLD_SECONDS}
 
-
-def brl(amount: str) -> JSON:
-    return {"amount": amount, "currency": "BRL"}
-
-
-FLIGHTS: dict[str, JSON] = {
-    TINY: {
-        "flight": TINY,
-        "number": "VP100",
-        "origin": "SSA",
-        "destination": "REC",
-        "departure": "2026-12-02T08:00:00-03:00",
-        "arrival": "2026-12-02T09:15:00-03:00",
-        "aircraft": "TINY",
-        "price": brl("250.00"),
-    },
-    BIG: {
-        "flight": BIG,
-        "number": "VP200",
-        "origin": "REC",
-        "destination": "MAO",
-        "departure": "2026-12-02T11:00:00-03:00",
-        "arrival": "2026-12-02T14:00:00-04:00",
-        "aircraft": "A320",
-        "price": brl("599.90"),
-    },
-    DIRECT: {
-        "flight": DIRECT,
-        "number": "VP300",
-        "origin": "SSA",
-        "destination": "MAO",
-        "departure": "2026-12-03T14:00:00-03:00",
-        "arrival": "2026-12-03T16:30:00-04:00",
-        "aircraft": "A320",
-        "price": brl("749.50"),
-    },
-}
 
 AIRPORTS = [
     {"code": "MAO", "city": "Manaus", "name": "Aeroporto Internacional Eduardo Gomes"},

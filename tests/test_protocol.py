@@ -32,11 +32,13 @@ from tests.common import (
     BIG,
     BOB,
     DIRECT,
+    FLIGHTS,
     NO_SUCH_DAY,
     START,
     TINY,
     TOMORROW,
     LineClient,
+    brl,
     make_service,
 )
 
@@ -57,44 +59,6 @@ ALICE_LOGIN = {"username": ALICE[0], "password": ALICE[1]}
 
 TICKET_ID = re.compile(r"^[ABCDEFGHJKMNPQRSTUVWXYZ23456789]{8}$")
 HOLD_ID = re.compile(r"^H[0-9a-f]{16}$")
-
-
-def brl(amount: str) -> JSON:
-    return {"amount": amount, "currency": "BRL"}
-
-
-FLIGHTS: dict[str, JSON] = {
-    TINY: {
-        "flight": TINY,
-        "number": "VP100",
-        "origin": "SSA",
-        "destination": "REC",
-        "departure": "2026-12-02T08:00:00-03:00",
-        "arrival": "2026-12-02T09:15:00-03:00",
-        "aircraft": "TINY",
-        "price": brl("250.00"),
-    },
-    BIG: {
-        "flight": BIG,
-        "number": "VP200",
-        "origin": "REC",
-        "destination": "MAO",
-        "departure": "2026-12-02T11:00:00-03:00",
-        "arrival": "2026-12-02T14:00:00-04:00",
-        "aircraft": "A320",
-        "price": brl("599.90"),
-    },
-    DIRECT: {
-        "flight": DIRECT,
-        "number": "VP300",
-        "origin": "SSA",
-        "destination": "MAO",
-        "departure": "2026-12-03T14:00:00-03:00",
-        "arrival": "2026-12-03T16:30:00-04:00",
-        "aircraft": "A320",
-        "price": brl("749.50"),
-    },
-}
 
 
 def _pick(flight_id: str, *keys: str) -> JSON:
