@@ -831,6 +831,9 @@ class Simulation(RuleBasedStateMachine):
 
     # Set by a mutant's subclass: the name of a L{MUTANTS} store.
     mutant: ClassVar[str | None] = None
+    # Group commit: how many writes may share one transaction (the mutants
+    # need 1: they capture one transaction per store call).
+    max_batch: ClassVar[int] = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -838,7 +841,9 @@ class Simulation(RuleBasedStateMachine):
         self.clock.advance(START)
         self.executor = ManualExecutor()
         store_class: type[SQLiteStore] = SQLiteStore if self.mutant is None else MUTANTS[self.mutant]
-        self.store = store_class.open(":memory:", self.clock, self.executor, lambda: load(MINI), FAST_HASHER.hash)
+        self.store = store_class.open(
+            ":memory:", self.clock, self.executor, lambda: load(MINI), FAST_HASHER.hash, max_batch=self.max_batch
+        )
         if isinstance(self.store, MutantStore):
             self.store.manual = self.executor
         self.db: sqlite3.Connection = self.store._db
@@ -897,6 +902,8 @@ class Simulation(RuleBasedStateMachine):
             COUNTS["examples"] += 1
             COUNTS["steps"] += self.step_number
             COUNTS["jobs committed"] += self.executor.ran
+            COUNTS["batches"] += self.store.batches
+            COUNTS["batched writes"] += self.store.batched_writes
             COUNTS.update(self.counts)
             for flag in FLAGS:
                 COUNTS[f"examples: {flag}"] += flag in self.flags
@@ -1455,6 +1462,14 @@ def replay(machine_class: type[Simulation], contended: int, steps: Iterable[Acti
     The hash of the event log of C{steps} (plan T17: the same steps give the same run).
     """
     return play(machine_class, contended, steps).log_hash()
+
+
+class GroupCommitSimulation(Simulation):
+    """
+    The simulation with group commit: up to 8 writes share a transaction.
+    """
+
+    max_batch = 8
 
 
 def mutant_machine(name: str) -> type[Simulation]:

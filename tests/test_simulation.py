@@ -59,6 +59,7 @@ from tests.simulation import (
     HoldSeats,
     Pump,
     Settle,
+    GroupCommitSimulation,
     Simulation,
     Violation,
     mutant_machine,
@@ -146,6 +147,29 @@ class SimulationTests(SynchronousTestCase):
         for flag, share in REQUIRED_SHARE.items():
             self.assertGreaterEqual(
                 COUNTS[f"examples: {flag}"], share * examples, f"coverage gate: too few examples with {flag!r}"
+            )
+
+
+class GroupCommitSimulationTests(SynchronousTestCase):
+    """
+    The same simulation with group commit: writes that queue up while a
+    transaction is in flight share the next one, each in its own savepoint.
+    """
+
+    def test_simulation(self) -> None:
+        COUNTS.clear()
+        run_state_machine_as_test(GroupCommitSimulation, settings=settings(RUN_SETTINGS, max_examples=EXAMPLES // 2))
+        print(
+            f"\ngroup-commit simulation: {COUNTS['examples']} examples, {COUNTS['steps']} steps,"
+            f" {COUNTS['jobs committed']} transactions, {COUNTS['batched writes']} writes,"
+            f" 0 violations"
+        )
+        self.assertGreaterEqual(COUNTS["examples"], EXAMPLES // 2)
+        # Group commit really happened: transactions of several writes.
+        self.assertGreater(COUNTS["batched writes"], COUNTS["batches"])
+        for flag, share in REQUIRED_SHARE.items():
+            self.assertGreaterEqual(
+                COUNTS[f"examples: {flag}"], share * COUNTS["examples"], f"coverage gate: too few examples with {flag!r}"
             )
 
 
