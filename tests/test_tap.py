@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.common import MINI
 from vendepass.protocol import VendePassFactory
 from vendepass.service import ReservationService
-from vendepass.tap import Options, makeService
+from vendepass.tap import Options, makeService, with_backlog
 
 
 class OptionsTests(SynchronousTestCase):
@@ -31,7 +31,8 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         options = Options()
         options.parseOptions(["--db", self.db])
-        self.assertEqual(options["listen"], ["tcp:65432"])
+        self.assertEqual(options["listen"], ["tcp:65432:backlog=4096"])
+        self.assertEqual(options["max-batch"], 256)
         self.assertEqual(options["hold-seconds"], 300)
         self.assertEqual(options["sales-window"], 30)
         self.assertIsNone(options["fixtures"])
@@ -44,7 +45,36 @@ class OptionsTests(SynchronousTestCase):
 
     def test_listen_repeatable(self) -> None:
         options = self.parse("--listen", "tcp:0:interface=127.0.0.1", "--listen", r"tcp:0:interface=\:\:1")
-        self.assertEqual(options["listen"], ["tcp:0:interface=127.0.0.1", r"tcp:0:interface=\:\:1"])
+        self.assertEqual(
+            options["listen"],
+            ["tcp:0:interface=127.0.0.1:backlog=4096", r"tcp:0:interface=\:\:1:backlog=4096"],
+        )
+
+    def test_backlog(self) -> None:
+        """
+        --backlog applies to tcp, tcp6 and ssl endpoints that do not set their
+        own, and to no other kind.
+        """
+        options = self.parse(
+            "--backlog", "1000",
+            "--listen", "tcp:0:interface=127.0.0.1",
+            "--listen", "tcp:0:interface=127.0.0.1:backlog=7",
+            "--listen", "unix:/tmp/vendepass-test.sock",
+        )
+        self.assertEqual(
+            options["listen"],
+            ["tcp:0:interface=127.0.0.1:backlog=1000", "tcp:0:interface=127.0.0.1:backlog=7",
+             "unix:/tmp/vendepass-test.sock"],
+        )
+        self.assertEqual(with_backlog("ssl:443:privateKey=k.pem", 9), "ssl:443:privateKey=k.pem:backlog=9")
+        self.assertEqual(with_backlog("TCP6:0", 9), "TCP6:0:backlog=9")
+        for bad in ("0", "65536", "many"):
+            self.assertRaises(UsageError, self.parse, "--backlog", bad)
+
+    def test_max_batch(self) -> None:
+        self.assertEqual(self.parse("--max-batch", "1")["max-batch"], 1)
+        for bad in ("0", "10001", "lots"):
+            self.assertRaises(UsageError, self.parse, "--max-batch", bad)
 
     def test_bad_listen(self) -> None:
         """
@@ -108,6 +138,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(endpoints[0].factory, VendePassFactory)
         self.assertTrue(db.exists())
+        self.assertEqual(reservations[0].store.max_batch, 256)  # type: ignore[attr-defined]
         reservations[0].store.stop()
 
     def test_unopenable_database(self) -> None:

@@ -17,6 +17,22 @@ from vendepass.fixtures import BUNDLED, Fixtures, load
 from vendepass.service import DEFAULT_HOLD_SECONDS, DEFAULT_SALES_WINDOW_DAYS
 
 DEFAULT_LISTEN = "tcp:65432"
+# A burst of thousands of customers connecting at once must not overflow the
+# accept queue (Twisted's default is 50; overflowing SYNs are retried after
+# 1 s, 3 s, 7 s...).
+DEFAULT_BACKLOG = 4096
+DEFAULT_MAX_BATCH = 256
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=} added if it is a tcp, tcp6 or ssl
+    endpoint that does not set one.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
 
 
 class Options(usage.Options):
@@ -25,6 +41,9 @@ class Options(usage.Options):
         "Run the VendePass ticket sales server. It speaks newline-delimited JSON "
         "(protocol v1, see docs/protocol.md) on every --listen endpoint."
     )
+    optFlags = [
+        ["log-requests", None, "Log a line per request (costly at high request rates)."],
+    ]
     optParameters = [
         ["db", None, "vendepass.sqlite3", "Path of the SQLite database; created and loaded with the fixtures if new."],
         ["fixtures", None, None, "Fixtures file to load into a new database (default: the bundled airline)."],
@@ -34,6 +53,15 @@ class Options(usage.Options):
         ["max-connections-per-ip", None, 50, "How many connections one address may have open at once.", int],
         ["max-held-seats", None, 9, "How many seats one customer may hold at once.", int],
         ["max-legs", None, 3, "How many flights one itinerary may have.", int],
+        [
+            "backlog", None, DEFAULT_BACKLOG,
+            "Listen backlog of tcp, tcp6 and ssl endpoints that do not set backlog= themselves"
+            " (the kernel caps it at net.core.somaxconn).", int,
+        ],
+        [
+            "max-batch", None, DEFAULT_MAX_BATCH,
+            "Group commit: how many writes may share one durable transaction (1: one each).", int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -54,6 +82,11 @@ class Options(usage.Options):
         from twisted.internet import reactor
         from twisted.internet.endpoints import serverFromString
 
+        if not 1 <= self["backlog"] <= 65535:
+            raise usage.UsageError("--backlog must be between 1 and 65535")
+        if not 1 <= self["max-batch"] <= 10000:
+            raise usage.UsageError("--max-batch must be between 1 and 10000")
+        self["listen"] = [with_backlog(d, self["backlog"]) for d in self["listen"]]
         for description in self["listen"]:
             try:
                 serverFromString(reactor, description)
@@ -103,6 +136,7 @@ def makeService(options: Options) -> IService:
             fixtures,
             hasher.hash,
             max_held_seats=options["max-held-seats"],
+            max_batch=options["max-batch"],
         )
     except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
         raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
@@ -122,6 +156,7 @@ def makeService(options: Options) -> IService:
         reactor,  # type: ignore[arg-type]
         idle_timeout=options["idle-timeout"] or None,
         max_connections_per_ip=options["max-connections-per-ip"],
+        log_requests=bool(options["log-requests"]),
     )
     for description in options["listen"]:
         strports.service(description, factory).setServiceParent(top)
