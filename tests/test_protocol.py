@@ -24,7 +24,7 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from vendepass import __version__
-from vendepass.protocol import MAX_LINE_BYTES, VendePassFactory, VendePassProtocol
+from vendepass.protocol import MAX_LINE_BYTES, READ_AHEAD, VendePassFactory, VendePassProtocol
 from vendepass.service import ReservationService
 
 from tests.common import (
@@ -1433,8 +1433,7 @@ class FramingTests(ProtocolTestCase):
             ]
         )
         self.assertEqual(send(client, packet), [])
-        # While a request is in flight the connection reads no more.
-        self.assertEqual(client.transport.producerState, "paused")
+        # While a request is in flight, the next ones wait unread.
         self.assertEqual(len(stalled.calls), 1)
         stalled.proceed()
         answers = client.messages()
@@ -1442,6 +1441,25 @@ class FramingTests(ProtocolTestCase):
         self.assertEqual(answers[0]["data"], {"tickets": []})
         self.assertEqual(client.transport.producerState, "producing")
         self.assertEqual(client.messages(), [])
+
+    def test_read_ahead_is_bounded(self) -> None:
+        """
+        While a request is in flight the socket is still read, but only up to
+        READ_AHEAD bytes; past that reading stops until the request is
+        answered, and then every waiting request is answered in order.
+        """
+        client = self.connect(ALICE)
+        stalled = self.stall("tickets")
+        send(client, line({"id": "t", "opcode": 4}))
+        self.assertEqual(client.transport.producerState, "producing")
+        pings = [line({"id": i, "opcode": 0}) for i in range(READ_AHEAD // 20)]
+        send(client, b"".join(pings))
+        self.assertGreater(sum(map(len, pings)), READ_AHEAD)
+        self.assertEqual(client.transport.producerState, "paused")
+        stalled.proceed()
+        answers = client.messages()
+        self.assertEqual([a["id"] for a in answers], ["t", *range(len(pings))])
+        self.assertEqual(client.transport.producerState, "producing")
 
     def test_pipelined_over_iosim(self) -> None:
         client, server, pump = connect_pump(self.service)
@@ -1702,3 +1720,38 @@ class FuzzTests(SynchronousTestCase):
             self.assertFalse(client.transport.disconnecting)
         finally:
             service.stopService()
+
+
+class RequestLogTests(ProtocolTestCase):
+    def observe(self) -> list[dict[str, Any]]:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        def observer(event: dict[str, Any]) -> None:
+            if "opcode" in event and "ms" in event:
+                events.append(event)
+
+        globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
+        self.addCleanup(globalLogPublisher.removeObserver, observer)  # type: ignore[arg-type]
+        return events
+
+    def test_off_by_default(self) -> None:
+        events = self.observe()
+        self.connect(ALICE).ok(0)
+        self.assertEqual(events, [])
+
+    def test_on(self) -> None:
+        """
+        With log_requests, every request gets one debug event: who, what,
+        outcome and time taken.
+        """
+        events = self.observe()
+        client = self.connect()
+        client.factory.log_requests = True
+        client.protocol.log_requests = True
+        client.login(ALICE)
+        client.request(42)
+        self.assertEqual(
+            [(e["opcode"], e["outcome"], e["user"]) for e in events],
+            [(1, "ok", "alice"), (42, "unknown_opcode", "alice")],
+        )
