@@ -8,6 +8,8 @@ datetimes in the local time zone of their airport, which is how they are shown.
 
 from __future__ import annotations
 
+import functools
+
 import re
 from datetime import datetime, time, timezone
 from decimal import Decimal, InvalidOperation
@@ -73,6 +75,11 @@ class Airport:
     timezone: str
 
 
+@functools.lru_cache(maxsize=256)
+def _cabin(rows: int, letters: str) -> tuple[str, ...]:
+    return tuple(f"{row}{letter}" for row in range(1, rows + 1) for letter in letters)
+
+
 @frozen
 class Aircraft:
     """
@@ -92,7 +99,7 @@ class Aircraft:
         """
         Every seat, front to back, left to right: C{("1A", "1B", ...)}.
         """
-        return tuple(f"{row}{letter}" for row in range(1, self.rows + 1) for letter in self.letters)
+        return _cabin(self.rows, self.letters)
 
     def has_seat(self, seat: str) -> bool:
         match = _SEAT.fullmatch(seat)
