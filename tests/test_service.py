@@ -926,6 +926,9 @@ class SearchTests(ServiceTestMixin, SynchronousTestCase):
         shown = self.search(on=WEDNESDAY, include_sold_out=True)
         self.assertEqual(numbers(shown), [("VP1", "VP8"), ("VP1", "VP3"), ("VP1", "VP5", "VP6"), ("VP4",)])
         self.assertEqual(shown[0].free_seats, (0, 180))
+        # The answer is made a page of paths at a time: with a page of one,
+        # three sold-out pages are passed over before VP4.
+        self.assertEqual(numbers(self.search(on=WEDNESDAY, limit=1)), [("VP4",)])
         # Another day's VP1 is not affected.
         self.assertEqual(len(self.search(on=date(2026, 12, 3))), 4)
         # When the hold expires, its seat is free again.

@@ -141,7 +141,8 @@ class Network:
     timetable: tuple[TimetableEntry, ...]
 
 
-@frozen
+# Flights are dictionary keys in hot paths (route answers): hash them once.
+@frozen(cache_hash=True)
 class Flight:
     """
     One bookable flight instance, e.g. C{VP1203-2026-12-01}.

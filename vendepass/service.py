@@ -8,13 +8,14 @@ L{IReactorTime}; the durable state lives in an L{IStore}.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import secrets
 from datetime import date, datetime, timezone
 from typing import Any, Callable, Coroutine, TypeVar
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -46,13 +47,26 @@ DEFAULT_SALES_WINDOW_DAYS = 30
 MAX_LEGS = 3
 SEARCH_LIMIT = 50
 MAX_SEARCH_LIMIT = 500
-# Route search stops generating candidates after this many, so one request's
-# work is bounded whatever the network looks like.
+# Route search stops generating candidates after this many, so its work and
+# memory are bounded whatever the network looks like.
 MAX_CANDIDATES = 5000
+# How many (origin, destination, date, legs) searches are kept worked out.
+ROUTES_CACHED = 4096
 SWEEP_SECONDS = 60.0
 RELEASE_ATTEMPTS = 5
 
 Notify = Callable[[str, dict[str, Any]], None]
+
+
+@frozen
+class _Routes:
+    """
+    The itineraries between two airports, in answer order, and the departure
+    time of the first leg of each (ascending).
+    """
+
+    paths: tuple[tuple[Flight, ...], ...]
+    departs: tuple[float, ...]
 
 
 @define(eq=False, repr=False)
@@ -114,6 +128,8 @@ class ReservationService(Service):
         self._cpu = cpu
         self._network: Network = store.network()
         self._schedule = Schedule.build(self._network, clock.seconds(), sales_window_days)
+        self._routes_schedule: Schedule | None = None
+        self._routes_cache: dict[tuple[str, str, date | None, int], _Routes] = {}
         self._sessions: dict[str, Session] = {}
         self._timers: dict[str, tuple[IDelayedCall, Session]] = {}
         self._sweeper: LoopingCall | None = None
@@ -266,21 +282,47 @@ class ReservationService(Service):
             for code in (origin, destination):
                 if code not in self._network.airports:
                     raise UnknownAirport(f"Unknown airport {code!r}.", airport=code)
-            legs = self.max_legs if max_legs is None else max_legs
-            paths = list(
-                itertools.islice(
-                    self.schedule().search(origin, destination, self.clock.seconds(), on, legs), MAX_CANDIDATES
-                )
-            )
-            flights = list({f.flight_id: f for path in paths for f in path}.values())
-            free = await self.store.free_seats(flights)
-            itineraries = [Itinerary(path, tuple(free[f.flight_id] for f in path)) for path in paths]
-            if not include_sold_out:
-                itineraries = [i for i in itineraries if min(i.free_seats) > 0]
-            itineraries.sort(key=lambda i: (i.legs[0].departs_ts, i.legs[-1].arrives_ts, i.price.cents))
-            return itineraries[:limit]
+            routes = self._routes(origin, destination, on, self.max_legs if max_legs is None else max_legs)
+            # The paths are in answer order already: skip the departed ones,
+            # then ask the store for free seats a page at a time until
+            # C{limit} itineraries with seats are found.
+            position = bisect.bisect_right(routes.departs, self.clock.seconds())
+            found: list[Itinerary] = []
+            while len(found) < limit and position < len(routes.paths):
+                page = routes.paths[position : position + limit]
+                position += len(page)
+                free = await self.store.free_seats(list({f.flight_id: f for path in page for f in path}.values()))
+                for path in page:
+                    seats = tuple(free[f.flight_id] for f in path)
+                    if include_sold_out or min(seats) > 0:
+                        found.append(Itinerary(path, seats))
+                        if len(found) == limit:
+                            break
+            return found
 
         return _run(search())
+
+    def _routes(self, origin: str, destination: str, on: date | None, max_legs: int) -> _Routes:
+        """
+        Every itinerary between two airports in the current schedule, worked
+        out once per schedule (the timetable does not change while it
+        stands) and kept in answer order: by departure, then arrival, then
+        price.
+        """
+        schedule = self.schedule()
+        if schedule is not self._routes_schedule:
+            self._routes_schedule = schedule
+            self._routes_cache = {}
+        key = (origin, destination, on, max_legs)
+        routes = self._routes_cache.get(key)
+        if routes is None:
+            paths = list(itertools.islice(schedule.search(origin, destination, -math.inf, on, max_legs), MAX_CANDIDATES))
+            paths.sort(key=lambda p: (p[0].departs_ts, p[-1].arrives_ts, sum(f.fare.cents for f in p)))
+            routes = _Routes(tuple(paths), tuple(p[0].departs_ts for p in paths))
+            if len(self._routes_cache) >= ROUTES_CACHED:
+                self._routes_cache.clear()
+            self._routes_cache[key] = routes
+        return routes
 
     def seatmap(self, session: Session, flight_id: str) -> Deferred[SeatMap]:
         async def seatmap() -> SeatMap:

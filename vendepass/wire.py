@@ -4,6 +4,8 @@ How the values of VendePass look on the wire (protocol v1, docs/protocol.md).
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 from vendepass.model import Flight, Hold, Itinerary, Money, SeatMap, Ticket, TicketLeg, iso_utc
@@ -45,6 +47,45 @@ def itinerary(value: Itinerary) -> dict[str, Any]:
         "free_seats": min(value.free_seats),
         "price": money(value.price),
     }
+
+
+class RawJSON(str):
+    """
+    Text that is JSON already: a part of a message encoded ahead of time.
+    """
+
+
+# Stand-ins for the free seat counts while an itinerary's template is made.
+_FREE_MARK = 7_340_000_000_000_000
+
+
+@functools.lru_cache(maxsize=32768)
+def _itinerary_template(legs: tuple[Flight, ...]) -> str:
+    """
+    The JSON of an itinerary over C{legs}, with C{%d} where the free seat
+    counts go (each leg's, then the smallest): most of a search answer is
+    the same from one search to the next, so it is encoded once.
+    """
+    marks = tuple(_FREE_MARK + i for i in range(len(legs)))
+    text = json.dumps(itinerary(Itinerary(legs, marks)), ensure_ascii=False, separators=(",", ":"))
+    text = text.replace("%", "%%")
+    # In the text: each leg's count in order, then the smallest (the first
+    # mark again): "%d" for each, in that order.
+    for mark in marks:
+        text = text.replace(str(mark), "%d")
+    assert text.count("%d") == len(legs) + 1, text
+    return text
+
+
+def itineraries(values: list[Itinerary]) -> RawJSON:
+    """
+    C{{"itineraries": [...]}} as JSON text, from the templates.
+    """
+    parts = []
+    for value in values:
+        seats = value.free_seats
+        parts.append(_itinerary_template(value.legs) % (*seats, min(seats)))
+    return RawJSON('{"itineraries":[' + ",".join(parts) + "]}")
 
 
 def hold(value: Hold) -> dict[str, Any]:
