@@ -99,6 +99,21 @@ class VerifyTests(SynchronousTestCase):
         findings = verify(self.db).findings
         self.assertIn(f"seat 10C on {BIG} is sold without an active ticket ({kept})", findings)
 
+    def test_seat_count_out_of_step(self) -> None:
+        """
+        The per-flight count of taken seats (kept by triggers) must agree
+        with the seats; seat rows never move.
+        """
+        self.busy_day()
+        self.assertEqual(verify(self.db).findings, [])
+        self.db.execute("UPDATE flight_taken SET seats = seats + 1 WHERE flight_id = ?", (BIG,))
+        findings = verify(self.db).findings
+        [finding] = [f for f in findings if "seat count" in f]
+        self.assertIn(f"flight {BIG}: the seat count says", finding)
+        self.assertRaises(
+            sqlite3.IntegrityError, self.db.execute, "UPDATE seats SET seat = '30F' WHERE flight_id = ?", (BIG,)
+        )
+
     def test_double_sale_in_the_log(self) -> None:
         """
         Two purchases of one seat in the audit log itself are found.

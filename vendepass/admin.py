@@ -113,6 +113,17 @@ def verify(db: sqlite3.Connection) -> Report:
         ):
             if state != "active":
                 report.find(f"hold {hold_id} is {state} but still claims seats")
+        counted: dict[str, int] = {}
+        for flight_id, *_ in rows:
+            counted[flight_id] = counted.get(flight_id, 0) + 1
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'flight_taken'").fetchone():
+            kept = {f: n for f, n in db.execute("SELECT flight_id, seats FROM flight_taken") if n}
+            for flight_id in sorted(set(kept) | set(counted)):
+                if kept.get(flight_id, 0) != counted.get(flight_id, 0):
+                    report.find(
+                        f"flight {flight_id}: the seat count says {kept.get(flight_id, 0)} taken,"
+                        f" the seats say {counted.get(flight_id, 0)}"
+                    )
         integrity = db.execute("PRAGMA quick_check").fetchone()[0]
         if integrity != "ok":
             report.find(f"SQLite quick_check: {integrity}")
