@@ -859,3 +859,38 @@ class SQLiteFileStoreTests(StoreContractMixin, SynchronousTestCase):
         self.refused(self.store.add_user("carol", "again"), UsernameTaken)
         self.assertEqual(sorted(self.store.network().airports), ["MAO", "REC", "SSA"])
         self.assertEqual(len(self.store.network().timetable), 5)
+
+
+class CodeTests(SynchronousTestCase):
+    """
+    Booking codes and hold ids: the right alphabet and length, made on one
+    day (minute) next to each other in the indexes, random after that.
+    """
+
+    def test_booking_code(self) -> None:
+        from collections import Counter
+
+        from vendepass.store.sqlite import _CODE_ALPHABET, booking_code
+
+        day = START - START % 86400
+        codes = [booking_code(day + i * 7.5) for i in range(3000)]
+        self.assertTrue(all(len(c) == 8 and set(c) <= set(_CODE_ALPHABET) for c in codes))
+        self.assertEqual({c[:2] for c in codes}, {codes[0][:2]})
+        self.assertNotEqual(booking_code(day + 86400)[:2], codes[0][:2])
+        self.assertEqual(len(set(codes)), 3000)
+        # The random letters use the whole alphabet about evenly (expected
+        # 3000 * 6 / 31 = 581 each; a fair die stays well inside this).
+        letters = Counter("".join(c[2:] for c in codes))
+        self.assertEqual(set(letters), set(_CODE_ALPHABET))
+        self.assertTrue(all(400 < n < 780 for n in letters.values()), letters)
+        untimed = {booking_code() for _ in range(300)}
+        self.assertGreater(len({c[:2] for c in untimed}), 100)
+
+    def test_hold_code(self) -> None:
+        from vendepass.store.sqlite import hold_code
+
+        first, second = hold_code(START), hold_code(START + 59.9 - START % 60)
+        self.assertRegex(first, r"^H[0-9a-f]{16}$")
+        self.assertEqual(first[:7], second[:7])
+        self.assertNotEqual(first, second)
+        self.assertLess(first[:7], hold_code(START + 60)[:7])
