@@ -259,3 +259,52 @@ class GroupCommitTests(SynchronousTestCase):
         while self.executor.jobs:
             self.executor.run_next()
         self.assertEqual(order, ["first answered", "bob", "carol"])
+
+
+class CheckpointTests(SynchronousTestCase):
+    def test_checkpointer(self) -> None:
+        """
+        With a checkpointer, the writer leaves WAL checkpoints to it (but for
+        a backstop), and it runs one after every CHECKPOINT_WRITES writes, on
+        its own connection.
+        """
+        import vendepass.store.sqlite as sqlite_store
+
+        self.patch(sqlite_store, "CHECKPOINT_WRITES", 5)
+        path = self.mktemp()
+        clock = Clock()
+        clock.advance(START)
+        checkpointer = QueueExecutor()
+        store = SQLiteStore.open(
+            path, clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, max_batch=8,
+            checkpointer=checkpointer,
+        )
+        store.start()
+        self.addCleanup(store.stop)
+        self.assertEqual(
+            store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], sqlite_store.BACKSTOP_CHECKPOINT_PAGES
+        )
+        big = flight_by_id(store.network(), BIG)
+        # (bob is a customer of the test airline)
+        for _ in range(4):
+            self.successResultOf(store.buy("bob", [LegRequest(big, None)]))
+        self.assertEqual(checkpointer.jobs, [])
+        self.successResultOf(store.buy("bob", [LegRequest(big, None)]))
+        self.assertEqual(len(checkpointer.jobs), 1)
+        # One at a time: no second checkpoint while one is queued.
+        for _ in range(5):
+            self.successResultOf(store.buy("bob", [LegRequest(big, None)]))
+        self.assertEqual(len(checkpointer.jobs), 1)
+        checkpointer.run_next()
+        self.assertEqual(store.checkpoints, 1)
+        # Everything committed so far is in the database file now.
+        wal = store._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.assertEqual(wal[1], wal[2])
+
+    def test_memory_has_none(self) -> None:
+        checkpointer = QueueExecutor()
+        store = SQLiteStore.open(
+            ":memory:", Clock(), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, checkpointer=checkpointer
+        )
+        self.addCleanup(store.stop)
+        self.assertIsNone(store._checkpointer)

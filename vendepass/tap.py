@@ -42,7 +42,7 @@ class Options(usage.Options):
         "(protocol v1, see docs/protocol.md) on every --listen endpoint."
     )
     optFlags = [
-        ["log-requests", None, "Log a line per request (costly at high request rates)."],
+        ["log-requests", None, "Log a line per request, hold and sale (costly at high request rates)."],
     ]
     optParameters = [
         ["db", None, "vendepass.sqlite3", "Path of the SQLite database; created and loaded with the fixtures if new."],
@@ -137,6 +137,7 @@ def makeService(options: Options) -> IService:
             hasher.hash,
             max_held_seats=options["max-held-seats"],
             max_batch=options["max-batch"],
+            checkpointer=ThreadExecutor(reactor, "vendepass-checkpoint"),  # type: ignore[arg-type]
         )
     except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
         raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
@@ -149,6 +150,7 @@ def makeService(options: Options) -> IService:
         sales_window_days=options["sales-window"],
         max_legs=options["max-legs"],
     )
+    service.log_sales = bool(options["log-requests"])
     top = MultiService()
     service.setServiceParent(top)
     factory = VendePassFactory(
