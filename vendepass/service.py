@@ -265,6 +265,10 @@ class ReservationService(Service):
 
         return _run(logout())
 
+    def _log_sale(self, format: str, id: str, username: str, seats: list[tuple[str, str]]) -> None:
+        if self.log_sales:
+            self._log.info(format, id=id, username=username, seats=[f"{f}/{s}" for f, s in seats])
+
     def _user(self, session: Session) -> str:
         if session.username is None:
             raise NotLoggedIn()
@@ -377,13 +381,8 @@ class ReservationService(Service):
             session.holds.add(result.hold_id)
             delay = max(0.0, result.expires_at - self.clock.seconds())
             self._timers[result.hold_id] = (self.clock.callLater(delay, self._expire, result.hold_id, session), session)
-            if self.log_sales:
-                self._log.info(
-                    "hold {hold_id} by {username}: {seats}",
-                    hold_id=result.hold_id,
-                    username=username,
-                    seats=[f"{leg.flight.flight_id}/{leg.seat}" for leg in result.legs],
-                )
+            self._log_sale("hold {id} by {username}: {seats}", result.hold_id, username,
+                           [(leg.flight.flight_id, leg.seat) for leg in result.legs])
             return result
 
         return _run(hold())
@@ -419,13 +418,8 @@ class ReservationService(Service):
             else:
                 assert flight_ids is not None
                 ticket = await self.store.buy(username, self._legs(flight_ids, seats), request_id)
-            if self.log_sales:
-                self._log.info(
-                    "sold {ticket_id} to {username}: {seats}",
-                    ticket_id=ticket.ticket_id,
-                    username=username,
-                    seats=[f"{leg.flight_id}/{leg.seat}" for leg in ticket.legs],
-                )
+            self._log_sale("sold {id} to {username}: {seats}", ticket.ticket_id, username,
+                           [(leg.flight_id, leg.seat) for leg in ticket.legs])
             return ticket
 
         return _run(buy())
