@@ -137,7 +137,6 @@ def makeService(options: Options) -> IService:
             hasher.hash,
             max_held_seats=options["max-held-seats"],
             max_batch=options["max-batch"],
-            checkpointer=ThreadExecutor(reactor, "vendepass-checkpoint"),  # type: ignore[arg-type]
         )
     except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
         raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")

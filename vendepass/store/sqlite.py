@@ -282,11 +282,6 @@ def _audit(
 
 REQUEST_RETENTION = 86400.0
 
-# With a checkpointer: a checkpoint after this many committed writes, and
-# the writer itself checkpoints only if the WAL reaches this many pages.
-CHECKPOINT_WRITES = 2000
-BACKSTOP_CHECKPOINT_PAGES = 50_000
-
 
 def _replay(db: sqlite3.Connection, username: str, request_id: str | None, kind: str) -> str | None:
     """
@@ -449,22 +444,9 @@ class SQLiteStore:
         executor: IExecutor,
         max_held_seats: int = 9,
         max_batch: int = 1,
-        checkpointer: IExecutor | None = None,
-        path: str = ":memory:",
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        # WAL checkpoints on a thread of their own (see L{_checkpoint}).
-        self._checkpointer = checkpointer if path != ":memory:" else None
-        self._path = path
-        self._checkpoint_db: sqlite3.Connection | None = None
-        self._checkpointing = False
-        self._writes_since_checkpoint = 0
-        self.checkpoints = 0
-        if self._checkpointer is not None:
-            # The writer leaves checkpoints to the checkpointer, but for a
-            # backstop against a WAL growing without end.
-            db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
         self.max_held_seats = max_held_seats
         self.max_batch = max_batch
         self._db = db
@@ -488,7 +470,6 @@ class SQLiteStore:
         hash_password: Callable[[str], str],
         max_held_seats: int = 9,
         max_batch: int = 1,
-        checkpointer: IExecutor | None = None,
     ) -> SQLiteStore:
         """
         Open (creating, migrating and loading C{fixtures()} if new) the
@@ -497,8 +478,6 @@ class SQLiteStore:
 
         C{max_batch} is how many writes may share one transaction (group
         commit); 1 gives every write a transaction of its own.
-        C{checkpointer}, if given, runs the WAL checkpoints on its own
-        connection, so the writer never stops to do them.
 
         This blocks: call it before the reactor runs, or from a thread.
         """
@@ -519,7 +498,7 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
-            store = cls(db, clock, executor, max_held_seats, max_batch, checkpointer, path)
+            store = cls(db, clock, executor, max_held_seats, max_batch)
             now = clock.seconds()
             db.execute("BEGIN IMMEDIATE")
             for (hold_id,) in db.execute("SELECT hold_id FROM holds WHERE state = 'active'").fetchall():
@@ -533,55 +512,10 @@ class SQLiteStore:
 
     def start(self) -> None:
         self._executor.start()
-        if self._checkpointer is not None:
-            self._checkpointer.start()
 
     def stop(self) -> None:
         self._executor.stop()
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
-            if self._checkpoint_db is not None:
-                self._checkpoint_db.close()
         self._db.close()
-
-    def _committed(self, writes: int) -> None:
-        """
-        C{writes} writes were committed: start a checkpoint if it is time.
-        """
-        self._writes_since_checkpoint += writes
-        if (
-            self._checkpointer is not None
-            and not self._checkpointing
-            and self._writes_since_checkpoint >= CHECKPOINT_WRITES
-        ):
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        """
-        Copy the committed WAL frames into the database file, on the
-        checkpointer's own connection: in WAL mode a PASSIVE checkpoint runs
-        beside the writer instead of stopping it (the writer would otherwise
-        do it in its COMMIT, every 1,000 pages, holding every write waiting
-        behind it).
-        """
-        assert self._checkpointer is not None
-        self._checkpointing = True
-        self._writes_since_checkpoint = 0
-
-        def job() -> tuple[int, int, int]:
-            if self._checkpoint_db is None:
-                self._checkpoint_db = _connect(self._path)
-            busy, wal, copied = self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return busy, wal, copied
-
-        def done(result: tuple[int, int, int] | Failure) -> None:
-            self._checkpointing = False
-            if isinstance(result, Failure):
-                self._log.failure("checkpoint failed", result)
-            else:
-                self.checkpoints += 1
-
-        self._checkpointer.submit(job).addBoth(done)
 
     def network(self) -> Network:
         return self._network
@@ -636,8 +570,6 @@ class SQLiteStore:
                         else:
                             d.errback(value)
             finally:
-                if not isinstance(outcomes, Failure):
-                    self._committed(len(batch))
                 self._next_batch()
 
         self._executor.submit(self._guarded(lambda: self._run_batch(works))).addBoth(deliver)
@@ -704,11 +636,7 @@ class SQLiteStore:
                 raise
             return result
 
-        def committed(result: T) -> T:
-            self._committed(1)
-            return result
-
-        return self._executor.submit(self._guarded(job)).addCallback(committed)
+        return self._executor.submit(self._guarded(job))
 
     def _guarded(self, job: Callable[[], T]) -> Callable[[], T]:
         """
