@@ -156,14 +156,14 @@ class Flight:
     arrival: datetime
     aircraft: Aircraft
     fare: Money
+    # POSIX times of departure and arrival, worked out once: they are read
+    # in every search and every sale.
+    departs_ts: float = field(init=False, eq=False, repr=False)
+    arrives_ts: float = field(init=False, eq=False, repr=False)
 
-    @property
-    def departs_ts(self) -> float:
-        return self.departure.timestamp()
-
-    @property
-    def arrives_ts(self) -> float:
-        return self.arrival.timestamp()
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "departs_ts", self.departure.timestamp())
+        object.__setattr__(self, "arrives_ts", self.arrival.timestamp())
 
 
 @frozen

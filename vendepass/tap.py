@@ -113,7 +113,17 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e))
 
 
+# How long a thread that wants the GIL waits before the running one is made
+# to yield (Python's default is 5 ms). The reactor thread and the database
+# writer hand the GIL to each other at every SQLite call; at 5 ms the writer
+# spent half its time waiting for it (300 customers: 1,830 purchases/s at
+# 5 ms, 2,540 at 1 ms; 0.2 ms was no better).
+GIL_SWITCH_INTERVAL = 0.001
+
+
 def makeService(options: Options) -> IService:
+    import sys
+
     from twisted.internet import reactor
 
     from vendepass.passwords import ScryptHasher
@@ -125,6 +135,7 @@ def makeService(options: Options) -> IService:
     def fixtures() -> Fixtures:
         return options.fixtures or load(options["fixtures"] or BUNDLED)
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     hasher = ScryptHasher()
     # Opening runs before the reactor does: creating, migrating and loading
     # the database is start-up work, not serving.
