@@ -43,9 +43,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.test_end_to_end import DEADLINE, Connection, ServerProcess
+from tests.test_end_to_end import DEADLINE, Connection, ServerProcess, ServerTestCase
 
 WORKERS = 4
 DEFAULT_CYCLES = 10
@@ -370,29 +369,19 @@ def verify(server: ServerProcess, sessions: dict[str, Connection], ledger: Ledge
     return problems
 
 
-class KillNineTests(TestCase):
+class KillNineTests(ServerTestCase):
     """
     Acknowledged purchases survive kill -9, cycle after cycle.
     """
 
     def setUp(self) -> None:
-        try:
-            import twisted.plugins.vendepass_plugin  # noqa: F401
-        except ImportError:
-            raise SkipTest("vendepass is not installed (pip install .)")
-        self.directory = Path(self.mktemp()).resolve()
-        self.directory.mkdir(parents=True)
+        super().setUp()
         self.connections: list[Connection] = []
         self.addCleanup(self._close_connections)
 
     def _close_connections(self) -> None:
         for connection in self.connections:
             connection.close()
-
-    def start(self) -> ServerProcess:
-        server = ServerProcess(self.directory)
-        self.addCleanup(server.kill)
-        return server
 
     def sign_in(self, server: ServerProcess, users: list[str], register: bool) -> dict[str, Connection]:
         sessions = sign_in_all(server.port, users, register)

@@ -134,7 +134,11 @@ class Connection:
         self.socket.close()
 
 
-class EndToEndTests(TestCase):
+class ServerTestCase(TestCase):
+    """
+    Tests of the installed server, run as a process in a directory of its own.
+    """
+
     def setUp(self) -> None:
         try:
             import twisted.plugins.vendepass_plugin  # noqa: F401
@@ -147,6 +151,9 @@ class EndToEndTests(TestCase):
         server = ServerProcess(self.directory, *args, **kwargs)
         self.addCleanup(server.kill)
         return server
+
+
+class EndToEndTests(ServerTestCase):
 
     def connect(self, server: ServerProcess) -> Connection:
         connection = Connection(server.port)

@@ -1,0 +1,3 @@
+from vendepass.bench.cli import main
+
+main()
