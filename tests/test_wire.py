@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vendepass import wire
 from vendepass.fixtures import BUNDLED, load
-from vendepass.model import Itinerary
+from vendepass.model import Itinerary, SeatMap, SeatState
 from vendepass.schedule import Schedule
 
 NOW = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc).timestamp()
@@ -45,3 +45,39 @@ class ItinerariesTests(SynchronousTestCase):
 
     def test_every_leg_count(self) -> None:
         self.assertEqual({len(path) for path in PATHS}, {1, 2, 3})
+
+
+class SeatMapTests(SynchronousTestCase):
+    @settings(max_examples=100)
+    @given(
+        st.sampled_from(sorted(SCHEDULE.by_id)),
+        st.lists(st.tuples(st.sampled_from(["free", "held", "sold"]), st.sampled_from([None, "alice", "bob"]))),
+        st.sampled_from([None, "alice", "bob"]),
+    )
+    def test_same_as_encoding_each(
+        self, flight_id: str, states: list[tuple[str, str | None]], username: str | None
+    ) -> None:
+        """
+        The seat map assembled from cached parts decodes to exactly its
+        documented form.
+        """
+        flight = SCHEDULE.by_id[flight_id]
+        cabin = flight.aircraft.seats()
+        seats = tuple(
+            SeatState(seat, *states[i]) if i < len(states) and states[i][0] != "free" else SeatState(seat, "free")
+            for i, seat in enumerate(cabin)
+        )
+        raw = wire.seatmap(SeatMap(flight, seats), username)
+        self.assertIsInstance(raw, wire.RawJSON)
+        self.assertEqual(
+            json.loads(raw),
+            {
+                "flight": wire.flight(flight),
+                "rows": flight.aircraft.rows,
+                "letters": flight.aircraft.letters,
+                "seats": [
+                    {"seat": s.seat, "status": s.status, "mine": username is not None and s.owner == username}
+                    for s in seats
+                ],
+            },
+        )

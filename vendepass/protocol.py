@@ -442,7 +442,7 @@ class VendePassProtocol(LineReceiver):
     async def _seatmap(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None
         seatmap = await self.service.seatmap(self.session, _field(data, "flight", str))
-        return wire.seatmap(seatmap, self.session.username)
+        return wire.seatmap(seatmap, self.session.username)  # type: ignore[return-value]
 
     async def _hold(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None

@@ -133,13 +133,29 @@ def ticket(value: Ticket) -> dict[str, Any]:
     }
 
 
-def seatmap(value: SeatMap, username: str | None) -> dict[str, Any]:
-    return {
-        "flight": flight(value.flight),
-        "rows": value.flight.aircraft.rows,
-        "letters": value.flight.aircraft.letters,
-        "seats": [
-            {"seat": s.seat, "status": s.status, "mine": username is not None and s.owner == username}
-            for s in value.seats
-        ],
-    }
+def seatmap(value: SeatMap, username: str | None) -> RawJSON:
+    """
+    The seat map as JSON text: C{{"flight", "rows", "letters", "seats"}}.
+    Most of it is the same from one request to the next (the flight, and
+    every free seat's entry), so those parts are encoded once.
+    """
+    seats = ",".join(
+        _seat_json(s.seat, s.status, username is not None and s.owner == username) for s in value.seats
+    )
+    return RawJSON(_seatmap_head(value.flight) + seats + "]}")
+
+
+@functools.lru_cache(maxsize=8192)
+def _seatmap_head(value: Flight) -> str:
+    head = json.dumps(
+        {"flight": flight(value), "rows": value.aircraft.rows, "letters": value.aircraft.letters, "seats": []},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    assert head.endswith("[]}")
+    return head[: -len("]}")]
+
+
+@functools.lru_cache(maxsize=65536)
+def _seat_json(seat: str, status: str, mine: bool) -> str:
+    return json.dumps({"seat": seat, "status": status, "mine": mine}, ensure_ascii=False, separators=(",", ":"))

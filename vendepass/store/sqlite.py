@@ -13,6 +13,7 @@ transaction that looks at a seat ends such holds first, inside itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import sqlite3
@@ -1088,7 +1089,7 @@ class SQLiteStore:
                     claimed[seat] = SeatState(seat, "sold", ticket_owner)
                 elif expires_at > now:
                     claimed[seat] = SeatState(seat, "held", hold_owner)
-            return [claimed.get(seat) or SeatState(seat, "free") for seat in flight.aircraft.seats()]
+            return [claimed.get(seat) or _free(seat) for seat in flight.aircraft.seats()]
 
         return self._read(work)
 
@@ -1114,6 +1115,14 @@ class SQLiteStore:
             return result
 
         return self._read(work)
+
+
+@functools.lru_cache(maxsize=4096)
+def _free(seat: str) -> SeatState:
+    """
+    A free seat's state: values are immutable, so one per seat name will do.
+    """
+    return SeatState(seat, "free")
 
 
 def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
