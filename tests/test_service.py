@@ -937,6 +937,22 @@ class SearchTests(ServiceTestMixin, SynchronousTestCase):
             [i.free_seats for i in self.search(on=WEDNESDAY)], [(1, 180), (1, 180), (1, 180, 180), (180,)]
         )
 
+    def test_answer_made_once(self) -> None:
+        """
+        Asked again with the same free seats on its flights, a search gives
+        the answer it made before; once a seat on one of them is sold, a new
+        one.
+        """
+        first = self.search(on=WEDNESDAY)
+        self.assertIs(self.search(on=WEDNESDAY), first)
+        self.assertIsNot(self.search(on=WEDNESDAY, limit=2), first)
+        session, _ = self.session()
+        self.ok(self.service.buy(session, flight_ids=["VP4-2026-12-02"]))
+        again = self.search(on=WEDNESDAY)
+        self.assertIsNot(again, first)
+        self.assertEqual([i.free_seats for i in again][-1], (first[-1].free_seats[0] - 1,))
+        self.assertIs(self.search(on=WEDNESDAY), again)
+
     def test_departed_not_listed(self) -> None:
         today = date(2026, 12, 1)
         self.assertEqual(numbers(self.search(on=today)), [("VP1", "VP8"), ("VP1", "VP3"), ("VP1", "VP5", "VP6"), ("VP4",)])

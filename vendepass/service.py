@@ -133,6 +133,8 @@ class ReservationService(Service):
         self._schedule = Schedule.build(self._network, clock.seconds(), sales_window_days)
         self._routes_schedule: Schedule | None = None
         self._routes_cache: dict[tuple[str, str, date | None, int], _Routes] = {}
+        # The last answer to each search, with the free seats it was made from.
+        self._answers: dict[tuple[Any, ...], tuple[tuple[int, ...], list[Itinerary]]] = {}
         self._sessions: dict[str, Session] = {}
         self._timers: dict[str, tuple[IDelayedCall, Session]] = {}
         self._sweeper: LoopingCall | None = None
@@ -289,22 +291,37 @@ class ReservationService(Service):
             for code in (origin, destination):
                 if code not in self._network.airports:
                     raise UnknownAirport(f"Unknown airport {code!r}.", airport=code)
-            routes = self._routes(origin, destination, on, self.max_legs if max_legs is None else max_legs)
+            legs = self.max_legs if max_legs is None else max_legs
+            routes = self._routes(origin, destination, on, legs)
             # The paths are in answer order already: skip the departed ones,
             # then ask the store for free seats a page at a time until
             # C{limit} itineraries with seats are found.
-            position = bisect.bisect_right(routes.departs, self.clock.seconds())
+            start = position = bisect.bisect_right(routes.departs, self.clock.seconds())
             found: list[Itinerary] = []
+            pages: list[tuple[int, ...]] = []
             while len(found) < limit and position < len(routes.paths):
                 page = routes.paths[position : position + limit]
                 position += len(page)
-                free = await self.store.free_seats(list({f.flight_id: f for path in page for f in path}.values()))
+                flights = list({f.flight_id: f for path in page for f in path}.values())
+                free = await self.store.free_seats(flights)
+                pages.append(tuple(free[f.flight_id] for f in flights))
+                if len(pages) == 1:
+                    # The same question, over the same flights, with the
+                    # same free seats on each: the same answer, made once.
+                    key = (origin, destination, on, legs, include_sold_out, limit, start)
+                    answer = self._answers.get(key)
+                    if answer is not None and answer[0] == pages[0]:
+                        return answer[1]
                 for path in page:
                     seats = tuple(free[f.flight_id] for f in path)
                     if include_sold_out or min(seats) > 0:
                         found.append(Itinerary(path, seats))
                         if len(found) == limit:
                             break
+            if len(pages) == 1:
+                if len(self._answers) >= ROUTES_CACHED:
+                    self._answers.clear()
+                self._answers[key] = (pages[0], found)
             return found
 
         return _run(search())
@@ -320,6 +337,7 @@ class ReservationService(Service):
         if schedule is not self._routes_schedule:
             self._routes_schedule = schedule
             self._routes_cache = {}
+            self._answers = {}
         key = (origin, destination, on, max_legs)
         routes = self._routes_cache.get(key)
         if routes is None:

@@ -77,10 +77,29 @@ def _itinerary_template(legs: tuple[Flight, ...]) -> str:
     return text
 
 
+# The last answers encoded, by the identity of the list encoded (kept here,
+# so the identity cannot be reused while the entry lives).
+_ENCODED: dict[int, tuple[list[Itinerary], RawJSON]] = {}
+ENCODED_KEPT = 4096
+
+
 def itineraries(values: list[Itinerary]) -> RawJSON:
     """
-    C{{"itineraries": [...]}} as JSON text, from the templates.
+    C{{"itineraries": [...]}} as JSON text, from the templates. The service
+    hands out the same (never modified) list for the same answer, and that
+    answer is encoded once.
     """
+    kept = _ENCODED.get(id(values))
+    if kept is not None and kept[0] is values:
+        return kept[1]
+    raw = _encode_itineraries(values)
+    if len(_ENCODED) >= ENCODED_KEPT:
+        _ENCODED.clear()
+    _ENCODED[id(values)] = (values, raw)
+    return raw
+
+
+def _encode_itineraries(values: list[Itinerary]) -> RawJSON:
     parts = []
     for value in values:
         seats = value.free_seats
