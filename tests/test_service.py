@@ -928,7 +928,10 @@ class SearchTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(shown[0].free_seats, (0, 180))
         # The answer is made a page of paths at a time: with a page of one,
         # three sold-out pages are passed over before VP4.
-        self.assertEqual(numbers(self.search(on=WEDNESDAY, limit=1)), [("VP4",)])
+        paged = self.search(on=WEDNESDAY, limit=1)
+        self.assertEqual(numbers(paged), [("VP4",)])
+        self.assertIs(self.search(on=WEDNESDAY, limit=1), paged)
+        self.assertEqual(numbers(self.search(on=WEDNESDAY, limit=2)), [("VP4",)])
         # Another day's VP1 is not affected.
         self.assertEqual(len(self.search(on=date(2026, 12, 3))), 4)
         # When the hold expires, its seat is free again.

@@ -134,7 +134,7 @@ class ReservationService(Service):
         self._routes_schedule: Schedule | None = None
         self._routes_cache: dict[tuple[str, str, date | None, int], _Routes] = {}
         # The last answer to each search, with the free seats it was made from.
-        self._answers: dict[tuple[Any, ...], tuple[tuple[int, ...], list[Itinerary]]] = {}
+        self._answers: dict[tuple[Any, ...], tuple[list[tuple[int, ...]], list[Itinerary]]] = {}
         self._sessions: dict[str, Session] = {}
         self._timers: dict[str, tuple[IDelayedCall, Session]] = {}
         self._sweeper: LoopingCall | None = None
@@ -297,31 +297,38 @@ class ReservationService(Service):
             # then ask the store for free seats a page at a time until
             # C{limit} itineraries with seats are found.
             start = position = bisect.bisect_right(routes.departs, self.clock.seconds())
+            # The same question, over the same flights, with the same free
+            # seats on each: the same answer, made (and encoded) once.
+            key = (origin, destination, on, legs, include_sold_out, limit, start)
+            answer = self._answers.get(key)
             found: list[Itinerary] = []
             pages: list[tuple[int, ...]] = []
+            unused: list[tuple[tuple[tuple[Flight, ...], ...], dict[str, int]]] = []
             while len(found) < limit and position < len(routes.paths):
                 page = routes.paths[position : position + limit]
                 position += len(page)
                 flights = list({f.flight_id: f for path in page for f in path}.values())
                 free = await self.store.free_seats(flights)
                 pages.append(tuple(free[f.flight_id] for f in flights))
-                if len(pages) == 1:
-                    # The same question, over the same flights, with the
-                    # same free seats on each: the same answer, made once.
-                    key = (origin, destination, on, legs, include_sold_out, limit, start)
-                    answer = self._answers.get(key)
-                    if answer is not None and answer[0] == pages[0]:
+                unused.append((page, free))
+                if answer is not None and answer[0][: len(pages)] == pages:
+                    if len(pages) == len(answer[0]):
                         return answer[1]
-                for path in page:
-                    seats = tuple(free[f.flight_id] for f in path)
-                    if include_sold_out or min(seats) > 0:
-                        found.append(Itinerary(path, seats))
-                        if len(found) == limit:
-                            break
-            if len(pages) == 1:
-                if len(self._answers) >= ROUTES_CACHED:
-                    self._answers.clear()
-                self._answers[key] = (pages[0], found)
+                    continue
+                answer = None
+                for page, free in unused:
+                    for path in page:
+                        seats = tuple(free[f.flight_id] for f in path)
+                        if include_sold_out or min(seats) > 0:
+                            found.append(Itinerary(path, seats))
+                            if len(found) == limit:
+                                break
+                    if len(found) == limit:
+                        break
+                unused = []
+            if len(self._answers) >= ROUTES_CACHED:
+                self._answers.clear()
+            self._answers[key] = (pages, found)
             return found
 
         return _run(search())
