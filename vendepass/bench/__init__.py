@@ -1,6 +1,6 @@
 """
 C{vendepass-bench}: a load generator and invariant checker for a running
-VendePass server (see USAGE.md beside this file).
+VendePass server (see docs/performance.md).
 
 - L{vendepass.bench.generator}: the lean per-customer protocol, connections, latencies;
 - L{vendepass.bench.scenarios}: buy, flash-sale, browse, idle, ceiling, check;

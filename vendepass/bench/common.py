@@ -21,7 +21,7 @@ OP_LOGIN, OP_ROUTES, OP_BUY, OP_TICKETS, OP_HOLD, OP_SEATMAP, OP_REGISTER = 1, 2
 @frozen
 class Settings:
     """
-    The options of one run (see C{vendepass-bench --help} and USAGE.md).
+    The options of one run (see C{vendepass-bench --help} and docs/performance.md).
     """
 
     scenario: str
