@@ -955,6 +955,8 @@ class SearchTests(ServiceTestMixin, SynchronousTestCase):
         self.assertIsNot(again, first)
         self.assertEqual([i.free_seats for i in again][-1], (first[-1].free_seats[0] - 1,))
         self.assertIs(self.search(on=WEDNESDAY), again)
+        # Only answers of up to SEARCH_LIMIT itineraries are kept.
+        self.assertIsNot(self.search(limit=500), self.search(limit=500))
 
     def test_departed_not_listed(self) -> None:
         today = date(2026, 12, 1)

@@ -81,3 +81,21 @@ class SeatMapTests(SynchronousTestCase):
                 ],
             },
         )
+
+
+class EncodedCacheTests(SynchronousTestCase):
+    def test_bounded(self) -> None:
+        """
+        Encoded answers are kept up to ENCODED_BYTES of text, then forgotten;
+        a list is only ever answered with its own encoding.
+        """
+        self.patch(wire, "ENCODED_BYTES", 10_000)
+        self.patch(wire, "_ENCODED", {})
+        self.patch(wire, "_encoded_bytes", 0)
+        answers = [[Itinerary(path, (1, 1, 1)[: len(path)])] for path in PATHS[:50]]
+        for answer in answers:
+            raw = wire.itineraries(answer)
+            self.assertIs(wire.itineraries(answer), raw)
+            self.assertEqual(json.loads(raw)["itineraries"][0]["legs"][0]["flight"], answer[0].legs[0].flight_id)
+        self.assertLessEqual(wire._encoded_bytes, 10_000)
+        self.assertLessEqual(sum(len(raw) for _, raw in wire._ENCODED.values()), 10_000)

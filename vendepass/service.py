@@ -52,6 +52,8 @@ MAX_SEARCH_LIMIT = 500
 MAX_CANDIDATES = 5000
 # How many (origin, destination, date, legs) searches are kept worked out.
 ROUTES_CACHED = 4096
+# How many answers (of at most SEARCH_LIMIT itineraries) are kept for reuse.
+ANSWERS_CACHED = 1024
 SWEEP_SECONDS = 60.0
 RELEASE_ATTEMPTS = 5
 
@@ -326,9 +328,10 @@ class ReservationService(Service):
                     if len(found) == limit:
                         break
                 unused = []
-            if len(self._answers) >= ROUTES_CACHED:
-                self._answers.clear()
-            self._answers[key] = (pages, found)
+            if limit <= SEARCH_LIMIT:
+                if len(self._answers) >= ANSWERS_CACHED:
+                    self._answers.clear()
+                self._answers[key] = (pages, found)
             return found
 
         return _run(search())

@@ -78,9 +78,11 @@ def _itinerary_template(legs: tuple[Flight, ...]) -> str:
 
 
 # The last answers encoded, by the identity of the list encoded (kept here,
-# so the identity cannot be reused while the entry lives).
+# so the identity cannot be reused while the entry lives), up to
+# ENCODED_BYTES of text in all.
 _ENCODED: dict[int, tuple[list[Itinerary], RawJSON]] = {}
-ENCODED_KEPT = 4096
+ENCODED_BYTES = 16 * 2**20
+_encoded_bytes = 0
 
 
 def itineraries(values: list[Itinerary]) -> RawJSON:
@@ -92,10 +94,13 @@ def itineraries(values: list[Itinerary]) -> RawJSON:
     kept = _ENCODED.get(id(values))
     if kept is not None and kept[0] is values:
         return kept[1]
+    global _encoded_bytes
     raw = _encode_itineraries(values)
-    if len(_ENCODED) >= ENCODED_KEPT:
+    if _encoded_bytes + len(raw) > ENCODED_BYTES:
         _ENCODED.clear()
+        _encoded_bytes = 0
     _ENCODED[id(values)] = (values, raw)
+    _encoded_bytes += len(raw)
     return raw
 
 
