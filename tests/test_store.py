@@ -877,7 +877,9 @@ class CodeTests(SynchronousTestCase):
         self.assertTrue(all(len(c) == 8 and set(c) <= set(_CODE_ALPHABET) for c in codes))
         self.assertEqual({c[:2] for c in codes}, {codes[0][:2]})
         self.assertNotEqual(booking_code(day + 86400)[:2], codes[0][:2])
-        self.assertEqual(len(set(codes)), 3000)
+        # 8.9e8 codes a day: a clash among 3,000 has a chance of 0.5 % (the
+        # store draws again when a code is taken), more than a few: never.
+        self.assertGreaterEqual(len(set(codes)), 2995)
         # The random letters use the whole alphabet about evenly (expected
         # 3000 * 6 / 31 = 581 each; a fair die stays well inside this).
         letters = Counter("".join(c[2:] for c in codes))
