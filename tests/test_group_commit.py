@@ -260,3 +260,31 @@ class GroupCommitTests(SynchronousTestCase):
             self.executor.run_next()
         self.assertEqual(order, ["first answered", "bob", "carol"])
 
+
+
+class BookingCodeClashTests(SynchronousTestCase):
+    def test_taken_code_drawn_again(self) -> None:
+        """
+        A booking code that is already taken is never given out twice: the
+        store draws another.
+        """
+        import vendepass.store.sqlite as sqlite_store
+
+        real = sqlite_store.booking_code
+        drawn: list[float | None] = []
+
+        def clashing(now: float | None = None) -> str:
+            drawn.append(now)
+            return "AAAAAAAA" if len(drawn) <= 2 else real(now)
+
+        self.patch(sqlite_store, "booking_code", clashing)
+        clock = Clock()
+        clock.advance(START)
+        store = SQLiteStore.open(":memory:", clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+        self.addCleanup(store.stop)
+        big = flight_by_id(store.network(), BIG)
+        first = self.successResultOf(store.buy("bob", [LegRequest(big, None)]))
+        second = self.successResultOf(store.buy("bob", [LegRequest(big, None)]))
+        self.assertEqual(first.ticket_id, "AAAAAAAA")
+        self.assertNotEqual(second.ticket_id, "AAAAAAAA")
+        self.assertEqual(drawn, [START, START, START])
