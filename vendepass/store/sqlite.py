@@ -13,6 +13,7 @@ transaction that looks at a seat ends such holds first, inside itself.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import secrets
@@ -22,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,6 +63,9 @@ from vendepass.schedule import flight_by_id
 from vendepass.store import IExecutor, IStore, LegRequest
 
 T = TypeVar("T")
+
+# Per flight: taken seats, and the (sorted) expiry times of its held seats.
+_Refreshed = dict[str, tuple[int, tuple[float, ...]]]
 
 
 # Booking codes: 8 characters without look-alikes (no 0/O, 1/I/L): 31**8 ≈ 8.5e11.
@@ -458,6 +462,23 @@ class SQLiteStore:
         self._batching = False
         self.batches = 0
         self.batched_writes = 0
+        # With group commit, free seat counts are answered from memory: for
+        # each flight with taken seats, how many, and when each of its held
+        # seats' holds expire. Temporary triggers note the flights whose
+        # seats a transaction changes; after each COMMIT those are read back
+        # (in the writer) and replaced here (on the reactor thread) before
+        # any write of the batch is answered. None: not loaded (or lost to a
+        # failed read), and counts come from the database.
+        self._availability: dict[str, tuple[int, tuple[float, ...]]] | None = None
+        self._reloading = False
+        if max_batch > 1:
+            db.execute("PRAGMA temp_store=MEMORY")
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS touched (flight_id TEXT PRIMARY KEY) WITHOUT ROWID")
+            for event, row in (("INSERT", "NEW"), ("DELETE", "OLD"), ("UPDATE", "NEW")):
+                db.execute(
+                    f"CREATE TEMP TRIGGER IF NOT EXISTS touched_{event.lower()} AFTER {event} ON main.seats"
+                    f" BEGIN INSERT OR IGNORE INTO touched (flight_id) VALUES ({row}.flight_id); END"
+                )
         self._network = read_network(db)
         self._currency = self._network.currency
 
@@ -506,6 +527,8 @@ class SQLiteStore:
                 store._end_hold(db, hold_id, "released", now)
             db.execute("DELETE FROM holds WHERE ended_at < ?", (now - 86400,))
             db.execute("COMMIT")
+            if max_batch > 1:
+                store._availability = store._load_availability()
             return store
         except BaseException:
             db.close()
@@ -557,9 +580,15 @@ class SQLiteStore:
         self.batched_writes += len(batch)
         works = [work for work, _ in batch]
 
-        def deliver(outcomes: list[tuple[bool, Any]] | Failure) -> None:
+        def deliver(done: tuple[list[tuple[bool, Any]], _Refreshed | None] | Failure) -> None:
             # Still "batching" while the answers go out: writes that their
             # callbacks start join the queue, in order, for the next batch.
+            outcomes: list[tuple[bool, Any]] | Failure
+            if isinstance(done, Failure):
+                outcomes = done
+            else:
+                outcomes, refreshed = done
+                self._refreshed(refreshed)
             try:
                 for i, (_, d) in enumerate(batch):
                     if isinstance(outcomes, Failure):
@@ -575,10 +604,14 @@ class SQLiteStore:
 
         self._executor.submit(self._guarded(lambda: self._run_batch(works))).addBoth(deliver)
 
-    def _run_batch(self, works: list[Callable[[sqlite3.Connection, float], Any]]) -> list[tuple[bool, Any]]:
+    def _run_batch(
+        self, works: list[Callable[[sqlite3.Connection, float], Any]]
+    ) -> tuple[list[tuple[bool, Any]], _Refreshed | None]:
         """
         Run C{works} in one transaction, each in its own savepoint; commit
-        once. Returns C{(True, result)} or C{(False, failure)} per work.
+        once. Returns C{(True, result)} or C{(False, failure)} per work, and
+        the availability of the flights whose seats changed (C{None} if it
+        could not be read).
         """
         db = self._db
         outcomes: list[tuple[bool, Any]] = []
@@ -605,7 +638,75 @@ class SQLiteStore:
         except BaseException:
             self._rollback(db)
             raise
-        return outcomes
+        return outcomes, self._read_touched(db)
+
+    # -- free seats from memory ---------------------------------------------
+
+    def _load_availability(self) -> dict[str, tuple[int, tuple[float, ...]]]:
+        """
+        Every flight's taken seats and held seats' expiry times (blocking: at
+        open, or as an executor job).
+        """
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            taken = dict(db.execute("SELECT flight_id, seats FROM flight_taken WHERE seats > 0").fetchall())
+            expiries = self._held_expiries(db, "")
+            db.execute("DELETE FROM temp.touched")
+        finally:
+            db.execute("COMMIT")
+        return {f: (n, tuple(sorted(expiries.get(f, ())))) for f, n in taken.items()}
+
+    def _held_expiries(self, db: sqlite3.Connection, where: str) -> dict[str, list[float]]:
+        expiries: dict[str, list[float]] = {}
+        for flight_id, expires_at in db.execute(
+            "SELECT s.flight_id, h.expires_at FROM seats s INDEXED BY seats_hold JOIN holds h ON h.hold_id = s.hold_id"
+            f" WHERE s.hold_id IS NOT NULL {where}"
+        ):
+            expiries.setdefault(flight_id, []).append(expires_at)
+        return expiries
+
+    def _read_touched(self, db: sqlite3.Connection) -> _Refreshed | None:
+        """
+        After a COMMIT: the availability of the flights its transaction
+        changed. A failure here must not fail the writes (they are
+        committed): it returns C{None}, and counts come from the database
+        until they are loaded again.
+        """
+        if self.max_batch <= 1:
+            return {}
+        try:
+            db.execute("BEGIN")
+            try:
+                touched = [row[0] for row in db.execute("SELECT flight_id FROM temp.touched")]
+                taken = dict(
+                    db.execute(
+                        "SELECT t.flight_id, COALESCE(f.seats, 0) FROM temp.touched t"
+                        " LEFT JOIN flight_taken f ON f.flight_id = t.flight_id"
+                    ).fetchall()
+                )
+                expiries = self._held_expiries(db, "AND s.flight_id IN (SELECT flight_id FROM temp.touched)")
+                db.execute("DELETE FROM temp.touched")
+            finally:
+                db.execute("COMMIT")
+        except sqlite3.Error:
+            self._log.failure("reading the seats a transaction changed")
+            self._rollback(db)
+            return None
+        return {f: (taken.get(f, 0), tuple(sorted(expiries.get(f, ())))) for f in touched}
+
+    def _refreshed(self, refreshed: _Refreshed | None) -> None:
+        """
+        On the reactor thread: take in the availability read after a COMMIT.
+        """
+        if refreshed is None:
+            self._availability = None
+        elif self._availability is not None:
+            for flight_id, state in refreshed.items():
+                if state[0]:
+                    self._availability[flight_id] = state
+                else:
+                    self._availability.pop(flight_id, None)
 
     def _rollback(self, db: sqlite3.Connection) -> None:
         """
@@ -1076,6 +1177,23 @@ class SQLiteStore:
 
         return self._write(work)
 
+    def _reload_availability(self) -> None:
+        """
+        Load the free seat counts again, after a failure lost them.
+        """
+        self._reloading = True
+
+        def loaded(result: dict[str, tuple[int, tuple[float, ...]]] | Failure) -> None:
+            self._reloading = False
+            if isinstance(result, Failure):
+                self._log.failure("loading the free seat counts", result)
+            elif not self._batching:
+                self._availability = result
+            # (With a batch in flight the load may predate its changes: the
+            # next free_seats call loads again.)
+
+        self._executor.submit(self._guarded(self._load_availability)).addBoth(loaded)
+
     def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
         def work(db: sqlite3.Connection, now: float) -> list[SeatState]:
             claimed: dict[str, SeatState] = {}
@@ -1094,6 +1212,23 @@ class SQLiteStore:
         return self._read(work)
 
     def free_seats(self, flights: list[Flight]) -> Deferred[dict[str, int]]:
+        availability = self._availability
+        if availability is not None:
+            now = self._clock.seconds()
+            free = {}
+            for flight in flights:
+                state = availability.get(flight.flight_id)
+                if state is None:
+                    free[flight.flight_id] = flight.aircraft.capacity
+                else:
+                    # Seats of holds whose time is up but that nobody has
+                    # ended yet are free.
+                    taken, expiries = state
+                    free[flight.flight_id] = flight.aircraft.capacity - taken + bisect.bisect_right(expiries, now)
+            return succeed(free)
+        if self.max_batch > 1 and not self._reloading:
+            self._reload_availability()
+
         def work(db: sqlite3.Connection, now: float) -> dict[str, int]:
             result = {flight.flight_id: flight.aircraft.capacity for flight in flights}
             for chunk in _chunks(list(result), 500):
