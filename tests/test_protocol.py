@@ -1461,6 +1461,24 @@ class FramingTests(ProtocolTestCase):
         self.assertEqual([a["id"] for a in answers], ["t", *range(len(pings))])
         self.assertEqual(client.transport.producerState, "producing")
 
+    def test_long_line_while_busy(self) -> None:
+        """
+        A line over the limit that arrives while a request is in flight is
+        not read past READ_AHEAD; once the request is answered, the line is
+        refused as too long and the connection closed.
+        """
+        client = self.connect(ALICE)
+        stalled = self.stall("tickets")
+        send(client, line({"id": "t", "opcode": 4}))
+        send(client, b"x" * (MAX_LINE_BYTES + 10))
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertFalse(client.transport.disconnecting)
+        stalled.proceed()
+        answers = client.messages()
+        self.assertEqual(answers[0]["id"], "t")
+        self.assertEqual(answers[-1]["error"]["code"], "line_too_long")
+        self.assertTrue(client.transport.disconnecting)
+
     def test_pipelined_over_iosim(self) -> None:
         client, server, pump = connect_pump(self.service)
         assert client.transport is not None
