@@ -465,12 +465,11 @@ class SQLiteStore:
         # With group commit, free seat counts are answered from memory: for
         # each flight with taken seats, how many, and when each of its held
         # seats' holds expire. Temporary triggers note the flights whose
-        # seats a transaction changes; after each COMMIT those are read back
-        # (in the writer) and replaced here (on the reactor thread) before
-        # any write of the batch is answered. None: not loaded (or lost to a
-        # failed read), and counts come from the database.
+        # seats a transaction changes; just before its COMMIT those are read
+        # back (in the writer) and replaced here (on the reactor thread) before
+        # any write of the batch is answered. None (without group commit):
+        # counts come from the database.
         self._availability: dict[str, tuple[int, tuple[float, ...]]] | None = None
-        self._reloading = False
         if max_batch > 1:
             db.execute("PRAGMA temp_store=MEMORY")
             db.execute("CREATE TEMP TABLE IF NOT EXISTS touched (flight_id TEXT PRIMARY KEY) WITHOUT ROWID")
@@ -580,7 +579,7 @@ class SQLiteStore:
         self.batched_writes += len(batch)
         works = [work for work, _ in batch]
 
-        def deliver(done: tuple[list[tuple[bool, Any]], _Refreshed | None] | Failure) -> None:
+        def deliver(done: tuple[list[tuple[bool, Any]], _Refreshed] | Failure) -> None:
             # Still "batching" while the answers go out: writes that their
             # callbacks start join the queue, in order, for the next batch.
             outcomes: list[tuple[bool, Any]] | Failure
@@ -606,12 +605,11 @@ class SQLiteStore:
 
     def _run_batch(
         self, works: list[Callable[[sqlite3.Connection, float], Any]]
-    ) -> tuple[list[tuple[bool, Any]], _Refreshed | None]:
+    ) -> tuple[list[tuple[bool, Any]], _Refreshed]:
         """
         Run C{works} in one transaction, each in its own savepoint; commit
         once. Returns C{(True, result)} or C{(False, failure)} per work, and
-        the availability of the flights whose seats changed (C{None} if it
-        could not be read).
+        the availability of the flights whose seats changed.
         """
         db = self._db
         outcomes: list[tuple[bool, Any]] = []
@@ -634,11 +632,13 @@ class SQLiteStore:
                 else:
                     db.execute("RELEASE write")
                     outcomes.append((True, result))
+            # Read inside the transaction: what it is about to commit.
+            refreshed = self._read_touched(db)
             db.execute("COMMIT")
         except BaseException:
             self._rollback(db)
             raise
-        return outcomes, self._read_touched(db)
+        return outcomes, refreshed
 
     # -- free seats from memory ---------------------------------------------
 
@@ -666,42 +666,31 @@ class SQLiteStore:
             expiries.setdefault(flight_id, []).append(expires_at)
         return expiries
 
-    def _read_touched(self, db: sqlite3.Connection) -> _Refreshed | None:
+    def _read_touched(self, db: sqlite3.Connection) -> _Refreshed:
         """
-        After a COMMIT: the availability of the flights its transaction
-        changed. A failure here must not fail the writes (they are
-        committed): it returns C{None}, and counts come from the database
-        until they are loaded again.
+        In a write transaction, before its COMMIT: the availability of the
+        flights it changed, as it is about to commit it.
         """
         if self.max_batch <= 1:
             return {}
-        try:
-            db.execute("BEGIN")
-            try:
-                touched = [row[0] for row in db.execute("SELECT flight_id FROM temp.touched")]
-                taken = dict(
-                    db.execute(
-                        "SELECT t.flight_id, COALESCE(f.seats, 0) FROM temp.touched t"
-                        " LEFT JOIN flight_taken f ON f.flight_id = t.flight_id"
-                    ).fetchall()
-                )
-                expiries = self._held_expiries(db, "AND s.flight_id IN (SELECT flight_id FROM temp.touched)")
-                db.execute("DELETE FROM temp.touched")
-            finally:
-                db.execute("COMMIT")
-        except sqlite3.Error:
-            self._log.failure("reading the seats a transaction changed")
-            self._rollback(db)
-            return None
+        touched = [row[0] for row in db.execute("SELECT flight_id FROM temp.touched")]
+        if not touched:
+            return {}
+        taken = dict(
+            db.execute(
+                "SELECT t.flight_id, COALESCE(f.seats, 0) FROM temp.touched t"
+                " LEFT JOIN flight_taken f ON f.flight_id = t.flight_id"
+            ).fetchall()
+        )
+        expiries = self._held_expiries(db, "AND s.flight_id IN (SELECT flight_id FROM temp.touched)")
+        db.execute("DELETE FROM temp.touched")
         return {f: (taken.get(f, 0), tuple(sorted(expiries.get(f, ())))) for f in touched}
 
-    def _refreshed(self, refreshed: _Refreshed | None) -> None:
+    def _refreshed(self, refreshed: _Refreshed) -> None:
         """
-        On the reactor thread: take in the availability read after a COMMIT.
+        On the reactor thread: take in the availability a batch committed.
         """
-        if refreshed is None:
-            self._availability = None
-        elif self._availability is not None:
+        if self._availability is not None:
             for flight_id, state in refreshed.items():
                 if state[0]:
                     self._availability[flight_id] = state
@@ -1177,23 +1166,6 @@ class SQLiteStore:
 
         return self._write(work)
 
-    def _reload_availability(self) -> None:
-        """
-        Load the free seat counts again, after a failure lost them.
-        """
-        self._reloading = True
-
-        def loaded(result: dict[str, tuple[int, tuple[float, ...]]] | Failure) -> None:
-            self._reloading = False
-            if isinstance(result, Failure):
-                self._log.failure("loading the free seat counts", result)
-            elif not self._batching:
-                self._availability = result
-            # (With a batch in flight the load may predate its changes: the
-            # next free_seats call loads again.)
-
-        self._executor.submit(self._guarded(self._load_availability)).addBoth(loaded)
-
     def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
         def work(db: sqlite3.Connection, now: float) -> list[SeatState]:
             claimed: dict[str, SeatState] = {}
@@ -1226,8 +1198,6 @@ class SQLiteStore:
                     taken, expiries = state
                     free[flight.flight_id] = flight.aircraft.capacity - taken + bisect.bisect_right(expiries, now)
             return succeed(free)
-        if self.max_batch > 1 and not self._reloading:
-            self._reload_availability()
 
         def work(db: sqlite3.Connection, now: float) -> dict[str, int]:
             result = {flight.flight_id: flight.aircraft.capacity for flight in flights}
