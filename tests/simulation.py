@@ -278,12 +278,12 @@ class CheckThenActStore(MutantStore):
         username: str,
         session_id: str,
         legs: list[LegRequest],
-        expires_at: float,
+        seconds: float,
         alive: Callable[[], bool],
         request_id: str | None = None,
     ) -> Deferred[Hold]:
         return self._checked(
-            legs, lambda chosen: SQLiteStore.hold(self, username, session_id, chosen, expires_at, alive, request_id)
+            legs, lambda chosen: SQLiteStore.hold(self, username, session_id, chosen, seconds, alive, request_id)
         )
 
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
@@ -394,11 +394,11 @@ class HoldIgnoresCloseStore(MutantStore):
         username: str,
         session_id: str,
         legs: list[LegRequest],
-        expires_at: float,
+        seconds: float,
         alive: Callable[[], bool],
         request_id: str | None = None,
     ) -> Deferred[Hold]:
-        return super().hold(username, session_id, legs, expires_at, lambda: True, request_id)
+        return super().hold(username, session_id, legs, seconds, lambda: True, request_id)
 
 
 MUTANTS: dict[str, type[MutantStore]] = {

@@ -158,7 +158,7 @@ class GroupCommitTests(SynchronousTestCase):
         A buy of an expired hold ends the hold (that part commits) and is
         refused; the other writes of its batch are not disturbed.
         """
-        hold_d = self.store.hold("alice", "S1", [LegRequest(self.big, "5C")], START + 30, lambda: True)
+        hold_d = self.store.hold("alice", "S1", [LegRequest(self.big, "5C")], 30, lambda: True)
         self.executor.run_next()
         hold = self.successResultOf(hold_d)
         self.clock.advance(31)

@@ -109,7 +109,7 @@ class StoreContractMixin:
             username,
             session,
             [LegRequest(flight, seat) for flight, seat in legs],
-            self.clock.seconds() + seconds,
+            seconds,
             alive,
         )
 
@@ -700,7 +700,7 @@ class StoreContractMixin:
                 taken = current()
                 want = seat if seat is not None else next((s for s in flight.aircraft.seats() if s not in taken), None)
                 if action == "hold":
-                    d: Deferred[Any] = store.hold(user, "S", [LegRequest(flight, seat)], clock.seconds() + 45, _alive)
+                    d: Deferred[Any] = store.hold(user, "S", [LegRequest(flight, seat)], 45, _alive)
                 else:
                     d = store.buy(user, [LegRequest(flight, seat)])
                 if want is None:

@@ -56,6 +56,9 @@ ROUTES_CACHED = 4096
 ANSWERS_CACHED = 1024
 SWEEP_SECONDS = 60.0
 RELEASE_ATTEMPTS = 5
+# When a hold's timer finds it still active (the store's time runs a little
+# behind), how soon it looks again.
+EXPIRY_RECHECK_SECONDS = 0.25
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -140,6 +143,7 @@ class ReservationService(Service):
         self._sessions: dict[str, Session] = {}
         self._timers: dict[str, tuple[IDelayedCall, Session]] = {}
         self._sweeper: LoopingCall | None = None
+        store.watch_expiries(self._expired_elsewhere)
         routes = sorted({(e.origin, e.destination) for e in self._network.timetable})
         self.routes: tuple[tuple[str, str], ...] = tuple(routes)
 
@@ -396,9 +400,9 @@ class ReservationService(Service):
         async def hold() -> Hold:
             username = self._user(session)
             legs = self._legs(flight_ids, seats)
-            expires_at = self.clock.seconds() + self.hold_seconds
+            asked = self.clock.seconds()
             result = await self.store.hold(
-                username, session.session_id, legs, expires_at, lambda: session.alive, request_id
+                username, session.session_id, legs, self.hold_seconds, lambda: session.alive, request_id
             )
             if not session.alive:
                 # Closed while the answer travelled back: nobody may keep it.
@@ -407,7 +411,11 @@ class ReservationService(Service):
             if result.hold_id in self._timers:
                 return result  # a retry of a hold this server already tracks
             session.holds.add(result.hold_id)
-            delay = max(0.0, result.expires_at - self.clock.seconds())
+            # The hold lasts hold_seconds of the store's time from a moment
+            # after `asked` (for a shared database, the database's clock,
+            # which this server's clock may disagree with): look then. If
+            # that is a little early, the store says it is still active.
+            delay = max(0.0, asked + self.hold_seconds - self.clock.seconds())
             self._timers[result.hold_id] = (self.clock.callLater(delay, self._expire, result.hold_id, session), session)
             self._log_sale("hold {id} by {username}: {seats}", result.hold_id, username,
                            [(leg.flight.flight_id, leg.seat) for leg in result.legs])
@@ -485,8 +493,11 @@ class ReservationService(Service):
 
         def done(state: str | None) -> None:
             if state == "active":
-                # The store's clock is a little behind: look again shortly.
-                self._timers[hold_id] = (self.clock.callLater(1.0, self._expire, hold_id, session), session)
+                # The store's time is a little behind: look again shortly.
+                self._timers[hold_id] = (
+                    self.clock.callLater(EXPIRY_RECHECK_SECONDS, self._expire, hold_id, session),
+                    session,
+                )
             elif state == "expired":
                 self._expired(hold_id, session)
 
@@ -498,6 +509,15 @@ class ReservationService(Service):
                 self._log.failure("expiring hold {hold_id}", failure, hold_id=hold_id)
 
         self.store.expire_hold(hold_id).addCallbacks(done, failed)
+
+    def _expired_elsewhere(self, hold_id: str, session_id: str) -> None:
+        """
+        The store ended a hold whose time was up (maybe on another server).
+        """
+        session = self._sessions.get(session_id)
+        if session is not None and hold_id in session.holds:
+            self._cancel_timer(hold_id)
+            self._expired(hold_id, session)
 
     def _expired(self, hold_id: str, session: Session) -> None:
         if hold_id not in session.holds:

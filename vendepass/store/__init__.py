@@ -134,12 +134,15 @@ class IStore(Interface):
         username: str,
         session_id: str,
         legs: list[LegRequest],
-        expires_at: float,
+        seconds: float,
         alive: Callable[[], bool],
         request_id: str | None = None,
     ) -> Deferred[Hold]:
         """
-        Hold a seat on every leg, all or nothing.
+        Hold a seat on every leg, all or nothing, for C{seconds} of the
+        store's time: the hold expires C{seconds} after the store's C{now}
+        in the transaction that makes it (the database's clock, for a
+        store shared by several servers).
 
         Every changing method takes an optional C{request_id}: if
         C{username} already did that request, it is not done again and the
@@ -206,6 +209,14 @@ class IStore(Interface):
     def free_seats(flights: list[Flight]) -> Deferred[dict[str, int]]:
         """
         The number of free seats of each flight, by flight id.
+        """
+
+    def watch_expiries(callback: Callable[[str, str], None]) -> None:
+        """
+        Call C{callback(hold_id, session_id)} on the reactor thread after
+        each transaction that ended a hold because its time was up, wherever
+        that was noticed: by this process or, for a shared database, by any
+        server. A hold may be reported more than once.
         """
 
 

@@ -461,6 +461,10 @@ class SQLiteStore:
         # Group commit: writes wait here while a batch is in flight.
         self._pending: deque[tuple[Callable[[sqlite3.Connection, float], Any], Deferred[Any]]] = deque()
         self._batching = False
+        # Holds ended because their time was up, by the transaction running
+        # now (writer thread only), and who wants to hear of them.
+        self._ended: list[tuple[str, str]] = []
+        self._watchers: list[Callable[[str, str], None]] = []
         self.batches = 0
         self.batched_writes = 0
         # With group commit, free seat counts are answered from memory: for
@@ -580,15 +584,16 @@ class SQLiteStore:
         self.batched_writes += len(batch)
         works = [work for work, _ in batch]
 
-        def deliver(done: tuple[list[tuple[bool, Any]], _Refreshed] | Failure) -> None:
+        def deliver(done: tuple[list[tuple[bool, Any]], _Refreshed, list[tuple[str, str]]] | Failure) -> None:
             # Still "batching" while the answers go out: writes that their
             # callbacks start join the queue, in order, for the next batch.
             outcomes: list[tuple[bool, Any]] | Failure
             if isinstance(done, Failure):
                 outcomes = done
             else:
-                outcomes, refreshed = done
+                outcomes, refreshed, ended = done
                 self._refreshed(refreshed)
+                self._report(ended)
             try:
                 for i, (_, d) in enumerate(batch):
                     if isinstance(outcomes, Failure):
@@ -606,17 +611,20 @@ class SQLiteStore:
 
     def _run_batch(
         self, works: list[Callable[[sqlite3.Connection, float], Any]]
-    ) -> tuple[list[tuple[bool, Any]], _Refreshed]:
+    ) -> tuple[list[tuple[bool, Any]], _Refreshed, list[tuple[str, str]]]:
         """
         Run C{works} in one transaction, each in its own savepoint; commit
-        once. Returns C{(True, result)} or C{(False, failure)} per work, and
-        the availability of the flights whose seats changed.
+        once. Returns C{(True, result)} or C{(False, failure)} per work, the
+        availability of the flights whose seats changed, and the holds that
+        were ended because their time was up.
         """
         db = self._db
         outcomes: list[tuple[bool, Any]] = []
+        self._ended.clear()
         db.execute("BEGIN IMMEDIATE")
         try:
             for work in works:
+                mark = len(self._ended)
                 db.execute("SAVEPOINT write")
                 try:
                     result = work(db, self._clock.seconds())
@@ -630,6 +638,7 @@ class SQLiteStore:
                     outcomes.append((False, Failure()))
                     db.execute("ROLLBACK TO write")
                     db.execute("RELEASE write")
+                    del self._ended[mark:]
                 else:
                     db.execute("RELEASE write")
                     outcomes.append((True, result))
@@ -637,9 +646,12 @@ class SQLiteStore:
             refreshed = self._read_touched(db)
             db.execute("COMMIT")
         except BaseException:
+            self._ended.clear()
             self._rollback(db)
             raise
-        return outcomes, refreshed
+        ended = self._ended[:]
+        self._ended.clear()
+        return outcomes, refreshed, ended
 
     # -- free seats from memory ---------------------------------------------
 
@@ -713,22 +725,48 @@ class SQLiteStore:
         Run C{work(db, now)} in a write transaction of its own.
         """
 
+        ended: list[tuple[str, str]] = []
+
         def job() -> T:
             db = self._db
+            self._ended.clear()
             db.execute("BEGIN IMMEDIATE")
             try:
                 try:
                     result = work(db, self._clock.seconds())
                 except _CommitThenRefuse as refusal:
                     db.execute("COMMIT")
+                    ended.extend(self._ended)
                     raise refusal.error
                 db.execute("COMMIT")
+                ended.extend(self._ended)
             except BaseException:
                 self._rollback(db)
                 raise
+            finally:
+                self._ended.clear()
             return result
 
-        return self._executor.submit(self._guarded(job))
+        def report(outcome: Any) -> Any:
+            self._report(ended)
+            return outcome
+
+        return self._executor.submit(self._guarded(job)).addBoth(report)
+
+    def watch_expiries(self, callback: Callable[[str, str], None]) -> None:
+        self._watchers.append(callback)
+
+    def _report(self, ended: list[tuple[str, str]]) -> None:
+        """
+        On the reactor thread, after the commit: tell the watchers of the
+        holds that expired.
+        """
+        for hold_id, session_id in ended:
+            for callback in self._watchers:
+                try:
+                    callback(hold_id, session_id)
+                except Exception:
+                    self._log.failure("reporting the expiry of hold {hold_id}", hold_id=hold_id)
 
     def _guarded(self, job: Callable[[], T]) -> Callable[[], T]:
         """
@@ -804,12 +842,14 @@ class SQLiteStore:
         db.execute("DELETE FROM seats WHERE hold_id = ?", (hold_id,))
         ended = db.execute(
             "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ? AND state = 'active'"
-            " RETURNING username",
+            " RETURNING username, session_id",
             (state, now, hold_id),
         ).fetchone()
         if ended is not None:
             action = "expire" if state == "expired" else "release"
             _audit(db, now, ended[0], action, seats, hold_id=hold_id)
+            if state == "expired":
+                self._ended.append((hold_id, ended[1]))
 
     def _end_expired_on(self, db: sqlite3.Connection, flight_id: str, now: float) -> None:
         expired = db.execute(
@@ -880,13 +920,14 @@ class SQLiteStore:
         username: str,
         session_id: str,
         legs: list[LegRequest],
-        expires_at: float,
+        seconds: float,
         alive: Callable[[], bool],
         request_id: str | None = None,
     ) -> Deferred[Hold]:
         price = Money(sum(leg.flight.fare.cents for leg in legs), self._currency)
 
         def work(db: sqlite3.Connection, now: float) -> Hold:
+            expires_at = now + seconds
             done = _replay(db, username, request_id, "hold")
             if done is not None:
                 return self._hold_by_id(db, done)
