@@ -37,7 +37,9 @@ from vendepass.fixtures import Fixtures, load
 from vendepass.model import Flight, Hold, Money, SeatState, Ticket, iso_utc
 from vendepass.schedule import flight_by_id
 from vendepass.store import IStore, InlineExecutor, LegRequest
+from vendepass.store.postgres import PostgresStore
 from vendepass.store.sqlite import SQLiteStore
+from tests import pg
 
 HOUR = 3600.0
 
@@ -750,6 +752,22 @@ class SQLiteMemoryStoreTests(StoreContractMixin, SynchronousTestCase):
         return store
 
 
+class PostgresStoreTests(StoreContractMixin, SynchronousTestCase):
+    """
+    The PostgreSQL store, in a schema of its own, with time from the test's
+    clock rather than the database's (see L{tests.test_postgres} for the
+    database's clock).
+    """
+
+    def make_store(self, clock: Clock) -> IStore:
+        store = PostgresStore.open(
+            pg.fresh_url(self), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=clock
+        )
+        store.start()
+        self.addCleanup(store.stop)
+        return store
+
+
 class SQLiteFileStoreTests(StoreContractMixin, SynchronousTestCase):
     """
     The SQLite store in a file, and what only a file can do: outlive the
@@ -870,7 +888,7 @@ class CodeTests(SynchronousTestCase):
     def test_booking_code(self) -> None:
         from collections import Counter
 
-        from vendepass.store.sqlite import _CODE_ALPHABET, booking_code
+        from vendepass.store.common import _CODE_ALPHABET, booking_code
 
         day = START - START % 86400
         codes = [booking_code(day + i * 7.5) for i in range(3000)]

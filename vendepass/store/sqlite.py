@@ -14,12 +14,10 @@ transaction that looks at a seat ends such holds first, inside itself.
 from __future__ import annotations
 
 import bisect
-import functools
 import json
-import secrets
 import sqlite3
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Iterable, TypeVar
 
 import attrs
@@ -46,8 +44,6 @@ from vendepass.errors import (
 )
 from vendepass.fixtures import Fixtures
 from vendepass.model import (
-    Aircraft,
-    Airport,
     Flight,
     HeldSeat,
     Hold,
@@ -56,20 +52,24 @@ from vendepass.model import (
     SeatState,
     Ticket,
     TicketLeg,
-    TimetableEntry,
     iso_utc,
 )
 from vendepass.schedule import flight_by_id
 from vendepass.store import IExecutor, IStore, LegRequest
+from vendepass.store.common import (
+    REQUEST_RETENTION,
+    _CommitThenRefuse,
+    _free,
+    booking_code,
+    hold_code,
+    read_network,
+)
 
 T = TypeVar("T")
 
 # Per flight: taken seats, and the (sorted) expiry times of its held seats.
 _Refreshed = dict[str, tuple[int, tuple[float, ...]]]
 
-
-# Booking codes: 8 characters without look-alikes (no 0/O, 1/I/L): 31**8 ≈ 8.5e11.
-_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 
 _SCHEMA_1 = """
 CREATE TABLE airline (
@@ -225,48 +225,6 @@ MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _random_code(length: int) -> str:
-    """
-    C{length} uniformly random letters of the booking code alphabet (one
-    call for randomness, not one per letter).
-    """
-    space = len(_CODE_ALPHABET) ** length
-    bits = space.bit_length()
-    while True:
-        number = secrets.randbits(bits)
-        if number < space:
-            break
-    letters = []
-    for _ in range(length):
-        number, digit = divmod(number, len(_CODE_ALPHABET))
-        letters.append(_CODE_ALPHABET[digit])
-    return "".join(letters)
-
-
-def booking_code(now: float | None = None) -> str:
-    """
-    A new booking code: 8 letters. Given the time, the first two letters
-    are the day (cycling every 961 days) and the other six random (8.9e8 a
-    day): codes made on one day sit together in the ticket indexes, so a
-    purchase touches a few hot index pages rather than a random page of an
-    index that grows with every ticket ever sold. Without it, all 8 are
-    random.
-    """
-    if now is None:
-        return _random_code(8)
-    day = int(now // 86400) % len(_CODE_ALPHABET) ** 2
-    return _CODE_ALPHABET[day // len(_CODE_ALPHABET)] + _CODE_ALPHABET[day % len(_CODE_ALPHABET)] + _random_code(6)
-
-
-def hold_code(now: float) -> str:
-    """
-    A new hold id: "H", the minute in 6 hex digits (cycling every 31 years),
-    then 10 random hex digits; time-ordered for the same reason as
-    L{booking_code}.
-    """
-    return f"H{int(now // 60) % 16**6:06x}{secrets.token_hex(5)}"
-
-
 def _audit(
     db: sqlite3.Connection,
     now: float,
@@ -283,9 +241,6 @@ def _audit(
         "INSERT INTO audit (at, username, action, hold_id, ticket_id, seats) VALUES (?, ?, ?, ?, ?, ?)",
         (now, username, action, hold_id, ticket_id, json.dumps([f"{f}/{s}" for f, s in seats])),
     )
-
-
-REQUEST_RETENTION = 86400.0
 
 
 def _replay(db: sqlite3.Connection, username: str, request_id: str | None, kind: str) -> str | None:
@@ -313,17 +268,6 @@ def _remember(db: sqlite3.Connection, now: float, username: str, request_id: str
             "INSERT INTO requests (username, request_id, kind, outcome, created_at) VALUES (?, ?, ?, ?, ?)",
             (username, request_id, kind, outcome, now),
         )
-
-
-class _CommitThenRefuse(Exception):
-    """
-    Raised by a transaction's work to commit what it did so far (say, ending
-    an expired hold) and then refuse the request with C{error}.
-    """
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -403,36 +347,6 @@ def create(db: sqlite3.Connection, fixtures: Fixtures, hash_password: Callable[[
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-def read_network(db: sqlite3.Connection) -> Network:
-    from datetime import time as clock_time
-
-    code, name, currency = db.execute("SELECT code, name, currency FROM airline").fetchone()
-    airports = {
-        row[0]: Airport(*row)
-        for row in db.execute("SELECT code, city, name, timezone FROM airports ORDER BY code")
-    }
-    aircraft = {
-        row[0]: Aircraft(*row) for row in db.execute("SELECT type, name, rows, letters FROM aircraft ORDER BY type")
-    }
-    timetable = tuple(
-        TimetableEntry(
-            flight=flight,
-            origin=origin,
-            destination=destination,
-            departure=clock_time(int(departure[:2]), int(departure[3:5])),
-            duration_minutes=duration,
-            days=frozenset(int(d) for d in days),
-            aircraft=plane,
-            fare=Money(fare, currency),
-        )
-        for flight, origin, destination, departure, duration, days, plane, fare in db.execute(
-            "SELECT flight, origin, destination, departure, duration_minutes, days, aircraft, fare_cents"
-            " FROM timetable ORDER BY flight"
-        )
-    )
-    return Network(code, name, currency, airports, aircraft, timetable)
 
 
 @implementer(IStore)
@@ -1262,14 +1176,6 @@ class SQLiteStore:
             return result
 
         return self._read(work)
-
-
-@functools.lru_cache(maxsize=4096)
-def _free(seat: str) -> SeatState:
-    """
-    A free seat's state: values are immutable, so one per seat name will do.
-    """
-    return SeatState(seat, "free")
 
 
 def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
