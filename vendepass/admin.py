@@ -1,7 +1,7 @@
 """
 C{vendepass-admin}: tools for the people who run VendePass.
 
-C{vendepass-admin verify --db PATH} replays the audit log (every hold,
+C{vendepass-admin verify --db PATH-OR-URL} replays the audit log (every hold,
 release, expiry, purchase and cancellation, in order) and compares it with
 the seats, holds and tickets in the database. It reports any seat sold twice,
 any ticket whose seats are not sold to it, any sold seat without a ticket,
@@ -16,7 +16,7 @@ import argparse
 import json
 import sqlite3
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from attrs import define, field
 
@@ -43,12 +43,15 @@ def _seats(text: str) -> list[Seat]:
     return seats
 
 
-def verify(db: sqlite3.Connection) -> Report:
+def verify(db: Any) -> Report:
     """
-    Check a VendePass database against its audit log (in one read transaction).
+    Check a VendePass database (a SQLite connection, or a psycopg one in
+    autocommit mode) against its audit log, in one read transaction: one
+    snapshot of the database, even while servers keep selling.
     """
     report = Report()
-    db.execute("BEGIN")
+    postgres = not isinstance(db, sqlite3.Connection)
+    db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if postgres else "BEGIN")
     try:
         held: dict[Seat, str] = {}
         sold: dict[Seat, str] = {}
@@ -116,7 +119,7 @@ def verify(db: sqlite3.Connection) -> Report:
         counted: dict[str, int] = {}
         for flight_id, *_ in rows:
             counted[flight_id] = counted.get(flight_id, 0) + 1
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'flight_taken'").fetchone():
+        if not postgres and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'flight_taken'").fetchone():
             kept = {f: n for f, n in db.execute("SELECT flight_id, seats FROM flight_taken") if n}
             for flight_id in sorted(set(kept) | set(counted)):
                 if kept.get(flight_id, 0) != counted.get(flight_id, 0):
@@ -124,15 +127,25 @@ def verify(db: sqlite3.Connection) -> Report:
                         f"flight {flight_id}: the seat count says {kept.get(flight_id, 0)} taken,"
                         f" the seats say {counted.get(flight_id, 0)}"
                     )
-        integrity = db.execute("PRAGMA quick_check").fetchone()[0]
-        if integrity != "ok":
-            report.find(f"SQLite quick_check: {integrity}")
+        if not postgres:
+            integrity = db.execute("PRAGMA quick_check").fetchone()[0]
+            if integrity != "ok":
+                report.find(f"SQLite quick_check: {integrity}")
     finally:
         db.execute("COMMIT")
     return report
 
 
-def open_read_only(path: str) -> sqlite3.Connection:
+def open_read_only(path: str) -> Any:
+    """
+    The database at C{path} (a SQLite file) or a C{postgresql://} URL, to read.
+    """
+    from vendepass.store.postgres import is_postgres_url
+
+    if is_postgres_url(path):
+        import psycopg
+
+        return psycopg.connect(path, autocommit=True)
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
 
 
@@ -141,13 +154,20 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vendepass-admin", description="Tools for VendePass administrators.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser("verify", help="replay the audit log against the database; exit 1 on any finding")
-    check.add_argument("--db", default="vendepass.sqlite3", help="the SQLite database (default: vendepass.sqlite3)")
+    check.add_argument(
+        "--db", default="vendepass.sqlite3",
+        help="the SQLite database, or a postgresql://user@host:port/dbname URL (default: vendepass.sqlite3)",
+    )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
         db = open_read_only(args.db)
         report = verify(db)
-    except sqlite3.Error as e:
+    except Exception as e:
+        import psycopg
+
+        if not isinstance(e, (sqlite3.Error, psycopg.Error)):
+            raise
         out.write(f"vendepass-admin: cannot read {args.db}: {e}\n")
         return 2
     if args.json:

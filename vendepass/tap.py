@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
@@ -15,6 +15,7 @@ from twisted.python import usage
 from vendepass.errors import FixturesError
 from vendepass.fixtures import BUNDLED, Fixtures, load
 from vendepass.service import DEFAULT_HOLD_SECONDS, DEFAULT_SALES_WINDOW_DAYS
+from vendepass.store import IStore
 
 DEFAULT_LISTEN = "tcp:65432"
 # A burst of thousands of customers connecting at once must not overflow the
@@ -22,6 +23,7 @@ DEFAULT_LISTEN = "tcp:65432"
 # 1 s, 3 s, 7 s...).
 DEFAULT_BACKLOG = 4096
 DEFAULT_MAX_BATCH = 256
+DEFAULT_DB_CONNECTIONS = 4
 
 
 def with_backlog(description: str, backlog: int) -> str:
@@ -45,7 +47,15 @@ class Options(usage.Options):
         ["log-requests", None, "Log a line per request, hold and sale (costly at high request rates)."],
     ]
     optParameters = [
-        ["db", None, "vendepass.sqlite3", "Path of the SQLite database; created and loaded with the fixtures if new."],
+        [
+            "db", None, "vendepass.sqlite3",
+            "The database: a SQLite file path, or postgresql://user@host:port/dbname for a PostgreSQL"
+            " database shared by several servers; created and loaded with the fixtures if new.",
+        ],
+        [
+            "db-connections", None, DEFAULT_DB_CONNECTIONS,
+            "PostgreSQL only: how many connections (and threads) run this server's transactions.", int,
+        ],
         ["fixtures", None, None, "Fixtures file to load into a new database (default: the bundled airline)."],
         ["hold-seconds", None, DEFAULT_HOLD_SECONDS, "How long a hold lasts, in seconds.", int],
         ["sales-window", None, DEFAULT_SALES_WINDOW_DAYS, "How many days ahead flights are sold.", int],
@@ -104,7 +114,11 @@ class Options(usage.Options):
             raise usage.UsageError("--max-held-seats must be between 1 and 1000")
         if not 1 <= self["max-legs"] <= 6:
             raise usage.UsageError("--max-legs must be between 1 and 6")
-        if not os.path.exists(self["db"]) or os.path.getsize(self["db"]) == 0:
+        if not 1 <= self["db-connections"] <= 64:
+            raise usage.UsageError("--db-connections must be between 1 and 64")
+        from vendepass.store.postgres import is_postgres_url
+
+        if is_postgres_url(self["db"]) or not os.path.exists(self["db"]) or os.path.getsize(self["db"]) == 0:
             # A new database: check the fixtures now, so a bad file is a
             # clear error message rather than a traceback at start-up.
             try:
@@ -121,6 +135,47 @@ class Options(usage.Options):
 GIL_SWITCH_INTERVAL = 0.001
 
 
+def _open_sqlite(options: Options, fixtures: Callable[[], Fixtures], hash_password: Callable[[str], str]) -> IStore:
+    from twisted.internet import reactor
+
+    from vendepass.store import ThreadExecutor
+    from vendepass.store.sqlite import SQLiteStore
+
+    try:
+        return SQLiteStore.open(
+            options["db"],
+            reactor,  # type: ignore[arg-type]
+            ThreadExecutor(reactor, "vendepass-db"),  # type: ignore[arg-type]
+            fixtures,
+            hash_password,
+            max_held_seats=options["max-held-seats"],
+            max_batch=options["max-batch"],
+        )
+    except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
+        raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
+
+
+def _open_postgres(options: Options, fixtures: Callable[[], Fixtures], hash_password: Callable[[str], str]) -> IStore:
+    import psycopg
+    from twisted.internet import reactor
+
+    from vendepass.store import ThreadExecutor
+    from vendepass.store.postgres import PostgresStore
+
+    try:
+        return PostgresStore.open(
+            options["db"],
+            ThreadExecutor(reactor, "vendepass-pg", threads=options["db-connections"]),  # type: ignore[arg-type]
+            fixtures,
+            hash_password,
+            reactor=reactor,  # type: ignore[arg-type]
+            max_held_seats=options["max-held-seats"],
+        )
+    except (psycopg.Error, RuntimeError, FixturesError) as e:
+        # The URL may hold a password: say where, not how.
+        raise SystemExit(f"vendepass: cannot open the PostgreSQL database: {e}")
+
+
 def makeService(options: Options) -> IService:
     import sys
 
@@ -130,7 +185,7 @@ def makeService(options: Options) -> IService:
     from vendepass.protocol import VendePassFactory
     from vendepass.service import ReservationService
     from vendepass.store import ThreadExecutor
-    from vendepass.store.sqlite import SQLiteStore
+    from vendepass.store.postgres import is_postgres_url
 
     def fixtures() -> Fixtures:
         return options.fixtures or load(options["fixtures"] or BUNDLED)
@@ -139,18 +194,8 @@ def makeService(options: Options) -> IService:
     hasher = ScryptHasher()
     # Opening runs before the reactor does: creating, migrating and loading
     # the database is start-up work, not serving.
-    try:
-        store = SQLiteStore.open(
-            options["db"],
-            reactor,  # type: ignore[arg-type]
-            ThreadExecutor(reactor, "vendepass-db"),  # type: ignore[arg-type]
-            fixtures,
-            hasher.hash,
-            max_held_seats=options["max-held-seats"],
-            max_batch=options["max-batch"],
-        )
-    except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
-        raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
+    opener = _open_postgres if is_postgres_url(options["db"]) else _open_sqlite
+    store = opener(options, fixtures, hasher.hash)
     service = ReservationService(
         store,
         reactor,  # type: ignore[arg-type]

@@ -232,6 +232,9 @@ class _Tx:
     def execute(self, query: str, args: Any = None) -> psycopg.Cursor[Any]:
         return self.cur.execute(query, args)  # type: ignore[arg-type]
 
+    def executemany(self, query: str, args: Iterable[Any]) -> None:
+        self.cur.executemany(query, args)  # type: ignore[arg-type]
+
     def one(self, query: str, args: Any = None) -> Any:
         return self.cur.execute(query, args).fetchone()  # type: ignore[arg-type]
 
@@ -371,6 +374,9 @@ class PostgresStore:
     """
 
     _log = Logger()
+    # What each transaction runs its statements through (tests that step
+    # through the production statements one at a time put theirs here).
+    transaction_class: type[_Tx] = _Tx
 
     def __init__(
         self,
@@ -515,7 +521,7 @@ class PostgresStore:
                     now = cur.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0]  # type: ignore[index]
                 else:
                     now = self._clock.seconds()
-                tx = _Tx(cur, now)
+                tx = self.transaction_class(cur, now)
                 try:
                     result = work(tx)
                 except _CommitThenRefuse as e:
@@ -710,7 +716,7 @@ class PostgresStore:
                 (hold_id, username, session_id, tx.now, expires_at, price.cents),
             )
             seats = self._claim(tx, legs, hold_id, None)
-            tx.cur.executemany(
+            tx.executemany(
                 "INSERT INTO hold_legs (hold_id, leg, flight_id, seat) VALUES (%s, %s, %s, %s)",
                 [(hold_id, i, leg.flight.flight_id, seat) for i, (leg, seat) in enumerate(zip(legs, seats))],
             )
@@ -835,7 +841,7 @@ class PostgresStore:
             )
             for flight, seat in legs
         )
-        tx.cur.executemany(
+        tx.executemany(
             "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
             " arrival, seat, price_cents) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [
