@@ -1,0 +1,255 @@
+"""
+What only the PostgreSQL store does: several servers on one database, the
+database's clock judging expiry, expiries announced to every server, and
+schema creation by whichever server starts first.
+
+These tests use the database's real clock (no injected L{Clock} in the
+store), so their flights are the day after tomorrow in real time, and the
+few that wait for a hold to expire use holds of one second.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import TestCase
+
+from tests import pg
+from tests.common import ALICE, BOB, FAST_HASHER, MINI
+from vendepass.errors import SeatUnavailable, StorageUnavailable
+from vendepass.fixtures import load
+from vendepass.model import Network
+from vendepass.schedule import flight_by_id
+from vendepass.service import ReservationService, Session
+from vendepass.store import InlineExecutor, LegRequest, ThreadExecutor
+from vendepass.store.postgres import PostgresStore, prepare
+
+MINUTES = 60.0
+
+
+def _day_after_tomorrow() -> str:
+    return (datetime.now(timezone.utc).date() + timedelta(days=2)).isoformat()
+
+
+def _db_now(url: str) -> float:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return float(conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0])  # type: ignore[index]
+
+
+class Server:
+    """
+    One VendePass server's service and store on the shared database, with
+    its own clock (which may be wrong).
+    """
+
+    def __init__(self, case: TestCase, url: str, skew: float, hold_seconds: float = 60) -> None:
+        self.clock = Clock()
+        self.clock.advance(time.time() + skew)
+        self.store = PostgresStore.open(
+            url, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, reactor=reactor  # type: ignore[arg-type]
+        )
+        self.service = ReservationService(
+            self.store, self.clock, FAST_HASHER, InlineExecutor(), hold_seconds=hold_seconds
+        )
+        self.service.startService()
+        case.addCleanup(self.service.stopService)
+
+    def session(self, user: tuple[str, str]) -> tuple[Session, list[tuple[str, dict[str, Any]]]]:
+        events: list[tuple[str, dict[str, Any]]] = []
+        session = self.service.open_session(lambda name, data: events.append((name, data)))
+        self.service.login(session, *user)
+        return session, events
+
+
+def _result(d: Deferred[Any]) -> Any:
+    """
+    The result of a Deferred that has fired (the stores run inline).
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+class DatabaseClockTests(TestCase):
+    """
+    Hold expiry is judged by the database's clock, whatever a server's own
+    clock says: a server whose clock is minutes off can neither take a seat
+    that is still held nor make a hold last longer.
+    """
+
+    def setUp(self) -> None:
+        self.url = pg.fresh_url(self)
+        self.flight = f"VP200-{_day_after_tomorrow()}"
+
+    def test_fast_clock_cannot_steal(self) -> None:
+        """
+        A server whose clock is 10 minutes ahead sees a 60-second hold made
+        on another server as held, cannot take its seat, and its sweep and
+        its expiry check leave it alone.
+        """
+        right = Server(self, self.url, skew=0)
+        fast = Server(self, self.url, skew=10 * MINUTES)
+        alice, _ = right.session(ALICE)
+        bob, _ = fast.session(BOB)
+        hold = _result(right.service.hold(alice, [self.flight], ["1A"]))
+        self.assertRaises(SeatUnavailable, _result, fast.service.hold(bob, [self.flight], ["1A"]))
+        self.assertRaises(SeatUnavailable, _result, fast.service.buy(bob, flight_ids=[self.flight], seats=["1A"]))
+        self.assertEqual(_result(fast.store.expired_holds()), [])
+        self.assertEqual(_result(fast.store.expire_hold(hold.hold_id)), "active")
+        states = _result(fast.store.seats(flight_by_id(fast.store.network(), self.flight)))
+        self.assertEqual(states[0].status, "held")
+
+    def test_skewed_clock_cannot_extend(self) -> None:
+        """
+        A hold made through a server whose clock is 10 minutes ahead (or
+        behind) lasts its 60 seconds of database time, not of that server's
+        time.
+        """
+        for skew in (10 * MINUTES, -10 * MINUTES):
+            server = Server(self, self.url, skew=skew)
+            bob, _ = server.session(BOB)
+            before = _db_now(self.url)
+            hold = _result(server.service.hold(bob, [self.flight], ["2C" if skew > 0 else "2D"]))
+            after = _db_now(self.url)
+            self.assertTrue(before + 60 <= hold.expires_at <= after + 60, (before, hold.expires_at, after))
+
+    @inlineCallbacks
+    def test_expires_by_database_clock_and_owner_hears(self) -> Any:
+        """
+        A one-second hold made through a server whose clock is 10 minutes
+        behind is over one second later: another server takes the seat, and
+        the owner's connection on the slow server gets its C{hold_expired}
+        event, announced by the server that noticed.
+        """
+        slow = Server(self, self.url, skew=-10 * MINUTES, hold_seconds=1)
+        right = Server(self, self.url, skew=0)
+        alice, alice_events = slow.session(ALICE)
+        bob, _ = right.session(BOB)
+        hold = _result(slow.service.hold(alice, [self.flight], ["3D"]))
+        yield deferLater(reactor, 1.2, lambda: None)  # type: ignore[arg-type]
+        # The slow server's clock has not moved at all, yet the hold is over.
+        ticket = _result(right.service.buy(bob, flight_ids=[self.flight], seats=["3D"]))
+        self.assertEqual(ticket.legs[0].seat, "3D")
+        for _ in range(100):
+            if alice_events:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)  # type: ignore[arg-type]
+        self.assertEqual(alice_events, [("hold_expired", {"hold_id": hold.hold_id})])
+
+
+class SweepTests(TestCase):
+    """
+    Every server sweeps; two sweeps at once share the expired holds.
+    """
+
+    def setUp(self) -> None:
+        self.url = pg.fresh_url(self)
+        self.clock = Clock()
+        self.clock.advance(time.time())
+
+    def _store(self) -> PostgresStore:
+        store = PostgresStore.open(self.url, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=self.clock)
+        self.addCleanup(store.stop)
+        return store
+
+    def test_concurrent_sweeps_end_each_hold_once(self) -> None:
+        """
+        Two servers sweeping at the same moment end each expired hold once
+        between them (the second skips the holds the first has locked).
+        """
+        first, second = self._store(), self._store()
+        network = first.network()
+        flight = flight_by_id(network, f"VP200-{_day_after_tomorrow()}")
+        for n in range(20):
+            _result(first.add_user(f"user{n}", "x"))
+        held = [
+            _result(first.hold(f"user{n}", "S1", [LegRequest(flight, f"{n + 1}A")], 30, lambda: True)).hold_id
+            for n in range(20)
+        ]
+        self.clock.advance(31)
+        results: list[list[tuple[str, str]]] = [[], []]
+
+        def sweep(i: int, store: PostgresStore) -> None:
+            results[i] = _result(store.expired_holds())
+
+        threads = [threading.Thread(target=sweep, args=(i, s)) for i, s in enumerate((first, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        ended = [hold_id for result in results for hold_id, _ in result]
+        self.assertEqual(sorted(ended), sorted(held))
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            expiries = conn.execute("SELECT COUNT(*) FROM audit WHERE action = 'expire'").fetchone()[0]  # type: ignore[index]
+        self.assertEqual(expiries, 20)
+
+
+class SchemaTests(TestCase):
+    """
+    The first server to start creates the schema; the others wait for it.
+    """
+
+    def test_servers_starting_at_once(self) -> None:
+        """
+        Four servers opening a new database at the same moment: one creates
+        and loads it, none fails, and all read the same airline.
+        """
+        url = pg.fresh_url(self)
+        networks: list[Network] = []
+        errors: list[BaseException] = []
+
+        def open_one() -> None:
+            try:
+                store = PostgresStore.open(url, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+                networks.append(store.network())
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_one) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(networks), 4)
+        self.assertTrue(all(n == networks[0] for n in networks))
+        with psycopg.connect(url, autocommit=True) as conn:
+            users = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]  # type: ignore[index]
+        self.assertEqual(users, 2)
+
+    def test_newer_schema_refused(self) -> None:
+        """
+        A database written by a newer VendePass is not touched.
+        """
+        url = pg.fresh_url(self)
+        prepare(url, lambda: load(MINI), FAST_HASHER.hash)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE vendepass_schema SET version = version + 1")
+        self.assertRaises(RuntimeError, prepare, url, lambda: load(MINI), FAST_HASHER.hash)
+
+
+class UnavailableTests(TestCase):
+    """
+    A database that cannot be reached is a refusal, not a crash.
+    """
+
+    def test_unreachable(self) -> Deferred[Any]:
+        url = pg.fresh_url(self)
+        clock: IReactorTime = Clock()
+        store = PostgresStore.open(url, ThreadExecutor(reactor), lambda: load(MINI), FAST_HASHER.hash,  # type: ignore[arg-type]
+                                   clock=clock)
+        store.url = "postgresql://postgres@127.0.0.1:1/nothing?connect_timeout=2"
+        store.start()
+        self.addCleanup(store.stop)
+        return self.assertFailure(store.password_hash("alice"), StorageUnavailable)
