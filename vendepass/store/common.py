@@ -7,9 +7,21 @@ from __future__ import annotations
 
 import functools
 import secrets
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from vendepass.model import Aircraft, Airport, Money, Network, SeatState, TimetableEntry
+from vendepass.errors import SeatUnavailable, SoldOut, UnknownSeat
+from vendepass.fixtures import Fixtures
+from vendepass.model import (
+    Aircraft,
+    Airport,
+    Flight,
+    Money,
+    Network,
+    SeatState,
+    TicketLeg,
+    TimetableEntry,
+    iso_utc,
+)
 
 # How long the outcome of a request_id is kept for retries.
 REQUEST_RETENTION = 86400.0
@@ -113,3 +125,126 @@ def _free(seat: str) -> SeatState:
     return SeatState(seat, "free")
 
 
+
+
+# -- what both stores do around their SQL -----------------------------------
+
+FIXTURE_INSERTS = (
+    ("airline", "INSERT INTO airline (code, name, currency) VALUES (?, ?, ?)"),
+    ("airports", "INSERT INTO airports (code, city, name, timezone) VALUES (?, ?, ?, ?)"),
+    ("aircraft", "INSERT INTO aircraft (type, name, rows, letters) VALUES (?, ?, ?, ?)"),
+    (
+        "timetable",
+        "INSERT INTO timetable (flight, origin, destination, departure, duration_minutes, days,"
+        " aircraft, fare_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    ),
+    ("users", "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)"),
+)
+
+
+def load_fixtures(
+    executemany: Callable[[str, list[tuple[Any, ...]]], Any],
+    fixtures: Fixtures,
+    hash_password: Callable[[str], str],
+    now: float,
+    mark: str = "?",
+) -> None:
+    """
+    Insert the airline, its network and its customers with C{executemany}
+    (statements use C{mark} as their placeholder), in the caller's transaction.
+    """
+    network = fixtures.network
+    rows: dict[str, list[tuple[Any, ...]]] = {
+        "airline": [(network.airline_code, network.airline_name, network.currency)],
+        "airports": [(a.code, a.city, a.name, a.timezone) for a in network.airports.values()],
+        "aircraft": [(a.type, a.name, a.rows, a.letters) for a in network.aircraft.values()],
+        "timetable": [
+            (
+                e.flight,
+                e.origin,
+                e.destination,
+                e.departure.strftime("%H:%M"),
+                e.duration_minutes,
+                "".join(str(d) for d in sorted(e.days)),
+                e.aircraft,
+                e.fare.cents,
+            )
+            for e in network.timetable
+        ],
+        "users": [(c.username, hash_password(c.password), now) for c in fixtures.customers],
+    }
+    for table, statement in FIXTURE_INSERTS:
+        executemany(statement.replace("?", mark), rows[table])
+
+
+def first_free_seat(flight: Flight, taken: set[str]) -> str:
+    """
+    The first seat of C{flight} in seat map order that is not C{taken}.
+    """
+    seat = next((s for s in flight.aircraft.seats() if s not in taken), None)
+    if seat is None:
+        raise SoldOut(f"Flight {flight.flight_id} is sold out.", flight=flight.flight_id)
+    return seat
+
+
+def check_seat(flight: Flight, seat: str) -> None:
+    if not flight.aircraft.has_seat(seat):
+        raise UnknownSeat(f"Flight {flight.flight_id} has no seat {seat!r}.", flight=flight.flight_id, seat=seat)
+
+
+def seat_taken(flight: Flight, seat: str, sold: object, held_until: float) -> SeatUnavailable:
+    """
+    The refusal for a seat that has a row: sold (C{sold} is not C{None}) or held.
+    """
+    if sold is not None:
+        return SeatUnavailable(f"Seat {seat} on flight {flight.flight_id} is sold.", flight=flight.flight_id, seat=seat)
+    return SeatUnavailable(
+        f"Seat {seat} on flight {flight.flight_id} is held until {iso_utc(held_until)}.",
+        flight=flight.flight_id,
+        seat=seat,
+        held_until=iso_utc(held_until),
+    )
+
+
+def new_ticket_legs(legs: list[tuple[Flight, str]]) -> tuple[TicketLeg, ...]:
+    return tuple(
+        TicketLeg(
+            flight_id=flight.flight_id,
+            number=flight.number,
+            origin=flight.origin,
+            destination=flight.destination,
+            departure=flight.departure.isoformat(),
+            arrival=flight.arrival.isoformat(),
+            seat=seat,
+            price=flight.fare,
+        )
+        for flight, seat in legs
+    )
+
+
+TICKET_LEG_INSERT = (
+    "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
+    " arrival, seat, price_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def ticket_leg_rows(ticket_id: str, legs: tuple[TicketLeg, ...]) -> list[tuple[Any, ...]]:
+    return [
+        (ticket_id, i, leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure, leg.arrival,
+         leg.seat, leg.price.cents)
+        for i, leg in enumerate(legs)
+    ]
+
+
+def seat_map(flight: Flight, rows: Iterable[tuple[str, str | None, float | None, str | None]], now: float) -> list[SeatState]:
+    """
+    Every seat's state from the rows C{(seat, hold owner, hold expiry,
+    ticket owner)} of the seats that have one; a hold whose time is up is free.
+    """
+    claimed: dict[str, SeatState] = {}
+    for seat, hold_owner, expires_at, ticket_owner in rows:
+        if ticket_owner is not None:
+            claimed[seat] = SeatState(seat, "sold", ticket_owner)
+        elif expires_at is not None and expires_at > now:
+            claimed[seat] = SeatState(seat, "held", hold_owner)
+    return [claimed.get(seat) or _free(seat) for seat in flight.aircraft.seats()]

@@ -56,26 +56,30 @@ from vendepass.errors import (
     HoldExpired,
     HoldNotFound,
     InvalidRequest,
-    SeatUnavailable,
     SessionClosed,
-    SoldOut,
     StorageUnavailable,
     TicketNotFound,
     TooManyHolds,
-    UnknownSeat,
     UsernameTaken,
 )
 from vendepass.fixtures import Fixtures
-from vendepass.model import Flight, HeldSeat, Hold, Money, Network, SeatState, Ticket, TicketLeg, iso_utc
+from vendepass.model import Flight, HeldSeat, Hold, Money, Network, SeatState, Ticket, TicketLeg
 from vendepass.schedule import flight_by_id
 from vendepass.store import IExecutor, IStore, LegRequest
 from vendepass.store.common import (
     REQUEST_RETENTION,
+    TICKET_LEG_INSERT,
     _CommitThenRefuse,
-    _free,
     booking_code,
+    check_seat,
+    first_free_seat,
     hold_code,
+    load_fixtures,
+    new_ticket_legs,
     read_network,
+    seat_map,
+    seat_taken,
+    ticket_leg_rows,
 )
 
 T = TypeVar("T")
@@ -299,44 +303,11 @@ def _create(conn: psycopg.Connection[Any], fixtures: Fixtures, hash_password: Ca
     """
     In the caller's transaction: create the schema and load C{fixtures}.
     """
-    network = fixtures.network
     for statement in _statements(_SCHEMA_1):
         conn.execute(statement)  # type: ignore[arg-type]
     now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0]  # type: ignore[index]
     with conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO airline (code, name, currency) VALUES (%s, %s, %s)",
-            (network.airline_code, network.airline_name, network.currency),
-        )
-        cur.executemany(
-            "INSERT INTO airports (code, city, name, timezone) VALUES (%s, %s, %s, %s)",
-            [(a.code, a.city, a.name, a.timezone) for a in network.airports.values()],
-        )
-        cur.executemany(
-            "INSERT INTO aircraft (type, name, rows, letters) VALUES (%s, %s, %s, %s)",
-            [(a.type, a.name, a.rows, a.letters) for a in network.aircraft.values()],
-        )
-        cur.executemany(
-            "INSERT INTO timetable (flight, origin, destination, departure, duration_minutes, days,"
-            " aircraft, fare_cents) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                (
-                    e.flight,
-                    e.origin,
-                    e.destination,
-                    e.departure.strftime("%H:%M"),
-                    e.duration_minutes,
-                    "".join(str(d) for d in sorted(e.days)),
-                    e.aircraft,
-                    e.fare.cents,
-                )
-                for e in network.timetable
-            ],
-        )
-        cur.executemany(
-            "INSERT INTO users (username, password_hash, created_at) VALUES (%s, %s, %s)",
-            [(c.username, hash_password(c.password), now) for c in fixtures.customers],
-        )
+        load_fixtures(cur.executemany, fixtures, hash_password, now, mark="%s")  # type: ignore[arg-type]
 
 
 def prepare(
@@ -645,32 +616,17 @@ class PostgresStore:
             if leg.seat is None:
                 taken = {row[0] for row in tx.all("SELECT seat FROM seats WHERE flight_id = %s", (flight.flight_id,))}
                 taken.update(s for (f, s) in zip(flight_ids, seats) if f == flight.flight_id)
-                seat = next((s for s in flight.aircraft.seats() if s not in taken), None)
-                if seat is None:
-                    raise SoldOut(f"Flight {flight.flight_id} is sold out.", flight=flight.flight_id)
+                seat = first_free_seat(flight, taken)
             else:
                 seat = leg.seat
-                if not flight.aircraft.has_seat(seat):
-                    raise UnknownSeat(
-                        f"Flight {flight.flight_id} has no seat {seat!r}.", flight=flight.flight_id, seat=seat
-                    )
+                check_seat(flight, seat)
                 row = tx.one(
                     "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
                     " WHERE s.flight_id = %s AND s.seat = %s",
                     (flight.flight_id, seat),
                 )
                 if row is not None:
-                    sold, held_until = row
-                    if sold is not None:
-                        raise SeatUnavailable(
-                            f"Seat {seat} on flight {flight.flight_id} is sold.", flight=flight.flight_id, seat=seat
-                        )
-                    raise SeatUnavailable(
-                        f"Seat {seat} on flight {flight.flight_id} is held until {iso_utc(held_until)}.",
-                        flight=flight.flight_id,
-                        seat=seat,
-                        held_until=iso_utc(held_until),
-                    )
+                    raise seat_taken(flight, seat, *row)
             tx.execute(
                 "INSERT INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (%s, %s, %s, %s)",
                 (flight.flight_id, seat, hold_id, ticket_id),
@@ -828,28 +784,8 @@ class PostgresStore:
         raise RuntimeError("no free booking code found")
 
     def _ticket_legs(self, tx: _Tx, ticket_id: str, username: str, legs: list[tuple[Flight, str]]) -> Ticket:
-        ticket_legs = tuple(
-            TicketLeg(
-                flight_id=flight.flight_id,
-                number=flight.number,
-                origin=flight.origin,
-                destination=flight.destination,
-                departure=flight.departure.isoformat(),
-                arrival=flight.arrival.isoformat(),
-                seat=seat,
-                price=flight.fare,
-            )
-            for flight, seat in legs
-        )
-        tx.executemany(
-            "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
-            " arrival, seat, price_cents) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                (ticket_id, i, leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure,
-                 leg.arrival, leg.seat, leg.price.cents)
-                for i, leg in enumerate(ticket_legs)
-            ],
-        )
+        ticket_legs = new_ticket_legs(legs)
+        tx.executemany(TICKET_LEG_INSERT.replace("?", "%s"), ticket_leg_rows(ticket_id, ticket_legs))
         price = Money(sum(leg.price.cents for leg in ticket_legs), self._currency)
         return Ticket(ticket_id, username, "active", ticket_legs, price, tx.now, None)
 
@@ -963,18 +899,13 @@ class PostgresStore:
 
     def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
         def work(tx: _Tx) -> list[SeatState]:
-            claimed: dict[str, SeatState] = {}
-            for seat, hold_owner, expires_at, ticket_owner in tx.all(
+            rows = tx.all(
                 "SELECT s.seat, h.username, h.expires_at, t.username FROM seats s"
                 " LEFT JOIN holds h ON h.hold_id = s.hold_id"
                 " LEFT JOIN tickets t ON t.ticket_id = s.ticket_id WHERE s.flight_id = %s",
                 (flight.flight_id,),
-            ):
-                if ticket_owner is not None:
-                    claimed[seat] = SeatState(seat, "sold", ticket_owner)
-                elif expires_at > tx.now:
-                    claimed[seat] = SeatState(seat, "held", hold_owner)
-            return [claimed.get(seat) or _free(seat) for seat in flight.aircraft.seats()]
+            )
+            return seat_map(flight, rows, tx.now)
 
         return self._transact(work)
 

@@ -32,14 +32,11 @@ from vendepass.errors import (
     FlightDeparted,
     HoldExpired,
     HoldNotFound,
-    SeatUnavailable,
     SessionClosed,
-    SoldOut,
     StorageUnavailable,
     TooManyHolds,
     InvalidRequest,
     TicketNotFound,
-    UnknownSeat,
     UsernameTaken,
 )
 from vendepass.fixtures import Fixtures
@@ -52,17 +49,23 @@ from vendepass.model import (
     SeatState,
     Ticket,
     TicketLeg,
-    iso_utc,
 )
 from vendepass.schedule import flight_by_id
 from vendepass.store import IExecutor, IStore, LegRequest
 from vendepass.store.common import (
     REQUEST_RETENTION,
+    TICKET_LEG_INSERT,
     _CommitThenRefuse,
-    _free,
     booking_code,
+    check_seat,
+    first_free_seat,
     hold_code,
+    load_fixtures,
+    new_ticket_legs,
     read_network,
+    seat_map,
+    seat_taken,
+    ticket_leg_rows,
 )
 
 T = TypeVar("T")
@@ -306,43 +309,10 @@ def create(db: sqlite3.Connection, fixtures: Fixtures, hash_password: Callable[[
     Create the schema in an empty database and load C{fixtures} into it, in
     one transaction.
     """
-    network = fixtures.network
     db.execute("BEGIN IMMEDIATE")
     try:
         migrate(db, 0)
-        db.execute(
-            "INSERT INTO airline (code, name, currency) VALUES (?, ?, ?)",
-            (network.airline_code, network.airline_name, network.currency),
-        )
-        db.executemany(
-            "INSERT INTO airports (code, city, name, timezone) VALUES (?, ?, ?, ?)",
-            [(a.code, a.city, a.name, a.timezone) for a in network.airports.values()],
-        )
-        db.executemany(
-            "INSERT INTO aircraft (type, name, rows, letters) VALUES (?, ?, ?, ?)",
-            [(a.type, a.name, a.rows, a.letters) for a in network.aircraft.values()],
-        )
-        db.executemany(
-            "INSERT INTO timetable (flight, origin, destination, departure, duration_minutes, days,"
-            " aircraft, fare_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    e.flight,
-                    e.origin,
-                    e.destination,
-                    e.departure.strftime("%H:%M"),
-                    e.duration_minutes,
-                    "".join(str(d) for d in sorted(e.days)),
-                    e.aircraft,
-                    e.fare.cents,
-                )
-                for e in network.timetable
-            ],
-        )
-        db.executemany(
-            "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
-            [(c.username, hash_password(c.password), now) for c in fixtures.customers],
-        )
+        load_fixtures(db.executemany, fixtures, hash_password, now)
     except BaseException:
         db.execute("ROLLBACK")
         raise
@@ -793,35 +763,17 @@ class SQLiteStore:
                 (listed,) = db.execute(
                     "SELECT group_concat(seat, ' ') FROM seats WHERE flight_id = ?", (flight.flight_id,)
                 ).fetchone()
-                taken = set(listed.split()) if listed else set()
-                seat = next((s for s in flight.aircraft.seats() if s not in taken), None)
-                if seat is None:
-                    raise SoldOut(f"Flight {flight.flight_id} is sold out.", flight=flight.flight_id)
+                seat = first_free_seat(flight, set(listed.split()) if listed else set())
             else:
                 seat = leg.seat
-                if not flight.aircraft.has_seat(seat):
-                    raise UnknownSeat(
-                        f"Flight {flight.flight_id} has no seat {seat!r}.", flight=flight.flight_id, seat=seat
-                    )
+                check_seat(flight, seat)
                 row = db.execute(
                     "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
                     " WHERE s.flight_id = ? AND s.seat = ?",
                     (flight.flight_id, seat),
                 ).fetchone()
                 if row is not None:
-                    sold, held_until = row
-                    if sold is not None:
-                        raise SeatUnavailable(
-                            f"Seat {seat} on flight {flight.flight_id} is sold.",
-                            flight=flight.flight_id,
-                            seat=seat,
-                        )
-                    raise SeatUnavailable(
-                        f"Seat {seat} on flight {flight.flight_id} is held until {iso_utc(held_until)}.",
-                        flight=flight.flight_id,
-                        seat=seat,
-                        held_until=iso_utc(held_until),
-                    )
+                    raise seat_taken(flight, seat, *row)
             db.execute(
                 "INSERT INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)",
                 (flight.flight_id, seat, hold_id, ticket_id),
@@ -987,28 +939,8 @@ class SQLiteStore:
         """
         Record the legs of a new ticket and return it.
         """
-        ticket_legs = tuple(
-            TicketLeg(
-                flight_id=flight.flight_id,
-                number=flight.number,
-                origin=flight.origin,
-                destination=flight.destination,
-                departure=flight.departure.isoformat(),
-                arrival=flight.arrival.isoformat(),
-                seat=seat,
-                price=flight.fare,
-            )
-            for flight, seat in legs
-        )
-        db.executemany(
-            "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
-            " arrival, seat, price_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (ticket_id, i, leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure,
-                 leg.arrival, leg.seat, leg.price.cents)
-                for i, leg in enumerate(ticket_legs)
-            ],
-        )
+        ticket_legs = new_ticket_legs(legs)
+        db.executemany(TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs))
         price = Money(sum(leg.price.cents for leg in ticket_legs), self._currency)
         return Ticket(ticket_id, username, "active", ticket_legs, price, now, None)
 
@@ -1124,18 +1056,13 @@ class SQLiteStore:
 
     def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
         def work(db: sqlite3.Connection, now: float) -> list[SeatState]:
-            claimed: dict[str, SeatState] = {}
-            for seat, hold_owner, expires_at, ticket_owner in db.execute(
+            rows = db.execute(
                 "SELECT s.seat, h.username, h.expires_at, t.username FROM seats s"
                 " LEFT JOIN holds h ON h.hold_id = s.hold_id"
                 " LEFT JOIN tickets t ON t.ticket_id = s.ticket_id WHERE s.flight_id = ?",
                 (flight.flight_id,),
-            ):
-                if ticket_owner is not None:
-                    claimed[seat] = SeatState(seat, "sold", ticket_owner)
-                elif expires_at > now:
-                    claimed[seat] = SeatState(seat, "held", hold_owner)
-            return [claimed.get(seat) or _free(seat) for seat in flight.aircraft.seats()]
+            )
+            return seat_map(flight, rows, now)
 
         return self._read(work)
 
