@@ -18,7 +18,9 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
 
+from tests import pg
 from tests.common import MINI
 from tests.test_end_to_end import DEADLINE, Connection, ServerProcess, ServerTestCase
 from vendepass.bench.checks import Ack, check_invariants, load_acks
@@ -95,6 +97,23 @@ class BenchTests(ServerTestCase):
         self.assertGreater(report["server"]["peak_rss_kb"], 0)
         self.assertGreater(report["ceiling"]["operations"], 0)
         self.assertEqual(set(report["ratios"]), {"throughput", "p99"})
+        self.assertChecksPassed(report, PROTOCOL_CHECKS | {"admin_verify"})
+
+    def test_two_servers_on_postgres(self) -> None:
+        """
+        With C{--also-connect}, customers are dealt out to two servers that
+        share one PostgreSQL database, and the invariant checks (through
+        both servers' data, and C{vendepass-admin verify} on the database)
+        pass.
+        """
+        url = pg.fresh_url(self)
+        first, second = self.start("--db", url), self.start("--db", url)
+        report = self.bench(
+            "buy", "--connect", f"tcp:127.0.0.1:{first.port}", "--also-connect", f"tcp:127.0.0.1:{second.port}",
+            "-c", str(CUSTOMERS), "--db", url, "--count", "30", "--no-ceiling",
+        )
+        self.assertEqual(report["measure"]["operations"], 30)
+        self.assertEqual(report["server"]["pid"], first.process.pid)
         self.assertChecksPassed(report, PROTOCOL_CHECKS | {"admin_verify"})
 
     def test_hold_buy_and_a_planted_double_sale(self) -> None:
@@ -224,3 +243,19 @@ class BenchTests(ServerTestCase):
             self.assertTrue(checks["admin_verify"].passed)
 
         return Deferred.fromCoroutine(run())
+
+
+class TargetTests(SynchronousTestCase):
+    def test_dealt_out(self) -> None:
+        """
+        Customers are dealt out to the targets in turn, each target
+        spreading its own share over source addresses.
+        """
+        first = Target.parse(reactor, "tcp:127.0.0.1:1001", per_address=2)
+        target = first.with_others([Target.parse(reactor, "tcp:127.0.0.1:1002", per_address=2)])
+        endpoints = [target.endpoint(reactor, i) for i in range(6)]
+        self.assertEqual([e._port for e in endpoints], [1001, 1002] * 3)  # type: ignore[attr-defined]
+        self.assertEqual(
+            [e._bindAddress[0] for e in endpoints],  # type: ignore[attr-defined]
+            ["127.0.1.1", "127.0.1.1", "127.0.1.1", "127.0.1.1", "127.0.1.2", "127.0.1.2"],
+        )

@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
         if name != "ceiling":
             p.add_argument("--connect", default=DEFAULT_CONNECT, metavar="ENDPOINT",
                            help=f"the server, as a Twisted client endpoint string (default {DEFAULT_CONNECT})")
+            p.add_argument("--also-connect", action="append", default=[], metavar="ENDPOINT",
+                           help="another server sharing the same database (repeatable): customers are dealt"
+                                " out to --connect and these in turn; the server figures are --connect's")
         what = "connections" if name == "idle" else "bench accounts to log in" if name == "check" else "customers"
         p.add_argument("-c", "--customers", type=int, default=customers, metavar="N",
                        help=f"{what}, one connection each (default {customers:,})")
@@ -172,7 +175,10 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextI
 
     def start() -> None:
         try:
-            bench = Bench(reactor, s, Target.parse(reactor, s.connect, s.spread, s.per_address), progress)
+            target = Target.parse(reactor, s.connect, s.spread, s.per_address).with_others(
+                [Target.parse(reactor, other, s.spread, s.per_address) for other in s.also_connect]
+            )
+            bench = Bench(reactor, s, target, progress)
         except BenchError as e:
             finish(Failure(e))
             return

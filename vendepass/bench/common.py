@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import attrs
 from attrs import frozen
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -26,6 +27,7 @@ class Settings:
 
     scenario: str
     connect: str = DEFAULT_CONNECT
+    also_connect: list[str] = attrs.field(factory=list)
     customers: int = 1000
     count: int = 1_000_000
     duration: float = 10.0

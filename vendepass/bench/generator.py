@@ -19,6 +19,7 @@ import time
 from collections import defaultdict, deque
 from typing import IO, Any, Callable
 
+import attrs
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, connectProtocol
@@ -220,6 +221,9 @@ class Target:
     port: int | None
     spread: bool
     per_address: int
+    # More servers of the same airline (on one database): customers are
+    # dealt out to this target and these in turn.
+    others: tuple[Target, ...] = ()
 
     @classmethod
     def parse(cls, reactor: Any, description: str, spread: bool = True, per_address: int = PER_ADDRESS) -> Target:
@@ -240,7 +244,14 @@ class Target:
                 host = None
         return cls(description, host, port if host else None, spread, per_address)
 
+    def with_others(self, others: list[Target]) -> Target:
+        return attrs.evolve(self, others=tuple(others))
+
     def endpoint(self, reactor: Any, index: int) -> IStreamClientEndpoint:
+        if self.others:
+            targets = (self, *self.others)
+            target = attrs.evolve(targets[index % len(targets)], others=())
+            return target.endpoint(reactor, index // len(targets))
         if not self.spread or self.host is None or self.port is None:
             return clientFromString(reactor, self.description)
         return TCP4ClientEndpoint(
