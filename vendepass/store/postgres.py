@@ -435,6 +435,9 @@ class PostgresStore:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = psycopg.connect(self.url, autocommit=True)
+            # Durable: a COMMIT returns once it is flushed to disk, whatever
+            # the database's default (an acknowledged purchase is never lost).
+            conn.execute("SET synchronous_commit TO on")
             self._local.conn = conn
             self._connections.append(conn)
             self._own_pids.add(conn.info.backend_pid)
