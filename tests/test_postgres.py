@@ -253,3 +253,34 @@ class UnavailableTests(TestCase):
         store.start()
         self.addCleanup(store.stop)
         return self.assertFailure(store.password_hash("alice"), StorageUnavailable)
+
+
+class AdminTests(TestCase):
+    def test_password_not_shown(self) -> None:
+        """
+        When the database cannot be read, C{vendepass-admin} says so without
+        the password in the URL.
+        """
+        import io
+
+        from vendepass.admin import main
+
+        out = io.StringIO()
+        code = main(["verify", "--db", "postgresql://vp:s3cret@127.0.0.1:1/vendepass"], out)
+        self.assertEqual(code, 2)
+        self.assertIn("postgresql://vp:***@127.0.0.1:1/vendepass", out.getvalue())
+        self.assertNotIn("s3cret", out.getvalue())
+
+    def test_audit_cannot_be_truncated(self) -> None:
+        """
+        The audit log is append-only: no UPDATE, DELETE or TRUNCATE.
+        """
+        url = pg.fresh_url(self)
+        prepare(url, lambda: load(MINI), FAST_HASHER.hash)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO audit (at, username, action, seats) VALUES (0, 'alice', 'hold', '[]')"
+            )
+            for statement in ("UPDATE audit SET at = 1", "DELETE FROM audit", "TRUNCATE audit"):
+                self.assertRaises(psycopg.errors.RaiseException, conn.execute, statement)
+            self.assertEqual(conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0], 1)  # type: ignore[index]

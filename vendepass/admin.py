@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
 import sys
 from typing import Any, TextIO
@@ -140,13 +141,18 @@ def open_read_only(path: str) -> Any:
     """
     The database at C{path} (a SQLite file) or a C{postgresql://} URL, to read.
     """
-    from vendepass.store.postgres import is_postgres_url
+    from vendepass.store.postgres import connect, is_postgres_url
 
     if is_postgres_url(path):
-        import psycopg
-
-        return psycopg.connect(path, autocommit=True)
+        return connect(path)
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+
+
+def _redacted(db: str) -> str:
+    """
+    C{db} without the password a database URL may hold.
+    """
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", db)
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
 
         if not isinstance(e, (sqlite3.Error, psycopg.Error)):
             raise
-        out.write(f"vendepass-admin: cannot read {args.db}: {e}\n")
+        out.write(f"vendepass-admin: cannot read {_redacted(args.db)}: {e}\n")
         return 2
     if args.json:
         out.write(json.dumps({"clean": not report.findings, "findings": report.findings, "events": report.events,

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import attrs
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
@@ -201,7 +202,7 @@ CREATE TABLE audit (
 );
 CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
-CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
 """
 
@@ -220,6 +221,20 @@ def _flight_lock(flight_id: str) -> int:
 
 def is_postgres_url(db: str) -> bool:
     return db.startswith(("postgresql://", "postgres://"))
+
+
+# Seconds to wait for the database to answer a connection attempt, unless
+# the URL says (libpq's default is to wait as long as TCP does).
+CONNECT_TIMEOUT = 10
+
+
+def connect(url: str) -> psycopg.Connection[Any]:
+    """
+    A connection in autocommit mode (transactions are explicit).
+    """
+    params = conninfo_to_dict(url)
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    return psycopg.connect(make_conninfo("", **params), autocommit=True)
 
 
 @attrs.define
@@ -318,7 +333,7 @@ def prepare(
     Servers starting at once take turns (an advisory lock), so exactly one
     of them creates it. This blocks.
     """
-    with psycopg.connect(url, autocommit=True) as conn:
+    with connect(url) as conn:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _SCHEMA_LOCK)
             conn.execute("CREATE TABLE IF NOT EXISTS vendepass_schema (version INTEGER NOT NULL)")
@@ -399,7 +414,7 @@ class PostgresStore:
         This blocks: call it before the reactor runs, or from a thread.
         """
         prepare(url, fixtures, hash_password)
-        with psycopg.connect(url, autocommit=True) as conn:
+        with connect(url) as conn:
             network = read_network(conn)
         return cls(url, network, executor, reactor, clock, max_held_seats)
 
@@ -434,7 +449,7 @@ class PostgresStore:
         """
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = psycopg.connect(self.url, autocommit=True)
+            conn = connect(self.url)
             # Durable: a COMMIT returns once it is flushed to disk, whatever
             # the database's default (an acknowledged purchase is never lost).
             conn.execute("SET synchronous_commit TO on")
@@ -527,7 +542,7 @@ class PostgresStore:
         assert self._reactor is not None
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True) as conn:
+                with connect(self.url) as conn:
                     conn.execute(f"LISTEN {EXPIRED_CHANNEL}")
                     while not self._stopping.is_set():
                         for note in conn.notifies(timeout=0.5):
