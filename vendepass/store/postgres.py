@@ -19,7 +19,10 @@ Concurrency, at C{READ COMMITTED}:
   - a hold or ticket row is locked (C{FOR UPDATE}, or the conditional
     C{UPDATE ... WHERE state = 'active'}) before its seats change; a
     transaction that ends several holds locks them in hold id order;
-  - the lock order is therefore user, flights, holds and tickets, seats;
+  - a request with a C{request_id} first locks that request (so that the
+    same request sent twice at once is done once and replayed once);
+  - the lock order is therefore request, user, flights, holds and
+    tickets, seats;
     should PostgreSQL still report a serialization failure, a deadlock or a
     unique violation (two servers doing the same request_id at once), the
     transaction is retried from the start, a few times, and then refused
@@ -93,6 +96,7 @@ RETRIES = 8
 # Advisory lock keys: the first of the two 32-bit halves says what is locked.
 _SCHEMA_LOCK = (0x56500000, 0)
 _FLIGHT_LOCK = 0x56500001
+_REQUEST_LOCK = 0x56500002
 
 _SCHEMA_1 = """
 CREATE TABLE airline (
@@ -212,11 +216,11 @@ MIGRATIONS: list[str] = [_SCHEMA_1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _flight_lock(flight_id: str) -> int:
+def _lock_key(name: str) -> int:
     """
-    The advisory lock key of a flight: the same on every server.
+    The advisory lock key of a flight or a request: the same on every server.
     """
-    return int.from_bytes(hashlib.blake2b(flight_id.encode(), digest_size=4).digest(), "big", signed=True)
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big", signed=True)
 
 
 def is_postgres_url(db: str) -> bool:
@@ -276,8 +280,16 @@ def _audit(
 
 
 def _replay(tx: _Tx, username: str, request_id: str | None, kind: str) -> str | None:
+    """
+    The outcome recorded for C{request_id} of C{username}, if that request
+    was already done. The same request running at once on two connections
+    (a client retrying through another server) takes turns on a lock, the
+    first lock of its transaction: the second one waits for the first to
+    commit, then finds its outcome here and answers it again.
+    """
     if request_id is None:
         return None
+    tx.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_REQUEST_LOCK, _lock_key(f"{username}/{request_id}")))
     row = tx.one("SELECT kind, outcome FROM requests WHERE username = %s AND request_id = %s", (username, request_id))
     if row is None:
         return None
@@ -625,7 +637,7 @@ class PostgresStore:
         flight_ids = [leg.flight.flight_id for leg in legs]
         # The flights' locks, in one order on every server: claims of the
         # same flight take turns, and claims of several never deadlock.
-        for key in sorted({_flight_lock(f) for f in flight_ids}):
+        for key in sorted({_lock_key(f) for f in flight_ids}):
             tx.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_FLIGHT_LOCK, key))
         self._end_expired_on(tx, sorted(set(flight_ids)))
         seats: list[str] = []
