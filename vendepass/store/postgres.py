@@ -49,6 +49,7 @@ import attrs
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
@@ -517,11 +518,15 @@ class PostgresStore:
         conn = self._connection()
         refusal: Exception | None = None
         with conn.cursor() as cur:
-            with conn.transaction():
-                if self._clock is None:
-                    now = cur.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0]  # type: ignore[index]
-                else:
-                    now = self._clock.seconds()
+            if self._clock is None:
+                # One round trip: BEGIN, and the transaction's time.
+                cur.execute("BEGIN; SELECT extract(epoch FROM now())::float8")
+                cur.nextset()
+                now = cur.fetchone()[0]  # type: ignore[index]
+            else:
+                cur.execute("BEGIN")
+                now = self._clock.seconds()
+            try:
                 tx = self.transaction_class(cur, now)
                 try:
                     result = work(tx)
@@ -529,6 +534,14 @@ class PostgresStore:
                     refusal = e.error
                 for hold_id, session_id in tx.ended:
                     tx.execute("SELECT pg_notify(%s, %s)", (EXPIRED_CHANNEL, f"{hold_id} {session_id}"))
+                cur.execute("COMMIT")
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    try:
+                        cur.execute("ROLLBACK")
+                    except psycopg.Error:
+                        self._drop_connection()
+                raise
         ended.extend(tx.ended)
         if refusal is not None:
             raise refusal
