@@ -83,7 +83,7 @@ class ServerProcess:
                 break
             if line is None:
                 break
-            match = re.search(r"VendePassFactory(?: \(TLS\))? starting on (\d+)", line)
+            match = re.search(r"VendePassFactory(?: \((?:TLS|PROXY)\))? starting on (\d+)", line)
             if match:
                 return int(match.group(1))
         self.kill()

@@ -324,6 +324,8 @@ class MultiServerTestCase(ServerTestCase):
     Servers sharing one fresh PostgreSQL schema, and customers of theirs.
     """
 
+    server_process: type[ServerProcess] = ServerProcess
+
     timeout = 120
 
     def setUp(self) -> None:
@@ -342,7 +344,7 @@ class MultiServerTestCase(ServerTestCase):
         """
         started = await DeferredList(
             [
-                deferToThread(ServerProcess, self.directory, "--db", self.url, *args, *each(i))
+                deferToThread(self.server_process, self.directory, "--db", self.url, *args, *each(i))
                 for i in range(count)
             ],
             consumeErrors=True,

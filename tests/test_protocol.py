@@ -11,13 +11,18 @@ from __future__ import annotations
 import gc
 import json
 import re
+import socket
+import struct
 from typing import Any, Callable, cast
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
@@ -1773,3 +1778,166 @@ class RequestLogTests(ProtocolTestCase):
             [(e["opcode"], e["outcome"], e["user"]) for e in events],
             [(1, "ok", "alice"), (42, "unknown_opcode", "alice")],
         )
+
+
+# -- behind HAProxy: the PROXY protocol -------------------------------------------
+
+HAPROXY = IPv4Address("TCP", "10.0.0.1", 40000)
+
+
+def proxy_v1(source: str, port: int = 51000) -> bytes:
+    """
+    A PROXY protocol v1 header: a customer at C{source} connected to HAProxy.
+    """
+    return f"PROXY TCP4 {source} 10.0.0.2 {port} 65432\r\n".encode()
+
+
+def proxy_v2(source: str | None, port: int = 51000) -> bytes:
+    """
+    A PROXY protocol v2 header (what C{send-proxy-v2} sends): a customer at
+    C{source} connected to HAProxy, or, for C{None}, the LOCAL command of
+    HAProxy's own health checks (no address).
+    """
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    if source is None:
+        return signature + b"\x20\x00" + struct.pack("!H", 0)
+    addresses = socket.inet_aton(source) + socket.inet_aton("10.0.0.2") + struct.pack("!HH", port, 65432)
+    return signature + b"\x21\x11" + struct.pack("!H", len(addresses)) + addresses
+
+
+class ProxiedClient(LineClient):
+    """
+    A connection through HAProxy to a server listening with C{--listen
+    haproxy:...}: Twisted's PROXY-protocol wrapper (what the C{haproxy:}
+    endpoint puts around the factory) over a L{StringTransport} whose peer
+    is HAProxy. Bytes fed go to the wrapper, PROXY header first.
+    """
+
+    def __init__(self, factory: VendePassFactory) -> None:
+        self.factory = factory
+        self.wrapper = HAProxyWrappingFactory(factory).buildProtocol(HAPROXY)
+        self.transport = StringTransport(peerAddress=HAPROXY)
+        self.wrapper.makeConnection(self.transport)
+        protocol = self.wrapper.wrappedProtocol
+        assert isinstance(protocol, VendePassProtocol)
+        self.protocol = protocol
+        self._pending = b""
+        self.received = []
+        self.next_id = 0
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self.wrapper.dataReceived(data)
+        return self.messages()
+
+    @property
+    def peer(self) -> str:
+        assert self.protocol.session is not None
+        return self.protocol.session.peer
+
+
+class ProxyProtocolTests(ProtocolTestCase):
+    """
+    Behind HAProxy (C{send-proxy-v2}) a server listening with C{--listen
+    haproxy:tcp:...} learns each customer's address from the PROXY header,
+    and login throttling counts failures per customer address, not per
+    HAProxy.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory = VendePassFactory(self.service, self.clock, max_connections_per_ip=1000)
+
+    def proxied(self, header: bytes) -> ProxiedClient:
+        client = ProxiedClient(self.factory)
+        # The welcome is sent at once, before the PROXY header is read.
+        [welcome] = client.messages()
+        self.assertEqual(welcome["event"], "welcome")
+        self.assertEqual(client.peer, "10.0.0.1")
+        if header:
+            self.assertEqual(client.feed(header), [])
+        return client
+
+    def test_peer_is_the_header_source(self) -> None:
+        """
+        At login the session's peer is the PROXY header's source address,
+        v1 or v2, whether the header comes alone or with the first request.
+        """
+        v1 = self.proxied(proxy_v1("203.0.113.7"))
+        v1.login(ALICE)
+        self.assertEqual(v1.peer, "203.0.113.7")
+        v2 = self.proxied(b"")
+        [reply] = v2.feed(proxy_v2("198.51.100.9") + line({"opcode": 1, "id": 1, "data": ALICE_LOGIN}))
+        self.assertEqual(reply, success(1, 1, {"username": "alice"}))
+        self.assertEqual(v2.peer, "198.51.100.9")
+        self.assertEqual(v2.transport.getPeer(), HAPROXY)
+
+    def test_throttling_is_per_customer_address(self) -> None:
+        """
+        Failed logins from one customer behind HAProxy throttle that
+        customer's address only: a customer at another address, through the
+        same HAProxy, logs in at once.
+        """
+        guesser = self.proxied(proxy_v2("203.0.113.7"))
+        for _ in range(5):
+            self.assertEqual(guesser.error(1, {"username": "nobody_here", "password": "guess"})["code"],
+                             "bad_credentials")
+        limited = guesser.error(1, ALICE_LOGIN)
+        self.assertEqual((limited["code"], limited["retry_after"]), ("rate_limited", 1))
+        # Another connection from the guesser's address is throttled too.
+        again = self.proxied(proxy_v2("203.0.113.7", port=51001))
+        self.assertEqual(again.error(1, ALICE_LOGIN)["code"], "rate_limited")
+        # A customer elsewhere is not.
+        other = self.proxied(proxy_v2("198.51.100.9"))
+        other.login(ALICE)
+        self.assertEqual(other.ok(4), {"tickets": []})
+
+    def test_health_check(self) -> None:
+        """
+        HAProxy's health checks (C{check-send-proxy}) send the LOCAL command,
+        without an address: they get the welcome, and the session keeps the
+        connection's own peer.
+        """
+        check = self.proxied(proxy_v2(None))
+        self.assertEqual(set(check.ok(0)), {"time"})
+        self.assertEqual(check.peer, "10.0.0.1")
+        self.assertFalse(check.transport.disconnecting)
+
+    def test_no_header(self) -> None:
+        """
+        A connection that does not start with a PROXY header (a customer
+        reaching the server around HAProxy) is closed at its first bytes:
+        the welcome was sent, but no request is answered.
+        """
+        direct = self.proxied(b"")
+        self.assertEqual(direct.feed(line({"opcode": 0, "id": 1})), [])
+        self.assertTrue(direct.transport.disconnecting)
+
+    def test_connection_limit_counts_haproxy(self) -> None:
+        """
+        The per-address connection limit is applied when the connection is
+        accepted, before its PROXY header is read: it counts HAProxy's
+        connections (hence a high --max-connections-per-ip behind HAProxy,
+        which limits each customer address itself).
+        """
+        self.factory.max_connections_per_ip = 2
+        self.proxied(proxy_v2("203.0.113.7"))
+        self.proxied(proxy_v2("198.51.100.9"))
+        third = ProxiedClient(self.factory)
+        [refused] = third.messages()
+        self.assertEqual(refused["error"]["code"], "too_many_connections")
+        self.assertTrue(third.transport.disconnecting)
+
+    def test_plain_listener_keeps_its_peer(self) -> None:
+        """
+        Without the wrapper nothing changes: the peer read at connection
+        stays the session's (and one set on the session stays too).
+        """
+        client = LineClient(self.service)
+        assert client.protocol.session is not None
+        client.protocol.session.peer = "10.9.8.7"
+        client.login(ALICE)
+        self.assertEqual(client.protocol.session.peer, "10.9.8.7")
+        plain = LineClient(self.service)
+        plain.login(BOB)
+        assert plain.protocol.session is not None
+        self.assertEqual(plain.protocol.session.peer, "192.168.1.1")  # StringTransport's peer

@@ -71,6 +71,42 @@ class OptionsTests(SynchronousTestCase):
         for bad in ("0", "65536", "many"):
             self.assertRaises(UsageError, self.parse, "--backlog", bad)
 
+    def test_backlog_behind_haproxy(self) -> None:
+        """
+        --backlog also applies to tcp, tcp6 and ssl endpoints wrapped for the
+        PROXY protocol (haproxy:...): the backlog= added at the end reaches
+        the endpoint that listens, inside the wrapper.
+        """
+        options = self.parse(
+            "--backlog", "1000",
+            "--listen", "haproxy:tcp:0:interface=127.0.0.1",
+            "--listen", r"HAProxy:tcp6:0:interface=\:\:1",
+            "--listen", "haproxy:tcp:0:backlog=7:interface=127.0.0.1",
+            "--listen", "haproxy:unix:/tmp/vendepass-test.sock",
+        )
+        self.assertEqual(
+            options["listen"],
+            ["haproxy:tcp:0:interface=127.0.0.1:backlog=1000", r"HAProxy:tcp6:0:interface=\:\:1:backlog=1000",
+             "haproxy:tcp:0:backlog=7:interface=127.0.0.1", "haproxy:unix:/tmp/vendepass-test.sock"],
+        )
+        self.assertEqual(with_backlog("haproxy:ssl:443:privateKey=k.pem", 9), "haproxy:ssl:443:privateKey=k.pem:backlog=9")
+        self.assertEqual(with_backlog("haproxy:haproxy:tcp:1", 9), "haproxy:haproxy:tcp:1:backlog=9")
+        self.assertEqual(with_backlog("haproxy:", 9), "haproxy:")
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+        from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+        # What Twisted builds from them (private attributes: the wrapper's
+        # endpoint and the backlog it listens with are not public).
+        for description, kind, backlog in zip(
+            options["listen"][:3], [TCP4ServerEndpoint, TCP6ServerEndpoint, TCP4ServerEndpoint], [1000, 1000, 7]
+        ):
+            endpoint = serverFromString(reactor, description)
+            self.assertIs(endpoint._wrapperFactory, HAProxyWrappingFactory)  # type: ignore[attr-defined]
+            inner = endpoint._wrappedEndpoint  # type: ignore[attr-defined]
+            self.assertIsInstance(inner, kind)
+            self.assertEqual((inner._backlog, inner._port), (backlog, 0))
+
     def test_max_batch(self) -> None:
         self.assertEqual(self.parse("--max-batch", "1")["max-batch"], 1)
         for bad in ("0", "10001", "lots"):
@@ -140,6 +176,31 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertTrue(db.exists())
         self.assertEqual(reservations[0].store.max_batch, 256)  # type: ignore[attr-defined]
         reservations[0].store.stop()
+
+    def test_haproxy_listener(self) -> None:
+        """
+        --listen haproxy:tcp:... is served by the same factory, behind
+        Twisted's PROXY-protocol wrapper.
+        """
+        db = Path(self.mktemp()).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        options = Options()
+        options.parseOptions(
+            ["--db", str(db), "--fixtures", str(MINI), "--listen", "haproxy:tcp:0:interface=127.0.0.1",
+             "--listen", "tcp:0:interface=127.0.0.1"]
+        )
+        self.assertEqual(options["listen"][0], "haproxy:tcp:0:interface=127.0.0.1:backlog=4096")
+        top = makeService(options)
+        services = list(top)  # type: ignore[call-overload]
+        endpoints = [s for s in services if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(len(endpoints), 2)
+        self.assertIs(endpoints[0].factory, endpoints[1].factory)
+        self.assertIsInstance(endpoints[0].factory, VendePassFactory)
+        from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+        self.assertIs(endpoints[0].endpoint._wrapperFactory, HAProxyWrappingFactory)  # type: ignore[attr-defined]
+        [reservations] = [s for s in services if isinstance(s, ReservationService)]
+        reservations.store.stop()  # type: ignore[attr-defined]
 
     def test_unopenable_database(self) -> None:
         options = Options()

@@ -69,6 +69,14 @@ def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], requi
     return value
 
 
+def _host(address: IAddress) -> str:
+    """
+    What identifies a peer for connection limits, login throttling and
+    logs: its IP address (any port), or the whole address if it has none.
+    """
+    return str(getattr(address, "host", address))
+
+
 def _is_unicode(text: str) -> bool:
     """
     Whether C{text} is real Unicode text: JSON's C{"\\ud800"} escapes can
@@ -168,6 +176,8 @@ class VendePassProtocol(LineReceiver):
         self._idle_call: IDelayedCall | None = None
         # The address the factory counted this connection under.
         self._counted_host: str | None = None
+        # The customer's address as the session knows it (see _learn_peer).
+        self._peer_host: str | None = None
         # Set when the connection is refused at once (with this error).
         self.refusal: VendePassError | None = None
         # Log a line per request (at debug level)?
@@ -183,7 +193,8 @@ class VendePassProtocol(LineReceiver):
             self.transport.loseConnection()
             return
         peer: IAddress = self.transport.getPeer()
-        self.session = self.service.open_session(self._event, str(getattr(peer, "host", peer)))
+        self._peer_host = _host(peer)
+        self.session = self.service.open_session(self._event, self._peer_host)
         self._log.debug("connection from {peer}", peer=peer)
         self._reset_idle()
         self._send(
@@ -255,6 +266,30 @@ class VendePassProtocol(LineReceiver):
             # Handle the lines that arrived meanwhile.
             self.dataReceived(b"")
 
+    def _learn_peer(self) -> None:
+        """
+        Read the customer's address again, at the first request.
+
+        Behind a PROXY-protocol listener (C{--listen haproxy:tcp:...}), this
+        protocol is connected, and greets, before the PROXY header has been
+        read: until then the transport's peer is the proxy's address. No
+        request reaches this protocol before the header has been read, so
+        from the first one on, the transport's peer is the customer's, and
+        that is the address the session's login throttling and logs use.
+        On any other listener the peer does not change, and the session's
+        is left as it is.
+        """
+        if self.session is None or self.transport is None:
+            return
+        peer = self.transport.getPeer()
+        host = _host(peer)
+        if host != self._peer_host:
+            self._log.debug(
+                "connection of {session} is from {peer} (PROXY header)", session=self.session, peer=peer
+            )
+            self._peer_host = host
+            self.session.peer = host
+
     def _reset_idle(self) -> None:
         if self.idle_timeout is None or self._closed:
             return
@@ -292,6 +327,7 @@ class VendePassProtocol(LineReceiver):
             # the handshake itself.
             self._producing = True
             self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self._learn_peer()
         # One request at a time: stop reading until this one is answered.
         self._busy = True
         self._update_reading()

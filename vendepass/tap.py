@@ -29,10 +29,14 @@ DEFAULT_DB_CONNECTIONS = 4
 def with_backlog(description: str, backlog: int) -> str:
     """
     C{description} with C{backlog=} added if it is a tcp, tcp6 or ssl
-    endpoint that does not set one.
+    endpoint that does not set one, also when wrapped for the PROXY
+    protocol (C{haproxy:tcp:65432}): Twisted's C{haproxy:} parser hands its
+    arguments, C{backlog=} included, to the endpoint it wraps.
     """
-    kind = description.split(":", 1)[0].strip().lower()
-    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+    kind, _, rest = description.partition(":")
+    while kind.strip().lower() == "haproxy":
+        kind, _, rest = rest.partition(":")
+    if kind.strip().lower() in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return f"{description}:backlog={backlog}"
     return description
 
@@ -65,8 +69,8 @@ class Options(usage.Options):
         ["max-legs", None, 3, "How many flights one itinerary may have.", int],
         [
             "backlog", None, DEFAULT_BACKLOG,
-            "Listen backlog of tcp, tcp6 and ssl endpoints that do not set backlog= themselves"
-            " (the kernel caps it at net.core.somaxconn).", int,
+            "Listen backlog of tcp, tcp6 and ssl endpoints (also behind haproxy:) that do not set"
+            " backlog= themselves (the kernel caps it at net.core.somaxconn).", int,
         ],
         [
             "max-batch", None, DEFAULT_MAX_BATCH,
@@ -82,9 +86,14 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """
         Endpoint to listen on, e.g. tcp:65432 or tcp:0:interface=127.0.0.1 or
-        ssl:65432:privateKey=key.pem:certKey=cert.pem (repeatable; default tcp:65432).
+        ssl:65432:privateKey=key.pem:certKey=cert.pem, or haproxy:tcp:65432
+        behind a load balancer sending the PROXY protocol (repeatable; default
+        tcp:65432).
         """
         self["listen"].append(description)
+
+    # --help wraps this text as it is: without the docstring's indentation.
+    opt_listen.__doc__ = " ".join((opt_listen.__doc__ or "").split())
 
     def postOptions(self) -> None:
         if not self["listen"]:
