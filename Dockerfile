@@ -1,6 +1,8 @@
 # VendePass server (and, with another command, its client).
 #   docker build -t vendepass .
 #   docker run -d --name vendepass -p 65432:65432 -v vendepass-data:/data vendepass
+# Several servers on one PostgreSQL database behind HAProxy: docker-compose.yml
+# runs this image with `--db postgresql://...` (docs/deployment.md).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,7 +21,8 @@ RUN pip install /tmp/vendepass \
 
 USER vendepass
 WORKDIR /data
-# The SQLite database (and its WAL) lives here: keep it on a volume.
+# The SQLite database (and its WAL) lives here: keep it on a volume. (With
+# PostgreSQL nothing is written here.)
 VOLUME ["/data"]
 EXPOSE 65432
 
