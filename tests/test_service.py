@@ -333,6 +333,28 @@ class HoldLifecycleTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(events.events, [])
         self.refused(self.service.release(session, hold.hold_id), HoldNotFound)
 
+    def test_close_without_holds_costs_nothing(self) -> None:
+        """
+        A connection that holds nothing (most of them: browsing customers,
+        a load balancer's health checks) closes without a transaction; one
+        that holds a seat has its holds released.
+        """
+        released: list[str] = []
+        real = self.service.store.release_session
+
+        def release_session(session_id: str) -> Deferred[list[str]]:
+            released.append(session_id)
+            return real(session_id)
+
+        self.patch(self.service.store, "release_session", release_session)
+        browsing, _ = self.session()
+        self.ok(self.service.close_session(browsing))
+        holding, _ = self.session(BOB)
+        self.ok(self.service.hold(holding, [TINY], ["1A"]))
+        self.ok(self.service.close_session(holding))
+        self.assertEqual(released, [holding.session_id])
+        self.assertEqual(self.seats(TINY), {})
+
     def test_close_session_releases(self) -> None:
         """
         Closing a session frees its seats at once, and its holds never send

@@ -17,7 +17,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -83,6 +83,8 @@ class Session:
     @ivar notify: called with an event name and its data, to push an event
         to this connection.
     @ivar alive: false from the moment the connection closes.
+    @ivar holding: how many of its holds are on their way to or from the
+        store right now.
     """
 
     session_id: str
@@ -91,6 +93,7 @@ class Session:
     username: str | None = None
     alive: bool = True
     holds: set[str] = field(factory=set)
+    holding: int = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id} {self.username or '-'}@{self.peer}>"
@@ -214,6 +217,10 @@ class ReservationService(Service):
         self.clock.callLater(attempt * 1.0, again)
 
     def _release_all(self, session: Session) -> Deferred[None]:
+        if not session.holds and not session.holding:
+            # Nothing held, nothing on its way: no transaction (most
+            # connections, health checks among them, never hold a seat).
+            return succeed(None)
         for hold_id in session.holds:
             self._cancel_timer(hold_id)
         session.holds.clear()
@@ -401,9 +408,13 @@ class ReservationService(Service):
             username = self._user(session)
             legs = self._legs(flight_ids, seats)
             asked = self.clock.seconds()
-            result = await self.store.hold(
-                username, session.session_id, legs, self.hold_seconds, lambda: session.alive, request_id
-            )
+            session.holding += 1
+            try:
+                result = await self.store.hold(
+                    username, session.session_id, legs, self.hold_seconds, lambda: session.alive, request_id
+                )
+            finally:
+                session.holding -= 1
             if not session.alive:
                 # Closed while the answer travelled back: nobody may keep it.
                 await self.store.release_session(session.session_id)
