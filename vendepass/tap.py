@@ -23,7 +23,10 @@ DEFAULT_LISTEN = "tcp:65432"
 # 1 s, 3 s, 7 s...).
 DEFAULT_BACKLOG = 4096
 DEFAULT_MAX_BATCH = 256
-DEFAULT_DB_CONNECTIONS = 4
+# Measured on PostgreSQL, 100 customers, one server: 2 connections 644
+# purchases/s, 4: 688, 8: 803-851, 16: 812 (each transaction is a dozen
+# round trips; more connections keep the server busy while others wait).
+DEFAULT_DB_CONNECTIONS = 8
 
 
 def with_backlog(description: str, backlog: int) -> str:
