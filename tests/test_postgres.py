@@ -30,6 +30,7 @@ from vendepass.model import Network
 from vendepass.schedule import flight_by_id
 from vendepass.service import ReservationService, Session
 from vendepass.store import InlineExecutor, LegRequest, ThreadExecutor
+from vendepass.store import postgres
 from vendepass.store.postgres import PostgresStore, prepare
 
 MINUTES = 60.0
@@ -284,3 +285,63 @@ class AdminTests(TestCase):
             for statement in ("UPDATE audit SET at = 1", "DELETE FROM audit", "TRUNCATE audit"):
                 self.assertRaises(psycopg.errors.RaiseException, conn.execute, statement)
             self.assertEqual(conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0], 1)  # type: ignore[index]
+
+
+class RetryTests(TestCase):
+    """
+    A transaction that loses a race is tried again from the start; one that
+    keeps losing is refused with C{storage_unavailable}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        self.store = PostgresStore.open(
+            pg.fresh_url(self), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=self.clock
+        )
+        self.addCleanup(self.store.stop)
+        self.flight = flight_by_id(self.store.network(), f"VP200-{_day_after_tomorrow()}")
+
+    def hold(self, seat: str) -> Deferred[Any]:
+        return self.store.hold("alice", "S1", [LegRequest(self.flight, seat)], 60, lambda: True)
+
+    def test_unique_violation_retried(self) -> None:
+        """
+        A hold id that clashes with an existing one (a unique violation)
+        makes the transaction start again, with a fresh id; nothing of the
+        failed attempt remains.
+        """
+        first = _result(self.hold("1A"))
+        codes = iter([first.hold_id])
+        real = postgres.hold_code
+        self.patch(postgres, "hold_code", lambda now: next(codes, None) or real(now))
+        second = _result(self.hold("1B"))
+        self.assertNotEqual(second.hold_id, first.hold_id)
+        self.assertEqual(self.store.retries, 1)
+        with psycopg.connect(self.store.url, autocommit=True) as conn:
+            audit = conn.execute("SELECT COUNT(*) FROM audit WHERE action = 'hold'").fetchone()[0]  # type: ignore[index]
+        self.assertEqual(audit, 2)
+
+    def test_serialization_failure_retried_then_refused(self) -> None:
+        """
+        A serialization failure is retried; after RETRIES of them the
+        request is refused with C{storage_unavailable}, and nothing is held.
+        """
+        failures = [0]
+
+        class Losing(postgres._Tx):
+            def one(self, query: str, args: Any = None) -> Any:
+                if query.startswith("SELECT COUNT(*) FROM holds") and failures[0] < limit[0]:
+                    failures[0] += 1
+                    raise psycopg.errors.SerializationFailure("could not serialize access")
+                return super().one(query, args)
+
+        limit = [2]
+        self.store.transaction_class = Losing
+        self.assertEqual(_result(self.hold("2A")).legs[0].seat, "2A")
+        self.assertEqual((failures[0], self.store.retries), (2, 2))
+        limit[0] = 10**6
+        self.assertRaises(StorageUnavailable, _result, self.hold("2B"))
+        self.assertEqual(failures[0], 2 + postgres.RETRIES + 1)
+        states = {s.seat: s.status for s in _result(self.store.seats(self.flight))}
+        self.assertEqual((states["2A"], states["2B"]), ("held", "free"))
