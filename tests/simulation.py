@@ -67,7 +67,9 @@ from vendepass.model import Flight, Hold, Ticket
 from vendepass.protocol import VendePassFactory, VendePassProtocol
 from vendepass.service import ReservationService
 from vendepass.store import IExecutor, InlineExecutor, LegRequest
-from vendepass.store.sqlite import SQLiteStore, booking_code
+from vendepass.store.common import booking_code
+from vendepass.store.sqlite import SQLiteStore
+from vendepass.store.transactions import SeatRules, Tx
 
 T = TypeVar("T")
 
@@ -234,13 +236,37 @@ class MutantStore(SQLiteStore):
     manual: ManualExecutor
 
 
+class TrustingRules(SeatRules):
+    """
+    Mutant 1's rules: a claim trusts the seats it is given (checked in an
+    earlier transaction) and takes them with an upsert.
+    """
+
+    def claim(self, tx: Tx, legs: list[LegRequest]) -> list[str]:
+        for leg in legs:
+            assert leg.seat is not None
+            self.end_expired_on(tx, [leg.flight.flight_id])
+        return [leg.seat for leg in legs if leg.seat is not None]
+
+    def take(
+        self, tx: Tx, legs: list[LegRequest], seats: list[str], hold_id: str | None, ticket_id: str | None
+    ) -> None:
+        tx.executemany(
+            "INSERT OR REPLACE INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)",
+            [(leg.flight.flight_id, seat, hold_id, ticket_id) for leg, seat in zip(legs, seats)],
+        )
+
+
 class CheckThenActStore(MutantStore):
     """
     Mutant 1: a hold or a purchase checks that its seats are free in one
     transaction and claims them in another, trusting the check (an upsert).
     """
 
-    def _pick(self, db: sqlite3.Connection, now: float, legs: list[LegRequest]) -> list[str]:
+    rules_class = TrustingRules
+
+    def _pick(self, tx: Tx, legs: list[LegRequest]) -> list[str]:
+        now = tx.now
         seats = []
         for leg in legs:
             flight = leg.flight
@@ -248,7 +274,7 @@ class CheckThenActStore(MutantStore):
                 raise FlightDeparted(flight=flight.flight_id)
             taken = {
                 seat
-                for seat, ticket_id, expires_at in db.execute(
+                for seat, ticket_id, expires_at in tx.execute(
                     "SELECT s.seat, s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
                     " WHERE s.flight_id = ?",
                     (flight.flight_id,),
@@ -270,7 +296,7 @@ class CheckThenActStore(MutantStore):
         def then(seats: list[str]) -> Deferred[T]:
             return act([LegRequest(leg.flight, seat) for leg, seat in zip(legs, seats)])
 
-        checked: Deferred[list[str]] = self._read(lambda db, now: self._pick(db, now, legs))
+        checked: Deferred[list[str]] = self._read(lambda tx: self._pick(tx, legs))
         return checked.addCallback(then)
 
     def hold(
@@ -289,19 +315,23 @@ class CheckThenActStore(MutantStore):
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
         return self._checked(legs, lambda chosen: SQLiteStore.buy(self, username, chosen, request_id))
 
-    def _claim(
-        self, db: sqlite3.Connection, now: float, legs: list[LegRequest], hold_id: str | None, ticket_id: str | None
-    ) -> list[str]:
-        seats = []
-        for leg in legs:
-            assert leg.seat is not None
-            self._end_expired_on(db, leg.flight.flight_id, now)
-            db.execute(
-                "INSERT OR REPLACE INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)",
-                (leg.flight.flight_id, leg.seat, hold_id, ticket_id),
-            )
-            seats.append(leg.seat)
-        return seats
+
+class ForcedTicketRules(SeatRules):
+    """
+    Mutant 2's rules: a purchase takes the booking code it is told to, if any.
+    """
+
+    forced_ticket: str | None = None
+
+    def new_ticket(self, tx: Tx, username: str, flights: list[Flight]) -> str:
+        if self.forced_ticket is None:
+            return super().new_ticket(tx, username, flights)
+        tx.execute(
+            "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
+            " VALUES (?, ?, 'active', ?, ?, ?)",
+            (self.forced_ticket, username, sum(f.fare.cents for f in flights), self.currency, tx.now),
+        )
+        return self.forced_ticket
 
 
 class AckBeforeCommitStore(MutantStore):
@@ -311,29 +341,20 @@ class AckBeforeCommitStore(MutantStore):
     commit is queued as a second job, which may run late or fail.
     """
 
-    _forced_ticket: str | None = None
-
-    def _new_ticket(self, db: sqlite3.Connection, username: str, now: float, flights: list[Flight]) -> str:
-        if self._forced_ticket is None:
-            return super()._new_ticket(db, username, now, flights)
-        db.execute(
-            "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
-            " VALUES (?, ?, 'active', ?, ?, ?)",
-            (self._forced_ticket, username, sum(f.fare.cents for f in flights), self._currency, now),
-        )
-        return self._forced_ticket
+    rules_class = ForcedTicketRules
+    rules: ForcedTicketRules
 
     def _answer_first(self, submit: Callable[[], object]) -> Deferred[Ticket]:
         job = self.manual.capture(submit)
         ticket_id = booking_code()
 
         def run() -> Ticket:
-            self._forced_ticket = ticket_id
+            self.rules.forced_ticket = ticket_id
             try:
                 result: Ticket = job()
                 return result
             finally:
-                self._forced_ticket = None
+                self.rules.forced_ticket = None
 
         def predict() -> Ticket:
             real = self._db
@@ -360,26 +381,30 @@ class AckBeforeCommitStore(MutantStore):
         return self._answer_first(lambda: SQLiteStore.buy_hold(self, hold_id, username, request_id))
 
 
+class OwnerBlindRules(SeatRules):
+    """
+    Mutant 3's rules: cancel finds the ticket by its id alone.
+    """
+
+    def cancel(self, tx: Tx, ticket_id: str, username: str, request_id: str | None = None) -> Ticket:
+        row = tx.one("SELECT status FROM tickets WHERE ticket_id = ?", (ticket_id,))
+        if row is None:
+            raise TicketNotFound(ticket_id=ticket_id)
+        if row[0] == "cancelled":
+            raise AlreadyCancelled(ticket_id=ticket_id)
+        tx.execute("UPDATE tickets SET status = 'cancelled', cancelled_at = ? WHERE ticket_id = ?", (tx.now, ticket_id))
+        tx.execute("DELETE FROM seats WHERE ticket_id = ?", (ticket_id,))
+        [ticket] = self.find_tickets(tx, "t.ticket_id = ?", (ticket_id,))
+        return ticket
+
+
 class CancelAnyTicketStore(MutantStore):
     """
     Mutant 3: cancel finds the ticket by its id alone (C{UPDATE ... WHERE
     ticket_id = ?}, no owner check).
     """
 
-    def cancel(self, ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
-        def work(db: sqlite3.Connection, now: float) -> Ticket:
-            row = db.execute("SELECT status FROM tickets WHERE ticket_id = ?", (ticket_id,)).fetchone()
-            if row is None:
-                raise TicketNotFound(ticket_id=ticket_id)
-            if row[0] == "cancelled":
-                raise AlreadyCancelled(ticket_id=ticket_id)
-            db.execute("UPDATE tickets SET status = 'cancelled', cancelled_at = ? WHERE ticket_id = ?", (now, ticket_id))
-            db.execute("DELETE FROM seats WHERE ticket_id = ?", (ticket_id,))
-            [ticket] = self._tickets(db, "ticket_id = ?", (ticket_id,))
-            return ticket
-
-        result: Deferred[Ticket] = self._write(work)
-        return result
+    rules_class = OwnerBlindRules
 
 
 class HoldIgnoresCloseStore(MutantStore):

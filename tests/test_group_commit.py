@@ -1,6 +1,6 @@
 """
 Group commit in the SQLite store: writes that queue up while a transaction
-is in flight share the next one, each in a savepoint of its own, and none
+is in flight share the next one, and none
 is answered before the transaction that holds it is on disk.
 """
 
@@ -184,7 +184,7 @@ class GroupCommitTests(SynchronousTestCase):
         real = self.store._db
         faulty = FaultyConnection(real)
         self.store._db = faulty  # type: ignore[assignment]
-        # The batch of 3: BEGIN, then per write a savepoint and its work...
+        # The batch of 3: BEGIN, then each write's statements...
         # fail the very last call, the COMMIT.
         calls: list[str] = []
         execute = faulty.execute
@@ -270,16 +270,16 @@ class BookingCodeClashTests(SynchronousTestCase):
         A booking code that is already taken is never given out twice: the
         store draws another.
         """
-        import vendepass.store.sqlite as sqlite_store
+        import vendepass.store.transactions as transactions
 
-        real = sqlite_store.booking_code
+        real = transactions.booking_code
         drawn: list[float | None] = []
 
         def clashing(now: float | None = None) -> str:
             drawn.append(now)
             return "AAAAAAAA" if len(drawn) <= 2 else real(now)
 
-        self.patch(sqlite_store, "booking_code", clashing)
+        self.patch(transactions, "booking_code", clashing)
         clock = Clock()
         clock.advance(START)
         store = SQLiteStore.open(":memory:", clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)

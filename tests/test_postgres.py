@@ -30,7 +30,7 @@ from vendepass.model import Network
 from vendepass.schedule import flight_by_id
 from vendepass.service import ReservationService, Session
 from vendepass.store import InlineExecutor, LegRequest, ThreadExecutor
-from vendepass.store import postgres
+from vendepass.store import postgres, transactions
 from vendepass.store.postgres import PostgresStore, prepare
 
 MINUTES = 60.0
@@ -313,8 +313,8 @@ class RetryTests(TestCase):
         """
         first = _result(self.hold("1A"))
         codes = iter([first.hold_id])
-        real = postgres.hold_code
-        self.patch(postgres, "hold_code", lambda now: next(codes, None) or real(now))
+        real = transactions.hold_code
+        self.patch(transactions, "hold_code", lambda now: next(codes, None) or real(now))
         second = _result(self.hold("1B"))
         self.assertNotEqual(second.hold_id, first.hold_id)
         self.assertEqual(self.store.retries, 1)
@@ -329,8 +329,8 @@ class RetryTests(TestCase):
         """
         failures = [0]
 
-        class Losing(postgres._Tx):
-            def one(self, query: str, args: Any = None) -> Any:
+        class Losing(postgres.PostgresTx):
+            def one(self, query: str, args: Any = ()) -> Any:
                 if query.startswith("SELECT COUNT(*) FROM holds") and failures[0] < limit[0]:
                     failures[0] += 1
                     raise psycopg.errors.SerializationFailure("could not serialize access")

@@ -153,7 +153,7 @@ class SimulationTests(SynchronousTestCase):
 class GroupCommitSimulationTests(SynchronousTestCase):
     """
     The same simulation with group commit: writes that queue up while a
-    transaction is in flight share the next one, each in its own savepoint.
+    transaction is in flight share the next one, in one transaction.
     """
 
     def test_simulation(self) -> None:

@@ -907,7 +907,7 @@ class CodeTests(SynchronousTestCase):
         self.assertGreater(len({c[:2] for c in untimed}), 100)
 
     def test_hold_code(self) -> None:
-        from vendepass.store.sqlite import hold_code
+        from vendepass.store.common import hold_code
 
         first, second = hold_code(START), hold_code(START + 59.9 - START % 60)
         self.assertRegex(first, r"^H[0-9a-f]{16}$")

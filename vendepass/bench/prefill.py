@@ -28,7 +28,8 @@ from vendepass.fixtures import BUNDLED, load
 from vendepass.passwords import ScryptHasher
 from vendepass.schedule import _instance
 from vendepass.store import InlineExecutor
-from vendepass.store.sqlite import SQLiteStore, booking_code
+from vendepass.store.common import booking_code
+from vendepass.store.sqlite import SQLiteStore
 
 # Rows written per transaction.
 CHUNK = 20_000

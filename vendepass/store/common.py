@@ -1,6 +1,6 @@
 """
 What every store shares: booking codes and hold ids, the airline read back
-from its tables, and the refusal that commits first.
+from its tables, the seat refusals, and the seat map.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from vendepass.model import (
     Money,
     Network,
     SeatState,
-    TicketLeg,
     TimetableEntry,
     iso_utc,
 )
@@ -70,17 +69,6 @@ def hold_code(now: float) -> str:
     L{booking_code}.
     """
     return f"H{int(now // 60) % 16**6:06x}{secrets.token_hex(5)}"
-
-
-class _CommitThenRefuse(Exception):
-    """
-    Raised by a transaction's work to commit what it did so far (say, ending
-    an expired hold) and then refuse the request with C{error}.
-    """
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 def read_network(db: Any) -> Network:
@@ -204,36 +192,6 @@ def seat_taken(flight: Flight, seat: str, sold: object, held_until: float) -> Se
         seat=seat,
         held_until=iso_utc(held_until),
     )
-
-
-def new_ticket_legs(legs: list[tuple[Flight, str]]) -> tuple[TicketLeg, ...]:
-    return tuple(
-        TicketLeg(
-            flight_id=flight.flight_id,
-            number=flight.number,
-            origin=flight.origin,
-            destination=flight.destination,
-            departure=flight.departure.isoformat(),
-            arrival=flight.arrival.isoformat(),
-            seat=seat,
-            price=flight.fare,
-        )
-        for flight, seat in legs
-    )
-
-
-TICKET_LEG_INSERT = (
-    "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
-    " arrival, seat, price_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def ticket_leg_rows(ticket_id: str, legs: tuple[TicketLeg, ...]) -> list[tuple[Any, ...]]:
-    return [
-        (ticket_id, i, leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure, leg.arrival,
-         leg.seat, leg.price.cents)
-        for i, leg in enumerate(legs)
-    ]
 
 
 def seat_map(flight: Flight, rows: Iterable[tuple[str, str | None, float | None, str | None]], now: float) -> list[SeatState]:

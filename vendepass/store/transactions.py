@@ -1,0 +1,681 @@
+"""
+The seat rules' transactions, written once for every store.
+
+Each change of seat state (hold, release, expiry, purchase, cancellation)
+is one method of L{SeatRules}, run by a store inside one transaction of its
+own, through a L{Tx}: the transaction's statements, its time, and the few
+things where databases truly differ (the dialect): how rows and flights are
+locked, and one aggregate. Statements use C{?} as their placeholder; a
+backend's L{Tx} adapts them to its driver.
+
+The order of every transaction is the same, and the stores rely on it:
+
+ 1. checks that read (a request already done, the hold's owner and state,
+    the customer's held seats, the seats' states), ending the holds they
+    find whose time is up;
+ 2. then the writes, none of which can be refused.
+
+So a refusal (a L{VendePassError} raised by the rules) never follows a
+write that must be undone: what a refused transaction did before it is at
+most the end of holds whose time was up, which is right whatever happens
+next. A store commits what a refused transaction did (the SQLite store
+needs no savepoint per write of a group commit; the PostgreSQL store's
+COMMIT and ROLLBACK cost the same) and reports the expiries. Any other
+exception is a failure, and the store rolls the transaction back.
+
+Locks (PostgreSQL; SQLite has one writer, so its transactions are serial and
+take none), always in this order, so that no two transactions deadlock: the
+request (C{lock_request}), the customer (C{lock_user}), the flights
+(C{lock_flights}, in one fixed order), then holds and tickets (C{SELECT ...
+FOR UPDATE}, or the conditional C{UPDATE ... WHERE state = 'active'}, in
+hold id order), then seats.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Callable, Iterable, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from vendepass.errors import (
+    AlreadyCancelled,
+    FlightDeparted,
+    HoldExpired,
+    HoldNotFound,
+    InvalidRequest,
+    SeatUnavailable,
+    SessionClosed,
+    TicketNotFound,
+    TooManyHolds,
+    UsernameTaken,
+)
+from vendepass.model import Flight, HeldSeat, Hold, Money, Network, SeatState, Ticket, TicketLeg
+from vendepass.schedule import flight_by_id
+from vendepass.store import LegRequest
+from vendepass.store.common import (
+    REQUEST_RETENTION,
+    booking_code,
+    check_seat,
+    first_free_seat,
+    hold_code,
+    seat_map,
+    seat_taken,
+)
+
+T = TypeVar("T")
+
+
+class Tx:
+    """
+    One transaction as the rules see it. A backend subclasses it with its
+    driver's statements and its dialect; this base class is the dialect of a
+    database with one writer (SQLite): no locks are needed.
+
+    @ivar now: the transaction's time (the store's clock, or the database's).
+    @ivar ended: the holds this transaction ended because their time was
+        up, as C{(hold_id, session_id)}: the store tells their sessions
+        once it has committed.
+    """
+
+    # The seats of a flight as one string, separated by spaces.
+    seat_list = "group_concat(seat, ' ')"
+    # Which index finds a flight's held seats (SQLite's planner needs telling).
+    held_seats_index = ""
+    # The column that orders tickets bought at the same time.
+    ticket_order = "rowid"
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.ended: list[tuple[str, str]] = []
+
+    def execute(self, sql: str, args: Iterable[Any] = ()) -> Any:
+        """
+        Run a statement; return its cursor (with C{rowcount}).
+        """
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        raise NotImplementedError
+
+    def one(self, sql: str, args: Iterable[Any] = ()) -> Any:
+        """
+        The first row of a statement's result, or C{None}.
+        """
+        return self.execute(sql, args).fetchone()
+
+    def all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        return list(self.execute(sql, args).fetchall())
+
+    def for_update(self, table: str | None = None) -> str:
+        """
+        What a C{SELECT} ends with to lock the rows it reads (of C{table}
+        only, in a join) until the transaction ends.
+        """
+        return ""
+
+    def skip_locked(self) -> str:
+        """
+        What a C{SELECT} ends with to lock the rows it reads, passing over
+        rows another transaction has locked.
+        """
+        return ""
+
+    def lock_request(self, username: str, request_id: str) -> None:
+        """
+        Take turns with any transaction doing the same request at once.
+        """
+
+    def lock_user(self, username: str) -> None:
+        """
+        Take turns with the customer's other claims (the limit on held seats).
+        """
+
+    def lock_flights(self, flight_ids: list[str]) -> None:
+        """
+        Take turns with every other claim of these flights.
+        """
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+TICKET_INSERT = (
+    "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
+    " VALUES (?, ?, 'active', ?, ?, ?) ON CONFLICT (ticket_id) DO NOTHING RETURNING 1"
+)
+TICKET_LEG_INSERT = (
+    "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
+    " arrival, seat, price_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SEAT_INSERT = "INSERT INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)"
+AUDIT_INSERT = "INSERT INTO audit (at, username, action, hold_id, ticket_id, seats) VALUES (?, ?, ?, ?, ?, ?)"
+REQUEST_INSERT = "INSERT INTO requests (username, request_id, kind, outcome, created_at) VALUES (?, ?, ?, ?, ?)"
+
+
+def new_ticket_legs(legs: Iterable[tuple[Flight, str]]) -> tuple[TicketLeg, ...]:
+    return tuple(
+        TicketLeg(
+            flight_id=flight.flight_id,
+            number=flight.number,
+            origin=flight.origin,
+            destination=flight.destination,
+            departure=flight.departure.isoformat(),
+            arrival=flight.arrival.isoformat(),
+            seat=seat,
+            price=flight.fare,
+        )
+        for flight, seat in legs
+    )
+
+
+def ticket_leg_rows(ticket_id: str, legs: tuple[TicketLeg, ...]) -> list[tuple[Any, ...]]:
+    return [
+        (ticket_id, i, leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure, leg.arrival,
+         leg.seat, leg.price.cents)
+        for i, leg in enumerate(legs)
+    ]
+
+
+def _seat_names(seats: Iterable[tuple[str, str]]) -> str:
+    return json.dumps([f"{f}/{s}" for f, s in seats])
+
+
+@attrs.define(eq=False)
+class SeatRules:
+    """
+    The seat rules' transactions. Every method takes the L{Tx} it runs in;
+    the store runs it, commits it, and tells the caller.
+    """
+
+    network: Network
+    max_held_seats: int = 9
+    currency: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.currency = self.network.currency
+
+    # -- retries and the audit log ------------------------------------------
+
+    def replay(self, tx: Tx, username: str, request_id: str | None, kind: str) -> str | None:
+        """
+        The outcome recorded for C{request_id} of C{username}, if that
+        request was already done: then it is answered again, not done twice.
+        The same request running at once on two connections (a client
+        retrying through another server) takes turns on the request's lock,
+        the first of its transaction: the second one finds the first one's
+        outcome here.
+        """
+        if request_id is None:
+            return None
+        tx.lock_request(username, request_id)
+        row = tx.one("SELECT kind, outcome FROM requests WHERE username = ? AND request_id = ?", (username, request_id))
+        if row is None:
+            return None
+        if row[0] != kind:
+            raise InvalidRequest(
+                f"request_id {request_id!r} was already used for another operation ({row[0]}).", field="request_id"
+            )
+        return str(row[1])
+
+    def remember(self, tx: Tx, username: str, request_id: str | None, kind: str, outcome: str) -> None:
+        # Two servers doing the same request at once: the second one's
+        # insert fails with a unique violation, and its retry replays the
+        # first one's outcome.
+        if request_id is not None:
+            tx.execute(REQUEST_INSERT, (username, request_id, kind, outcome, tx.now))
+
+    def audit(
+        self,
+        tx: Tx,
+        username: str,
+        action: str,
+        seats: Iterable[tuple[str, str]],
+        hold_id: str | None = None,
+        ticket_id: str | None = None,
+    ) -> None:
+        """
+        Append one change of seat state to the audit log.
+        """
+        tx.execute(AUDIT_INSERT, (tx.now, username, action, hold_id, ticket_id, _seat_names(seats)))
+
+    # -- users --------------------------------------------------------------
+
+    def add_user(self, tx: Tx, username: str, password_hash: str) -> None:
+        row = tx.one(
+            "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (username) DO NOTHING RETURNING 1",
+            (username, password_hash, tx.now),
+        )
+        if row is None:
+            raise UsernameTaken(f"The username {username!r} is already taken.")
+
+    def password_hash(self, tx: Tx, username: str) -> str | None:
+        row = tx.one("SELECT password_hash FROM users WHERE username = ?", (username,))
+        return None if row is None else str(row[0])
+
+    # -- holds ending ---------------------------------------------------------
+
+    def end_hold(self, tx: Tx, hold_id: str, state: str) -> bool:
+        """
+        End an active hold (C{state} is C{"released"} or C{"expired"}) and
+        free its seats; whether it was active. The conditional update locks
+        the hold first: of two transactions ending it, the second finds it
+        ended and does nothing.
+        """
+        ended = tx.one(
+            "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ? AND state = 'active'"
+            " RETURNING username, session_id",
+            (state, tx.now, hold_id),
+        )
+        if ended is None:
+            return False
+        seats = tx.all("SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,))
+        tx.execute("DELETE FROM seats WHERE hold_id = ?", (hold_id,))
+        self.audit(tx, ended[0], "expire" if state == "expired" else "release", seats, hold_id=hold_id)
+        if state == "expired":
+            tx.ended.append((hold_id, ended[1]))
+        return True
+
+    def end_expired_on(self, tx: Tx, flight_ids: list[str]) -> None:
+        """
+        End the holds on these flights whose time is up.
+        """
+        for (hold_id,) in tx.all(
+            f"SELECT DISTINCT s.hold_id FROM seats s{tx.held_seats_index} JOIN holds h ON h.hold_id = s.hold_id"
+            f" WHERE s.flight_id IN ({_marks(len(flight_ids))}) AND s.hold_id IS NOT NULL AND h.state = 'active'"
+            " AND h.expires_at <= ? ORDER BY s.hold_id",
+            (*flight_ids, tx.now),
+        ):
+            self.end_hold(tx, hold_id, "expired")
+
+    def active_hold(self, tx: Tx, hold_id: str, username: str) -> None:
+        """
+        Lock C{hold_id} and check that it is an active hold of C{username};
+        if its time is up, end it (that commits) and refuse.
+        """
+        row = tx.one(
+            f"SELECT username, state, expires_at FROM holds WHERE hold_id = ?{tx.for_update()}", (hold_id,)
+        )
+        if row is None or row[0] != username or row[1] in ("released", "bought"):
+            raise HoldNotFound(f"No hold {hold_id!r}.", hold_id=hold_id)
+        if row[1] == "expired" or row[2] <= tx.now:
+            self.end_hold(tx, hold_id, "expired")
+            raise HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
+
+    def release(self, tx: Tx, hold_id: str, username: str, request_id: str | None = None) -> None:
+        if self.replay(tx, username, request_id, "release") is not None:
+            return
+        self.active_hold(tx, hold_id, username)
+        self.end_hold(tx, hold_id, "released")
+        self.remember(tx, username, request_id, "release", hold_id)
+
+    def release_session(self, tx: Tx, session_id: str) -> list[str]:
+        holds = tx.all(
+            "SELECT hold_id FROM holds WHERE session_id = ? AND state = 'active' ORDER BY hold_id", (session_id,)
+        )
+        return [hold_id for (hold_id,) in holds if self.end_hold(tx, hold_id, "released")]
+
+    def expire_hold(self, tx: Tx, hold_id: str) -> str | None:
+        row = tx.one(f"SELECT state, expires_at FROM holds WHERE hold_id = ?{tx.for_update()}", (hold_id,))
+        if row is None:
+            return None
+        state, expires_at = row
+        if state == "active" and expires_at <= tx.now:
+            self.end_hold(tx, hold_id, "expired")
+            return "expired"
+        return str(state)
+
+    def expired_holds(self, tx: Tx, limit: int = 1000) -> list[tuple[str, str]]:
+        """
+        End up to C{limit} holds whose time is up (passing over those that
+        another server's sweep is ending right now), and forget the
+        requests and ended holds older than L{REQUEST_RETENTION}.
+        """
+        rows = tx.all(
+            "SELECT hold_id, session_id FROM holds WHERE state = 'active' AND expires_at <= ?"
+            f" ORDER BY hold_id LIMIT {int(limit)}{tx.skip_locked()}",
+            (tx.now,),
+        )
+        for hold_id, _ in rows:
+            self.end_hold(tx, hold_id, "expired")
+        tx.execute("DELETE FROM requests WHERE created_at < ?", (tx.now - REQUEST_RETENTION,))
+        tx.execute("DELETE FROM holds WHERE state <> 'active' AND ended_at < ?", (tx.now - REQUEST_RETENTION,))
+        return [(str(h), str(s)) for h, s in rows]
+
+    # -- claims -------------------------------------------------------------
+
+    def claim(self, tx: Tx, legs: list[LegRequest]) -> list[str]:
+        """
+        Choose one seat per leg, or refuse: lock the flights, end their
+        expired holds, and check (or pick) each seat. Writes nothing else:
+        the caller then takes the seats with L{take}.
+        """
+        for leg in legs:
+            if leg.flight.departs_ts <= tx.now:
+                raise FlightDeparted(f"Flight {leg.flight.flight_id} has already departed.", flight=leg.flight.flight_id)
+        flight_ids = [leg.flight.flight_id for leg in legs]
+        tx.lock_flights(flight_ids)
+        self.end_expired_on(tx, sorted(set(flight_ids)))
+        seats: list[str] = []
+        for leg in legs:
+            flight = leg.flight
+            if leg.seat is None:
+                # One string rather than a row per taken seat: much cheaper
+                # once a flight fills up.
+                (listed,) = tx.one(f"SELECT {tx.seat_list} FROM seats WHERE flight_id = ?", (flight.flight_id,))
+                taken = set(listed.split()) if listed else set()
+                taken.update(s for f, s in zip(flight_ids, seats) if f == flight.flight_id)
+                seat = first_free_seat(flight, taken)
+            else:
+                seat = leg.seat
+                check_seat(flight, seat)
+                if (flight.flight_id, seat) in zip(flight_ids, seats):
+                    raise SeatUnavailable(
+                        f"Seat {seat} on flight {flight.flight_id} is asked for twice.", flight=flight.flight_id, seat=seat
+                    )
+                row = tx.one(
+                    "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
+                    " WHERE s.flight_id = ? AND s.seat = ?",
+                    (flight.flight_id, seat),
+                )
+                if row is not None:
+                    raise seat_taken(flight, seat, *row)
+            seats.append(seat)
+        return seats
+
+    def take(
+        self, tx: Tx, legs: list[LegRequest], seats: list[str], hold_id: str | None, ticket_id: str | None
+    ) -> None:
+        """
+        Claim the seats L{claim} chose for a hold or a ticket.
+        """
+        tx.executemany(SEAT_INSERT, [(leg.flight.flight_id, seat, hold_id, ticket_id) for leg, seat in zip(legs, seats)])
+
+    def hold(
+        self,
+        tx: Tx,
+        username: str,
+        session_id: str,
+        legs: list[LegRequest],
+        seconds: float,
+        alive: Callable[[], bool],
+        request_id: str | None = None,
+    ) -> Hold:
+        done = self.replay(tx, username, request_id, "hold")
+        if done is not None:
+            return self.hold_by_id(tx, done)
+        # Checked inside the transaction: a connection that closed while
+        # this hold waited must not leave an orphaned hold behind.
+        if not alive():
+            raise SessionClosed()
+        # One hold at a time per customer, whichever server: the limit on
+        # held seats cannot be passed by holding on two at once.
+        tx.lock_user(username)
+        (held,) = tx.one(
+            "SELECT COUNT(*) FROM holds h JOIN hold_legs l ON l.hold_id = h.hold_id"
+            " WHERE h.username = ? AND h.state = 'active' AND h.expires_at > ?",
+            (username, tx.now),
+        )
+        if held + len(legs) > self.max_held_seats:
+            raise TooManyHolds(
+                f"You may hold at most {self.max_held_seats} seats at once (you hold {held}).",
+                limit=self.max_held_seats,
+            )
+        seats = self.claim(tx, legs)
+        hold_id = hold_code(tx.now)
+        expires_at = tx.now + seconds
+        price = Money(sum(leg.flight.fare.cents for leg in legs), self.currency)
+        tx.execute(
+            "INSERT INTO holds (hold_id, username, session_id, created_at, expires_at, price_cents, state)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'active')",
+            (hold_id, username, session_id, tx.now, expires_at, price.cents),
+        )
+        self.take(tx, legs, seats, hold_id, None)
+        tx.executemany(
+            "INSERT INTO hold_legs (hold_id, leg, flight_id, seat) VALUES (?, ?, ?, ?)",
+            [(hold_id, i, leg.flight.flight_id, seat) for i, (leg, seat) in enumerate(zip(legs, seats))],
+        )
+        self.audit(tx, username, "hold", [(leg.flight.flight_id, seat) for leg, seat in zip(legs, seats)],
+                   hold_id=hold_id)
+        self.remember(tx, username, request_id, "hold", hold_id)
+        return Hold(
+            hold_id=hold_id,
+            username=username,
+            legs=tuple(HeldSeat(leg.flight, seat) for leg, seat in zip(legs, seats)),
+            expires_at=expires_at,
+            price=price,
+        )
+
+    def hold_by_id(self, tx: Tx, hold_id: str) -> Hold:
+        username, expires_at, price = tx.one(
+            "SELECT username, expires_at, price_cents FROM holds WHERE hold_id = ?", (hold_id,)
+        )
+        legs = tuple(
+            HeldSeat(flight_by_id(self.network, flight_id), seat)
+            for flight_id, seat in tx.all("SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,))
+        )
+        return Hold(hold_id, username, legs, expires_at, Money(price, self.currency))
+
+    # -- tickets ------------------------------------------------------------
+
+    def new_ticket(self, tx: Tx, username: str, flights: list[Flight]) -> str:
+        """
+        Insert a ticket (without its legs) under a fresh booking code.
+        """
+        price = sum(flight.fare.cents for flight in flights)
+        for attempt in range(16):
+            # After a few clashes (a day of hundreds of millions of sales),
+            # any free code will do.
+            ticket_id = booking_code(tx.now if attempt < 8 else None)
+            if tx.one(TICKET_INSERT, (ticket_id, username, price, self.currency, tx.now)) is not None:
+                return ticket_id
+        raise RuntimeError("no free booking code found")
+
+    def ticket_legs(self, tx: Tx, ticket_id: str, username: str, legs: list[tuple[Flight, str]]) -> Ticket:
+        """
+        Record the legs of a new ticket and return it.
+        """
+        ticket_legs = new_ticket_legs(legs)
+        tx.executemany(TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs))
+        price = Money(sum(leg.price.cents for leg in ticket_legs), self.currency)
+        return Ticket(ticket_id, username, "active", ticket_legs, price, tx.now, None)
+
+    def buy(self, tx: Tx, username: str, legs: list[LegRequest], request_id: str | None = None) -> Ticket:
+        done = self.replay(tx, username, request_id, "buy")
+        if done is not None:
+            return self.ticket_as_bought(tx, done)
+        seats = self.claim(tx, legs)
+        ticket_id = self.new_ticket(tx, username, [leg.flight for leg in legs])
+        self.take(tx, legs, seats, None, ticket_id)
+        chosen = [(leg.flight, seat) for leg, seat in zip(legs, seats)]
+        self.audit(tx, username, "buy", [(f.flight_id, seat) for f, seat in chosen], ticket_id=ticket_id)
+        self.remember(tx, username, request_id, "buy", ticket_id)
+        return self.ticket_legs(tx, ticket_id, username, chosen)
+
+    def buy_hold(self, tx: Tx, hold_id: str, username: str, request_id: str | None = None) -> Ticket:
+        done = self.replay(tx, username, request_id, "buy")
+        if done is not None:
+            return self.ticket_as_bought(tx, done)
+        self.active_hold(tx, hold_id, username)
+        legs = []
+        for flight_id, seat in tx.all("SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,)):
+            flight = flight_by_id(self.network, flight_id)
+            if flight.departs_ts <= tx.now:
+                raise FlightDeparted(f"Flight {flight_id} has already departed.", flight=flight_id)
+            legs.append((flight, seat))
+        ticket_id = self.new_ticket(tx, username, [flight for flight, _ in legs])
+        # The conditional update: only seats still claimed by this hold.
+        changed = tx.execute("UPDATE seats SET hold_id = NULL, ticket_id = ? WHERE hold_id = ?", (ticket_id, hold_id)).rowcount
+        if changed != len(legs):
+            raise RuntimeError(f"hold {hold_id} covers {changed} seats, expected {len(legs)}")
+        tx.execute(
+            "UPDATE holds SET state = 'bought', ended_at = ? WHERE hold_id = ? AND state = 'active'", (tx.now, hold_id)
+        )
+        self.audit(tx, username, "buy", [(f.flight_id, seat) for f, seat in legs], hold_id=hold_id, ticket_id=ticket_id)
+        self.remember(tx, username, request_id, "buy", ticket_id)
+        return self.ticket_legs(tx, ticket_id, username, legs)
+
+    def tickets(self, tx: Tx, username: str) -> list[Ticket]:
+        return self.find_tickets(tx, "t.username = ?", (username,))
+
+    def find_tickets(self, tx: Tx, where: str, args: tuple[Any, ...], lock: bool = False) -> list[Ticket]:
+        """
+        The tickets C{where} says (a condition on C{tickets t}), oldest first.
+        """
+        found: dict[str, tuple[Any, ...]] = {}
+        legs: dict[str, list[TicketLeg]] = {}
+        for (ticket_id, username, status, price, currency, bought_at, cancelled_at,
+             flight_id, number, origin, destination, departure, arrival, seat, cents) in tx.all(
+            "SELECT t.ticket_id, t.username, t.status, t.price_cents, t.currency, t.bought_at, t.cancelled_at,"
+            " l.flight_id, l.number, l.origin, l.destination, l.departure, l.arrival, l.seat, l.price_cents"
+            f" FROM tickets t JOIN ticket_legs l ON l.ticket_id = t.ticket_id WHERE {where}"
+            f" ORDER BY t.bought_at, t.{tx.ticket_order}, l.leg" + (tx.for_update("t") if lock else ""),
+            args,
+        ):
+            if ticket_id not in found:
+                found[ticket_id] = (ticket_id, username, status, Money(price, currency), bought_at, cancelled_at)
+                legs[ticket_id] = []
+            legs[ticket_id].append(
+                TicketLeg(flight_id, number, origin, destination, departure, arrival, seat, Money(cents, currency))
+            )
+        return [
+            Ticket(ticket_id, username, status, tuple(legs[ticket_id]), price, bought_at, cancelled_at)
+            for ticket_id, username, status, price, bought_at, cancelled_at in found.values()
+        ]
+
+    def ticket_as_bought(self, tx: Tx, ticket_id: str) -> Ticket:
+        """
+        A ticket as its purchase was acknowledged (whatever happened to it since).
+        """
+        [ticket] = self.find_tickets(tx, "t.ticket_id = ?", (ticket_id,))
+        return attrs.evolve(ticket, status="active", cancelled_at=None)
+
+    def cancel(self, tx: Tx, ticket_id: str, username: str, request_id: str | None = None) -> Ticket:
+        done = self.replay(tx, username, request_id, "cancel")
+        if done is not None:
+            [cancelled] = self.find_tickets(tx, "t.ticket_id = ?", (done,))
+            return cancelled
+        found = self.find_tickets(tx, "t.ticket_id = ? AND t.username = ?", (ticket_id, username), lock=True)
+        if not found:
+            raise TicketNotFound(f"No ticket {ticket_id!r}.", ticket_id=ticket_id)
+        [ticket] = found
+        if ticket.status == "cancelled":
+            raise AlreadyCancelled(f"Ticket {ticket_id} is already cancelled.", ticket_id=ticket_id)
+        first = min(datetime.fromisoformat(leg.departure).timestamp() for leg in ticket.legs)
+        if first <= tx.now:
+            raise FlightDeparted(
+                f"Ticket {ticket_id} cannot be cancelled: its first flight has departed.", ticket_id=ticket_id
+            )
+        tx.execute(
+            "UPDATE tickets SET status = 'cancelled', cancelled_at = ?"
+            " WHERE ticket_id = ? AND username = ? AND status = 'active'",
+            (tx.now, ticket_id, username),
+        )
+        tx.execute("DELETE FROM seats WHERE ticket_id = ?", (ticket_id,))
+        self.audit(tx, username, "cancel", [(leg.flight_id, leg.seat) for leg in ticket.legs], ticket_id=ticket_id)
+        self.remember(tx, username, request_id, "cancel", ticket_id)
+        return Ticket(ticket_id, username, "cancelled", ticket.legs, ticket.price, ticket.bought_at, tx.now)
+
+    # -- reading seats ------------------------------------------------------
+
+    def seats(self, tx: Tx, flight: Flight) -> list[SeatState]:
+        rows = tx.all(
+            "SELECT s.seat, h.username, h.expires_at, t.username FROM seats s"
+            " LEFT JOIN holds h ON h.hold_id = s.hold_id"
+            " LEFT JOIN tickets t ON t.ticket_id = s.ticket_id WHERE s.flight_id = ?",
+            (flight.flight_id,),
+        )
+        return seat_map(flight, rows, tx.now)
+
+    def free_seats(self, tx: Tx, flights: list[Flight]) -> dict[str, int]:
+        """
+        The free seats of each flight: its capacity less its sold seats and
+        those of holds whose time is not up.
+        """
+        result = {flight.flight_id: flight.aircraft.capacity for flight in flights}
+        ids = list(result)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            for flight_id, taken in tx.all(
+                "SELECT s.flight_id, COUNT(*) FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
+                f" WHERE s.flight_id IN ({_marks(len(chunk))}) AND (s.ticket_id IS NOT NULL OR h.expires_at > ?)"
+                " GROUP BY s.flight_id",
+                (*chunk, tx.now),
+            ):
+                result[flight_id] -= taken
+        return result
+
+
+class RulesStore:
+    """
+    The L{vendepass.store.IStore} methods that change or read seats, each
+    one L{SeatRules} transaction: a backend gives C{rules} and its
+    transaction runners, C{_write} (a transaction that may change state,
+    answered once it is durable) and C{_read}.
+    """
+
+    rules: SeatRules
+
+    def _write(self, work: Callable[[Tx], T]) -> Deferred[T]:
+        raise NotImplementedError
+
+    def _read(self, work: Callable[[Tx], T]) -> Deferred[T]:
+        raise NotImplementedError
+
+    @property
+    def max_held_seats(self) -> int:
+        return self.rules.max_held_seats
+
+    def add_user(self, username: str, password_hash: str) -> Deferred[None]:
+        return self._write(lambda tx: self.rules.add_user(tx, username, password_hash))
+
+    def password_hash(self, username: str) -> Deferred[str | None]:
+        return self._read(lambda tx: self.rules.password_hash(tx, username))
+
+    def hold(
+        self,
+        username: str,
+        session_id: str,
+        legs: list[LegRequest],
+        seconds: float,
+        alive: Callable[[], bool],
+        request_id: str | None = None,
+    ) -> Deferred[Hold]:
+        return self._write(lambda tx: self.rules.hold(tx, username, session_id, legs, seconds, alive, request_id))
+
+    def release(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[None]:
+        return self._write(lambda tx: self.rules.release(tx, hold_id, username, request_id))
+
+    def release_session(self, session_id: str) -> Deferred[list[str]]:
+        return self._write(lambda tx: self.rules.release_session(tx, session_id))
+
+    def expire_hold(self, hold_id: str) -> Deferred[str | None]:
+        return self._write(lambda tx: self.rules.expire_hold(tx, hold_id))
+
+    def expired_holds(self) -> Deferred[list[tuple[str, str]]]:
+        return self._write(self.rules.expired_holds)
+
+    def buy_hold(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
+        return self._write(lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id))
+
+    def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
+        return self._write(lambda tx: self.rules.buy(tx, username, legs, request_id))
+
+    def tickets(self, username: str) -> Deferred[list[Ticket]]:
+        return self._read(lambda tx: self.rules.tickets(tx, username))
+
+    def cancel(self, ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
+        return self._write(lambda tx: self.rules.cancel(tx, ticket_id, username, request_id))
+
+    def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
+        return self._read(lambda tx: self.rules.seats(tx, flight))
+
+    def free_seats(self, flights: list[Flight]) -> Deferred[dict[str, int]]:
+        return self._read(lambda tx: self.rules.free_seats(tx, flights))
+
+
+__all__ = ["RulesStore", "SeatRules", "Tx", "new_ticket_legs", "ticket_leg_rows"]
