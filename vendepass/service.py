@@ -17,7 +17,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -31,13 +31,13 @@ from vendepass.errors import (
     SessionClosed,
     StorageUnavailable,
     UnknownAirport,
-    UnknownSeat,
 )
 from vendepass.fixtures import USERNAME
 from vendepass.model import Airport, Flight, Hold, Itinerary, Network, SeatMap, Ticket
 from vendepass.passwords import ScryptHasher
 from vendepass.schedule import Schedule
 from vendepass.store import IExecutor, IStore, LegRequest
+from vendepass.store.common import check_seat
 from vendepass.throttle import LoginThrottle
 
 T = TypeVar("T")
@@ -139,6 +139,7 @@ class ReservationService(Service):
         self._cpu = cpu
         self._network: Network = store.network()
         self._schedule = Schedule.build(self._network, clock.seconds(), sales_window_days)
+        self._schedule_day = (0.0, 0.0)
         self._routes_schedule: Schedule | None = None
         self._routes_cache: dict[tuple[str, str, date | None, int], _Routes] = {}
         # The last answer to each search, with the free seats it was made from.
@@ -182,9 +183,15 @@ class ReservationService(Service):
         The schedule of the current sales window, rebuilt when the day changes.
         """
         now = self.clock.seconds()
-        today = datetime.fromtimestamp(now, timezone.utc).date()
-        if self._schedule.first_day != date.fromordinal(today.toordinal() - 1):
-            self._schedule = Schedule.build(self._network, now, self.sales_window_days)
+        # The UTC day the schedule is for, worked out once a day (every
+        # request asks).
+        start, end = self._schedule_day
+        if not start <= now < end:
+            today = datetime.fromtimestamp(now, timezone.utc).date()
+            if self._schedule.first_day != date.fromordinal(today.toordinal() - 1):
+                self._schedule = Schedule.build(self._network, now, self.sales_window_days)
+            midnight = datetime(today.year, today.month, today.day, tzinfo=timezone.utc).timestamp()
+            self._schedule_day = (midnight, midnight + 86400)
         return self._schedule
 
     # -- sessions -----------------------------------------------------------
@@ -386,10 +393,8 @@ class ReservationService(Service):
         if len(seats) != len(flights):
             raise InvalidRequest("Give one seat (or null) per flight in 'seats'.", field="seats")
         for flight, seat in zip(flights, seats):
-            if seat is not None and not flight.aircraft.has_seat(seat):
-                raise UnknownSeat(
-                    f"Flight {flight.flight_id} has no seat {seat!r}.", flight=flight.flight_id, seat=seat
-                )
+            if seat is not None:
+                check_seat(flight, seat)
         return [LegRequest(flight, seat) for flight, seat in zip(flights, seats)]
 
     def hold(
@@ -457,19 +462,29 @@ class ReservationService(Service):
         answered again and nothing is bought twice.
         """
 
-        async def buy() -> Ticket:
+        try:
             username = self._user(session)
             if hold_id is not None:
-                ticket = await self.store.buy_hold(hold_id, username, request_id)
-                self._forget(hold_id)
+                bought = self.store.buy_hold(hold_id, username, request_id)
+                bought.addCallback(self._bought_hold, hold_id)
             else:
                 assert flight_ids is not None
-                ticket = await self.store.buy(username, self._legs(flight_ids, seats), request_id)
-            self._log_sale("sold {id} to {username}: {seats}", ticket.ticket_id, username,
-                           [(leg.flight_id, leg.seat) for leg in ticket.legs])
-            return ticket
+                bought = self.store.buy(username, self._legs(flight_ids, seats), request_id)
+        except Exception:
+            return fail()
+        if self.log_sales:
+            bought.addCallback(self._log_ticket, username)
+        # No coroutine: this is every purchase's path.
+        return bought
 
-        return _run(buy())
+    def _bought_hold(self, ticket: Ticket, hold_id: str) -> Ticket:
+        self._forget(hold_id)
+        return ticket
+
+    def _log_ticket(self, ticket: Ticket, username: str) -> Ticket:
+        self._log_sale("sold {id} to {username}: {seats}", ticket.ticket_id, username,
+                       [(leg.flight_id, leg.seat) for leg in ticket.legs])
+        return ticket
 
     def tickets(self, session: Session) -> Deferred[list[Ticket]]:
         async def tickets() -> list[Ticket]:

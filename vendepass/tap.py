@@ -4,6 +4,7 @@ C{twistd vendepass}: options and service wiring.
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 from typing import Any, Callable
@@ -188,6 +189,31 @@ def _open_postgres(options: Options, fixtures: Callable[[], Fixtures], hash_pass
         raise SystemExit(f"vendepass: cannot open the PostgreSQL database: {e}")
 
 
+# Allocations (less deallocations) of container objects between two young
+# garbage collections; Python's default is 700. Every request in flight
+# holds a few dozen objects (Deferreds, coroutines, rows) for as long as its
+# batch takes: with the default, nearly all of them lived through a young
+# collection or two and reached the oldest generation, whose collections
+# (every 1 to 2 s at 1,000 customers, 70 to 160 ms each, with every flight
+# of the schedule to look at) took 20 % of the server's CPU. Measured in one
+# run each, 1,000 customers: 1,149 purchases/s with the default, 1,317 with
+# gc.freeze() at start-up alone, 1,399 with both (no collection of the old
+# generation during the 10 s run).
+GC_YOUNG_THRESHOLD = 100_000
+
+
+def _tune_gc() -> None:
+    """
+    Fewer, larger young collections, and what start-up built (the airline,
+    its schedule, the database's statements) moved out of the collector's
+    sight for good: it lives as long as the process.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def makeService(options: Options) -> IService:
     import sys
 
@@ -229,6 +255,7 @@ def makeService(options: Options) -> IService:
     )
     for description in options["listen"]:
         strports.service(description, factory).setServiceParent(top)
+    _tune_gc()
     return top
 
 
