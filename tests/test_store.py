@@ -914,3 +914,33 @@ class CodeTests(SynchronousTestCase):
         self.assertEqual(first[:7], second[:7])
         self.assertNotEqual(first, second)
         self.assertLess(first[:7], hold_code(START + 60)[:7])
+
+
+class ShippedMigrationTests(SynchronousTestCase):
+    """
+    A migration that has shipped is never edited: databases it already ran
+    on would differ from new ones. Both backends render their first
+    version from one template (L{vendepass.store.schema}); this pins what
+    every shipped migration says, to the letter.
+    """
+
+    SHIPPED = {
+        "sqlite": [
+            "a3c7f82fc3378ee6c57860c4643a3ae922d6ebe20a865d356842195232be8e8d",
+            "7a050f3a05ff4a7abe5f66316b8f8b2693bbbd15e3a4fc4faffa383608b9ea2b",
+            "0f1fcefb81e32dd259332da6f67bd6fd9b5b84da7a43170870e4b304cd3f91a8",
+            "1b9ff2f7c3ea72e97617cc8e154917ee7f8c31258f9a3aff02382dd5aaef6119",
+            "45a19617cf352209754ad61be3cda892db120abdd265d28bc7f8b27a9a26a087",
+        ],
+        "postgres": ["3f43835c81291776b4bf8c6a64698a13c38b04520641fb49dc0ee1a1bf8cbd69"],
+    }
+
+    def test_unchanged(self) -> None:
+        import hashlib
+
+        from vendepass.store import postgres, sqlite
+
+        for name, migrations in (("sqlite", sqlite.MIGRATIONS), ("postgres", postgres.MIGRATIONS)):
+            digests = [hashlib.sha256(m.encode()).hexdigest() for m in migrations]
+            shipped = self.SHIPPED[name]
+            self.assertEqual(digests[: len(shipped)], shipped, f"a shipped {name} migration was edited")

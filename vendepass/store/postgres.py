@@ -56,7 +56,7 @@ from zope.interface import implementer
 from vendepass.errors import StorageUnavailable, VendePassError
 from vendepass.fixtures import Fixtures
 from vendepass.model import Network
-from vendepass.store import IExecutor, IStore
+from vendepass.store import IExecutor, IStore, schema
 from vendepass.store.common import load_fixtures, read_network
 from vendepass.store.transactions import RulesStore, SeatRules, Tx
 
@@ -72,95 +72,16 @@ _SCHEMA_LOCK = (0x56500000, 0)
 _FLIGHT_LOCK = 0x56500001
 _REQUEST_LOCK = 0x56500002
 
-_SCHEMA_1 = """
-CREATE TABLE airline (
-    code TEXT NOT NULL,
-    name TEXT NOT NULL,
-    currency TEXT NOT NULL
-);
-CREATE TABLE airports (
-    code TEXT PRIMARY KEY,
-    city TEXT NOT NULL,
-    name TEXT NOT NULL,
-    timezone TEXT NOT NULL
-);
-CREATE TABLE aircraft (
-    type TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    rows INTEGER NOT NULL CHECK (rows > 0),
-    letters TEXT NOT NULL
-);
-CREATE TABLE timetable (
-    flight TEXT PRIMARY KEY,
-    origin TEXT NOT NULL REFERENCES airports(code),
-    destination TEXT NOT NULL REFERENCES airports(code),
-    departure TEXT NOT NULL,
-    duration_minutes INTEGER NOT NULL,
-    days TEXT NOT NULL,
-    aircraft TEXT NOT NULL REFERENCES aircraft(type),
-    fare_cents BIGINT NOT NULL CHECK (fare_cents >= 0)
-);
-CREATE TABLE users (
-    username TEXT PRIMARY KEY,
-    password_hash TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE holds (
-    hold_id TEXT PRIMARY KEY,
-    username TEXT NOT NULL REFERENCES users(username),
-    session_id TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    price_cents BIGINT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('active', 'expired', 'released', 'bought')),
-    ended_at DOUBLE PRECISION
-);
-CREATE INDEX holds_active ON holds(expires_at) WHERE state = 'active';
-CREATE INDEX holds_session ON holds(session_id) WHERE state = 'active';
-CREATE INDEX holds_user ON holds(username) WHERE state = 'active';
-CREATE INDEX holds_ended ON holds(ended_at) WHERE state <> 'active';
-CREATE TABLE hold_legs (
-    hold_id TEXT NOT NULL REFERENCES holds(hold_id) ON DELETE CASCADE,
-    leg INTEGER NOT NULL,
-    flight_id TEXT NOT NULL,
-    seat TEXT NOT NULL,
-    PRIMARY KEY (hold_id, leg)
-);
-CREATE TABLE tickets (
-    ticket_id TEXT PRIMARY KEY,
-    n BIGINT GENERATED ALWAYS AS IDENTITY,
-    username TEXT NOT NULL REFERENCES users(username),
-    status TEXT NOT NULL CHECK (status IN ('active', 'cancelled')),
-    price_cents BIGINT NOT NULL,
-    currency TEXT NOT NULL,
-    bought_at DOUBLE PRECISION NOT NULL,
-    cancelled_at DOUBLE PRECISION
-);
-CREATE INDEX tickets_user ON tickets(username, bought_at, n);
-CREATE TABLE ticket_legs (
-    ticket_id TEXT NOT NULL REFERENCES tickets(ticket_id),
-    leg INTEGER NOT NULL,
-    flight_id TEXT NOT NULL,
-    number TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    departure TEXT NOT NULL,
-    arrival TEXT NOT NULL,
-    seat TEXT NOT NULL,
-    price_cents BIGINT NOT NULL,
-    PRIMARY KEY (ticket_id, leg)
-);
-CREATE TABLE seats (
-    flight_id TEXT NOT NULL,
-    seat TEXT NOT NULL,
-    hold_id TEXT REFERENCES holds(hold_id),
-    ticket_id TEXT REFERENCES tickets(ticket_id),
-    PRIMARY KEY (flight_id, seat),
-    CHECK ((hold_id IS NULL) <> (ticket_id IS NULL))
-);
-CREATE INDEX seats_hold ON seats(hold_id) WHERE hold_id IS NOT NULL;
-CREATE INDEX seats_ticket ON seats(ticket_id) WHERE ticket_id IS NOT NULL;
-CREATE TABLE requests (
+_SCHEMA_1 = schema.render(
+    real="DOUBLE PRECISION",
+    cents="BIGINT",
+    holds_indexes="CREATE INDEX holds_active ON holds(expires_at) WHERE state = 'active';\n"
+    "CREATE INDEX holds_session ON holds(session_id) WHERE state = 'active';\n"
+    "CREATE INDEX holds_user ON holds(username) WHERE state = 'active';\n"
+    "CREATE INDEX holds_ended ON holds(ended_at) WHERE state <> 'active';\n",
+    ticket_serial="    n BIGINT GENERATED ALWAYS AS IDENTITY,\n",
+    ticket_order=", n",
+) + """CREATE TABLE requests (
     username TEXT NOT NULL,
     request_id TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -409,9 +330,6 @@ class PostgresStore(RulesStore):
     def network(self) -> Network:
         return self._network
 
-    def watch_expiries(self, callback: Callable[[str, str], None]) -> None:
-        self._watchers.append(callback)
-
     # -- connections and transactions ----------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:
@@ -510,17 +428,6 @@ class PostgresStore(RulesStore):
         if refusal is not None:
             raise refusal
         return result
-
-    def _report(self, ended: list[tuple[str, str]]) -> None:
-        """
-        On the reactor thread: tell the watchers of holds that expired.
-        """
-        for hold_id, session_id in ended:
-            for callback in self._watchers:
-                try:
-                    callback(hold_id, session_id)
-                except Exception:
-                    self._log.failure("reporting the expiry of hold {hold_id}", hold_id=hold_id)
 
     def _listen(self) -> None:
         """

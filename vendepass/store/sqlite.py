@@ -27,7 +27,7 @@ from zope.interface import implementer
 from vendepass.errors import StorageUnavailable, VendePassError
 from vendepass.fixtures import Fixtures
 from vendepass.model import Flight, Network
-from vendepass.store import IExecutor, IStore
+from vendepass.store import IExecutor, IStore, schema
 from vendepass.store.common import load_fixtures, read_network
 from vendepass.store.transactions import RulesStore, SeatRules, Tx
 
@@ -39,92 +39,13 @@ _Refreshed = dict[str, tuple[int, tuple[float, ...]]]
 _Outcome = tuple[bool, Any]
 
 
-_SCHEMA_1 = """
-CREATE TABLE airline (
-    code TEXT NOT NULL,
-    name TEXT NOT NULL,
-    currency TEXT NOT NULL
-);
-CREATE TABLE airports (
-    code TEXT PRIMARY KEY,
-    city TEXT NOT NULL,
-    name TEXT NOT NULL,
-    timezone TEXT NOT NULL
-);
-CREATE TABLE aircraft (
-    type TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    rows INTEGER NOT NULL CHECK (rows > 0),
-    letters TEXT NOT NULL
-);
-CREATE TABLE timetable (
-    flight TEXT PRIMARY KEY,
-    origin TEXT NOT NULL REFERENCES airports(code),
-    destination TEXT NOT NULL REFERENCES airports(code),
-    departure TEXT NOT NULL,
-    duration_minutes INTEGER NOT NULL,
-    days TEXT NOT NULL,
-    aircraft TEXT NOT NULL REFERENCES aircraft(type),
-    fare_cents INTEGER NOT NULL CHECK (fare_cents >= 0)
-);
-CREATE TABLE users (
-    username TEXT PRIMARY KEY,
-    password_hash TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE holds (
-    hold_id TEXT PRIMARY KEY,
-    username TEXT NOT NULL REFERENCES users(username),
-    session_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    price_cents INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('active', 'expired', 'released', 'bought')),
-    ended_at REAL
-);
-CREATE INDEX holds_active ON holds(state, expires_at);
-CREATE INDEX holds_session ON holds(session_id) WHERE state = 'active';
-CREATE TABLE hold_legs (
-    hold_id TEXT NOT NULL REFERENCES holds(hold_id) ON DELETE CASCADE,
-    leg INTEGER NOT NULL,
-    flight_id TEXT NOT NULL,
-    seat TEXT NOT NULL,
-    PRIMARY KEY (hold_id, leg)
-) WITHOUT ROWID;
-CREATE TABLE tickets (
-    ticket_id TEXT PRIMARY KEY,
-    username TEXT NOT NULL REFERENCES users(username),
-    status TEXT NOT NULL CHECK (status IN ('active', 'cancelled')),
-    price_cents INTEGER NOT NULL,
-    currency TEXT NOT NULL,
-    bought_at REAL NOT NULL,
-    cancelled_at REAL
-);
-CREATE INDEX tickets_user ON tickets(username, bought_at);
-CREATE TABLE ticket_legs (
-    ticket_id TEXT NOT NULL REFERENCES tickets(ticket_id),
-    leg INTEGER NOT NULL,
-    flight_id TEXT NOT NULL,
-    number TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    departure TEXT NOT NULL,
-    arrival TEXT NOT NULL,
-    seat TEXT NOT NULL,
-    price_cents INTEGER NOT NULL,
-    PRIMARY KEY (ticket_id, leg)
-) WITHOUT ROWID;
-CREATE TABLE seats (
-    flight_id TEXT NOT NULL,
-    seat TEXT NOT NULL,
-    hold_id TEXT REFERENCES holds(hold_id),
-    ticket_id TEXT REFERENCES tickets(ticket_id),
-    PRIMARY KEY (flight_id, seat),
-    CHECK ((hold_id IS NULL) <> (ticket_id IS NULL))
-) WITHOUT ROWID;
-CREATE INDEX seats_hold ON seats(hold_id) WHERE hold_id IS NOT NULL;
-CREATE INDEX seats_ticket ON seats(ticket_id) WHERE ticket_id IS NOT NULL;
-"""
+_SCHEMA_1 = schema.render(
+    real="REAL",
+    cents="INTEGER",
+    holds_indexes="CREATE INDEX holds_active ON holds(state, expires_at);\n"
+    "CREATE INDEX holds_session ON holds(session_id) WHERE state = 'active';\n",
+    without_rowid=" WITHOUT ROWID",
+)
 
 # Version 2: safe retries (the outcome of each request_id) and the
 # append-only audit log of every change of seat state.
@@ -559,21 +480,6 @@ class SQLiteStore(RulesStore):
             return value  # a Failure goes down the errback chain
 
         return self._executor.submit(self._guarded(job)).addCallback(answer)
-
-    def watch_expiries(self, callback: Callable[[str, str], None]) -> None:
-        self._watchers.append(callback)
-
-    def _report(self, ended: list[tuple[str, str]]) -> None:
-        """
-        On the reactor thread, after the commit: tell the watchers of the
-        holds that expired.
-        """
-        for hold_id, session_id in ended:
-            for callback in self._watchers:
-                try:
-                    callback(hold_id, session_id)
-                except Exception:
-                    self._log.failure("reporting the expiry of hold {hold_id}", hold_id=hold_id)
 
     def _guarded(self, job: Callable[[], T]) -> Callable[[], T]:
         """

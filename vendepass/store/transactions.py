@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from vendepass.errors import (
     AlreadyCancelled,
@@ -619,6 +620,8 @@ class RulesStore:
     """
 
     rules: SeatRules
+    _watchers: list[Callable[[str, str], None]]
+    _log = Logger()
 
     def _write(self, work: Callable[[Tx], T]) -> Deferred[T]:
         raise NotImplementedError
@@ -629,6 +632,21 @@ class RulesStore:
     @property
     def max_held_seats(self) -> int:
         return self.rules.max_held_seats
+
+    def watch_expiries(self, callback: Callable[[str, str], None]) -> None:
+        self._watchers.append(callback)
+
+    def _report(self, ended: list[tuple[str, str]]) -> None:
+        """
+        On the reactor thread, after the commit: tell the watchers of the
+        holds that expired.
+        """
+        for hold_id, session_id in ended:
+            for callback in self._watchers:
+                try:
+                    callback(hold_id, session_id)
+                except Exception:
+                    self._log.failure("reporting the expiry of hold {hold_id}", hold_id=hold_id)
 
     def add_user(self, username: str, password_hash: str) -> Deferred[None]:
         return self._write(lambda tx: self.rules.add_user(tx, username, password_hash))
