@@ -15,7 +15,7 @@ from datetime import date
 from typing import Any, Awaitable, Callable
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -34,7 +34,7 @@ from vendepass.errors import (
     UnknownOpcode,
     VendePassError,
 )
-from vendepass.model import iso_utc
+from vendepass.model import Ticket, iso_utc
 from vendepass.service import MAX_SEARCH_LIMIT, SEARCH_LIMIT, ReservationService, Session
 
 MAX_LINE_BYTES = 64 * 1024
@@ -44,7 +44,7 @@ READ_AHEAD = MAX_LINE_BYTES + 2
 DEFAULT_IDLE_TIMEOUT = 15 * 60.0
 DEFAULT_MAX_CONNECTIONS_PER_IP = 50
 
-Handler = Callable[["VendePassProtocol", dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[["VendePassProtocol", dict[str, Any]], Awaitable[dict[str, Any]]]  # a coroutine or a Deferred
 
 _MISSING = object()
 
@@ -136,6 +136,10 @@ def _seat_list(data: dict[str, Any]) -> list[str | None] | None:
     if seats is not None and not all(s is None or isinstance(s, str) and _is_unicode(s) for s in seats):
         raise InvalidRequest("Field 'seats' must list one seat (a string) or null per flight.", field="seats")
     return seats
+
+
+def _ticket_answer(ticket: Ticket) -> dict[str, Any]:
+    return {"ticket": wire.ticket(ticket)}
 
 
 @frozen
@@ -333,12 +337,20 @@ class VendePassProtocol(LineReceiver):
         self._update_reading()
         started = self.clock.seconds()
         request: dict[str, Any] = {"id": None, "opcode": None}
-        d = Deferred.fromCoroutine(self._handle(line, request))
+        try:
+            d = self._handle(line, request)
+        except Exception:
+            d = fail()
         d.addCallback(lambda data: {"id": request["id"], "opcode": request["opcode"], "ok": True, "data": data})
         d.addErrback(self._failed, request)
         d.addCallback(self._answer, request, started)
 
-    async def _handle(self, line: bytes, request: dict[str, Any]) -> dict[str, Any]:
+    def _handle(self, line: bytes, request: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """
+        Decode a request and start its handler: a coroutine, or (for the
+        requests every sale makes) a plain method returning a Deferred, which
+        saves a coroutine per request.
+        """
         try:
             message = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
@@ -371,7 +383,10 @@ class VendePassProtocol(LineReceiver):
         assert self.session is not None
         if entry.needs_login and self.session.username is None:
             raise NotLoggedIn(f"Log in before {entry.name}.")
-        return await entry.handler(self, data)
+        started = entry.handler(self, data)
+        if isinstance(started, Deferred):
+            return started
+        return Deferred.fromCoroutine(started)  # type: ignore[arg-type]
 
     def _failed(self, failure: Failure, request: dict[str, Any]) -> dict[str, Any]:
         error: VendePassError
@@ -493,21 +508,21 @@ class VendePassProtocol(LineReceiver):
         await self.service.release(self.session, hold_id, _request_id(data))
         return {}
 
-    async def _buy(self, data: dict[str, Any]) -> dict[str, Any]:
+    def _buy(self, data: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None
         request_id = _request_id(data)
         hold_id = _field(data, "hold_id", str, required=False)
         if hold_id is not None:
             if data.get("flights") is not None:
                 raise InvalidRequest("Give either 'hold_id' or 'flights', not both.", field="flights")
-            ticket = await self.service.buy(self.session, hold_id=hold_id, request_id=request_id)
+            bought = self.service.buy(self.session, hold_id=hold_id, request_id=request_id)
         elif data.get("flights") is not None:
-            ticket = await self.service.buy(
+            bought = self.service.buy(
                 self.session, flight_ids=_flight_list(data), seats=_seat_list(data), request_id=request_id
             )
         else:
             raise InvalidRequest("Give 'hold_id', or 'flights' to hold and buy in one step.", field="hold_id")
-        return {"ticket": wire.ticket(ticket)}
+        return bought.addCallback(_ticket_answer)
 
     async def _tickets(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None

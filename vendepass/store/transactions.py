@@ -633,6 +633,10 @@ class RulesStore:
     def max_held_seats(self) -> int:
         return self.rules.max_held_seats
 
+    @max_held_seats.setter
+    def max_held_seats(self, limit: int) -> None:
+        self.rules.max_held_seats = limit
+
     def watch_expiries(self, callback: Callable[[str, str], None]) -> None:
         self._watchers.append(callback)
 
