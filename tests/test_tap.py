@@ -217,3 +217,25 @@ class PluginTests(SynchronousTestCase):
         makers = [p for p in getPlugins(IPlugin) if getattr(p, "tapname", None) == "vendepass"]
         self.assertEqual(len(makers), 1)
         self.assertEqual(makers[0].module, "vendepass.tap")  # type: ignore[attr-defined]
+
+
+class GarbageCollectorTuningTests(SynchronousTestCase):
+    def test_tunes_while_running(self) -> None:
+        """
+        While the server runs, young collections are rarer and what start-up
+        built is frozen; stopping puts both back.
+        """
+        import gc
+
+        from vendepass.tap import GC_YOUNG_THRESHOLD, GarbageCollectorTuning
+
+        before = gc.get_threshold()
+        tuning = GarbageCollectorTuning()
+        tuning.startService()
+        try:
+            self.assertEqual(gc.get_threshold(), (GC_YOUNG_THRESHOLD, *before[1:]))
+            self.assertGreater(gc.get_freeze_count(), 0)
+        finally:
+            tuning.stopService()
+        self.assertEqual(gc.get_threshold(), before)
+        self.assertEqual(gc.get_freeze_count(), 0)

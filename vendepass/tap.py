@@ -10,7 +10,7 @@ import sqlite3
 from typing import Any, Callable
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
 from vendepass.errors import FixturesError
@@ -202,16 +202,27 @@ def _open_postgres(options: Options, fixtures: Callable[[], Fixtures], hash_pass
 GC_YOUNG_THRESHOLD = 100_000
 
 
-def _tune_gc() -> None:
+class GarbageCollectorTuning(Service):
     """
-    Fewer, larger young collections, and what start-up built (the airline,
-    its schedule, the database's statements) moved out of the collector's
-    sight for good: it lives as long as the process.
+    While the server runs: fewer, larger young collections, and what
+    start-up built (the airline, its schedule, the database's statements)
+    moved out of the collector's sight (it lives as long as the process).
+    Stopping puts both back.
     """
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+    _saved: tuple[int, int, int] = (700, 10, 10)
+
+    def startService(self) -> None:
+        super().startService()
+        self._saved = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *self._saved[1:])
+
+    def stopService(self) -> None:
+        super().stopService()
+        gc.set_threshold(*self._saved)
+        gc.unfreeze()
 
 
 def makeService(options: Options) -> IService:
@@ -255,7 +266,8 @@ def makeService(options: Options) -> IService:
     )
     for description in options["listen"]:
         strports.service(description, factory).setServiceParent(top)
-    _tune_gc()
+    # Last: it starts once everything above has been built and started.
+    GarbageCollectorTuning().setServiceParent(top)
     return top
 
 
