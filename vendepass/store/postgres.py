@@ -176,6 +176,10 @@ class PostgresTx(Tx):
     def skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
 
+    def hold_order(self, holds: str, hold_id: str) -> str:
+        # The lock order of holds: by id.
+        return hold_id
+
     def lock_request(self, username: str, request_id: str) -> None:
         self.execute("SELECT pg_advisory_xact_lock(?, ?)", (_REQUEST_LOCK, _lock_key(f"{username}/{request_id}")))
 

@@ -117,6 +117,16 @@ class Tx:
         """
         return ""
 
+    def hold_order(self, holds: str, hold_id: str) -> str:
+        """
+        The order in which a transaction that ends several holds takes them
+        (C{holds} names the holds table, C{hold_id} the selected hold id):
+        here the order they were made in, so the same requests end the
+        same holds in the same order (the simulation replays runs); where
+        transactions lock holds, an order every transaction shares.
+        """
+        return f"{holds}.rowid"
+
     def skip_locked(self) -> str:
         """
         What a C{SELECT} ends with to lock the rows it reads, passing over
@@ -288,7 +298,7 @@ class SeatRules:
         for (hold_id,) in tx.all(
             f"SELECT DISTINCT s.hold_id FROM seats s{tx.held_seats_index} JOIN holds h ON h.hold_id = s.hold_id"
             f" WHERE s.flight_id IN ({_marks(len(flight_ids))}) AND s.hold_id IS NOT NULL AND h.state = 'active'"
-            " AND h.expires_at <= ? ORDER BY s.hold_id",
+            f" AND h.expires_at <= ? ORDER BY {tx.hold_order('h', 's.hold_id')}",
             (*flight_ids, tx.now),
         ):
             self.end_hold(tx, hold_id, "expired")
@@ -316,7 +326,8 @@ class SeatRules:
 
     def release_session(self, tx: Tx, session_id: str) -> list[str]:
         holds = tx.all(
-            "SELECT hold_id FROM holds WHERE session_id = ? AND state = 'active' ORDER BY hold_id", (session_id,)
+            f"SELECT hold_id FROM holds WHERE session_id = ? AND state = 'active' ORDER BY {tx.hold_order('holds', 'hold_id')}",
+            (session_id,),
         )
         return [hold_id for (hold_id,) in holds if self.end_hold(tx, hold_id, "released")]
 
@@ -338,7 +349,7 @@ class SeatRules:
         """
         rows = tx.all(
             "SELECT hold_id, session_id FROM holds WHERE state = 'active' AND expires_at <= ?"
-            f" ORDER BY hold_id LIMIT {int(limit)}{tx.skip_locked()}",
+            f" ORDER BY {tx.hold_order('holds', 'hold_id')} LIMIT {int(limit)}{tx.skip_locked()}",
             (tx.now,),
         )
         for hold_id, _ in rows:
