@@ -240,20 +240,22 @@ class AppTestCase(TestCase):
         await app.expect(f"Logged in as {user[0]}.")
         await app.expect("Choose: ")
 
-    async def search_tiny(self, app: ClientProcess) -> str:
+    async def search_tiny(self, app: ClientProcess, destination: str = "REC") -> str:
         """
         From the main menu to the seat prompt of the SSA > REC flight of
         TOMORROW; returns what was printed on the way (the cabin picture).
+        With C{destination} C{"MAO"}: of its first leg, then VP200 REC > MAO.
         """
         app.send("1")
         await app.expect("From (city or code, empty to go back): ")
         app.send("SSA")
         await app.expect("To (city or code): ")
-        app.send("REC")
+        app.send(destination)
         await app.expect("Date (YYYY-MM-DD, empty for any day): ")
         app.send(TOMORROW)
         table = await app.expect("Itinerary number (empty to go back): ")
-        self.assertIn(f"1  {TOMORROW} 08:00  {TOMORROW} 09:15  SSA > REC  VP100", table)
+        self.assertIn(f"1  {TOMORROW} 08:00  {TOMORROW} 09:15  SSA > REC  VP100" if destination == "REC"
+                      else f"1  {TOMORROW} 08:00  {TOMORROW} 14:00  SSA > REC > MAO  VP100, VP200", table)
         app.send("1")
         return await app.expect("Seat on VP100 (e.g. 12A; empty: any free seat; q: back): ")
 
@@ -456,6 +458,57 @@ class PurchaseTests(AppTestCase):
         await self.quit(app)
 
 
+class FrictionTests(AppTestCase):
+    async def test_back_one_leg(self) -> None:
+        """
+        q at the second leg's seat goes back to the first leg's seat, not to the menu.
+        """
+        app = self.start()
+        await self.log_in(app)
+        await self.search_tiny(app, "MAO")
+        app.send("1A")
+        await app.expect("Seat on VP200 (e.g. 12A; empty: any free seat; q: back): ")
+        app.send("q")
+        back = await app.expect("Seat on VP100 (e.g. 12A; empty: any free seat; q: back): ")
+        self.assertNotIn("Choose: ", back)
+        self.assertIn("Flight VP100 SSA > REC", back)
+        # Another seat for the first leg, and the second leg is asked again.
+        app.send("2B")
+        self.assertIn("Flight VP200 REC > MAO", await app.expect("Seat on VP200"))
+        app.send("3C")
+        self.assertIn("Held: VP100 seat 2B, VP200 seat 3C", await app.expect(" left) [y/n] "))
+        self.assertEqual((self.status("1A"), self.status("2B")), ("free", "held"))
+        await self.quit_after_no(app)
+
+    async def quit_after_no(self, app: ClientProcess) -> None:
+        app.send("n")
+        await app.expect("Seats released.")
+        await app.expect("Choose: ")
+        await self.quit(app)
+
+    async def test_cancel_unknown_code(self) -> None:
+        """
+        A code that is not one of the customer's tickets is refused at once,
+        without asking to confirm it, and the question is asked again.
+        """
+        app = self.start()
+        await self.log_in(app)
+        ticket_id = await self.buy_tiny(app, "1A")
+        app.send("3")
+        await app.expect("Ticket to cancel (empty to go back): ")
+        app.send("zzzz9999")
+        refused = await app.expect("Ticket to cancel (empty to go back): ")
+        self.assertIn("ZZZZ9999 is not one of your active tickets.", refused)
+        self.assertNotIn("[y/n]", refused)
+        app.send(ticket_id)
+        await app.expect(f"Cancel ticket {ticket_id}? This cannot be undone. [y/n] ")
+        app.send("n")
+        await app.expect("Nothing was cancelled.")
+        await app.expect("Choose: ")
+        self.assertEqual([t["status"] for t in self.tickets()], ["active"])
+        await self.quit(app)
+
+
 class LeavingTests(AppTestCase):
     async def test_end_of_input(self) -> None:
         """
@@ -513,7 +566,8 @@ class LeavingTests(AppTestCase):
         await self.hold_seat(app, "1A")
         self.assertEqual(self.status("1A"), "held")
         app.process.signalProcess("INT")
-        await app.ended()
+        # 128 + SIGINT, as shells report an interrupted program.
+        self.assertEqual(await app.ended(), 130, app.transcript("exit code"))
         self.assertEqual(self.status("1A"), "free")
         self.assertEqual(self.tickets(), [])
         self.assertEqual(len(released), 1)
@@ -533,17 +587,32 @@ class AccountTests(AppTestCase):
         app.send("not-her-password")
         refused = await app.expect("Wrong username or password.")
         self.assertNotIn("Hello", refused)
-        menu = await app.expect("Choose: ")
-        self.assertIn("Welcome to VendePass!", menu)
-        self.assertIn("1) Log in", menu)
-        # And the right one works.
+        # The password is asked again in place, not from the menu.
+        again = await app.expect("Password (empty to go back): ")
+        self.assertNotIn("Welcome to VendePass!", again)
+        self.assertNotIn("Username: ", again)
+        app.send(ALICE[1])
+        await app.expect("Hello, alice!")
+        await app.expect("Logged in as alice.")
+        await app.expect("Choose: ")
+        await self.quit(app)
+
+    async def test_wrong_password_then_back(self) -> None:
+        """
+        An empty answer after a wrong password goes back to the menu.
+        """
+        app = self.start()
+        await app.expect("Choose: ")
         app.send("1")
         await app.expect("Username: ")
         app.send("alice")
         await app.expect("Password: ")
-        app.send(ALICE[1])
-        await app.expect("Hello, alice!")
-        await app.expect("Choose: ")
+        app.send("not-her-password")
+        await app.expect("Password (empty to go back): ")
+        app.send("")
+        menu = await app.expect("Choose: ")
+        self.assertIn("1) Log in", menu)
+        self.assertNotIn("Hello", menu)
         await self.quit(app)
 
     async def test_register(self) -> None:

@@ -333,15 +333,21 @@ class App:
             return False
         username = await self.ask(self._("Username: "))
         password = await self.ask(self._("Password: "), secret=True)
-        try:
-            if choice == "2":
-                await self.api.register(username, password)
-                self.say(self._("Account {username} created.", username=username))
-            self.username = await self.api.login(username, password)
-            self.say(self._("Hello, {username}!", username=self.username))
-        except ServerError as e:
-            self.say(views.error(self._, e))
-        return True
+        while True:
+            try:
+                if choice == "2":
+                    await self.api.register(username, password)
+                    self.say(self._("Account {username} created.", username=username))
+                self.username = await self.api.login(username, password)
+                self.say(self._("Hello, {username}!", username=self.username))
+            except ServerError as e:
+                self.say(views.error(self._, e))
+                if e.code == "bad_credentials" and choice == "1":
+                    # A typo: ask again in place, not from the menu.
+                    password = await self.ask(self._("Password (empty to go back): "), secret=True)
+                    if password:
+                        continue
+            return True
 
     async def main_menu(self) -> bool:
         choice = await self.menu(
@@ -424,7 +430,8 @@ class App:
 
     async def pick_seats(self, legs: list[dict[str, Any]]) -> list[str | None] | None:
         seats: list[str | None] = []
-        for leg in legs:
+        while len(seats) < len(legs):
+            leg = legs[len(seats)]
             seatmap = await self.api.seatmap(leg["flight"])
             self.say(views.cabin(self._, seatmap))
             statuses = {s["seat"]: s["status"] for s in seatmap["seats"]}
@@ -433,7 +440,11 @@ class App:
                     self._("Seat on {number} (e.g. 12A; empty: any free seat; q: back): ", number=leg["number"])
                 )).upper()
                 if typed == "Q":
-                    return None
+                    if not seats:
+                        return None
+                    # One step back: the seat of the leg before.
+                    seats.pop()
+                    break
                 if not typed:
                     seats.append(None)
                     break
@@ -498,8 +509,11 @@ class App:
             return
         self.say(views.tickets(self._, active))
         typed = (await self.ask(self._("Ticket to cancel (empty to go back): "))).upper()
-        if not typed:
-            return
+        while typed not in {t["ticket_id"] for t in active}:
+            if not typed:
+                return
+            self.say(self._("{ticket_id} is not one of your active tickets.", ticket_id=typed))
+            typed = (await self.ask(self._("Ticket to cancel (empty to go back): "))).upper()
         if not await self.confirm(self._("Cancel ticket {ticket_id}? This cannot be undone. [y/n] ", ticket_id=typed)):
             self.say(self._("Nothing was cancelled."))
             return

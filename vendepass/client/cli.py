@@ -238,4 +238,13 @@ def run() -> None:
         if code:
             raise SystemExit(code)
 
-    react(lambda reactor: Deferred.fromCoroutine(start(reactor)))
+    from twisted.internet import reactor as running
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(start(reactor)))
+    except SystemExit as e:
+        # Stopped by a signal (Ctrl-C: SIGINT): exit 128 + its number, as shells expect.
+        signal_number = getattr(running, "_exitSignal", None)
+        if not e.code and signal_number:
+            raise SystemExit(128 + signal_number)
+        raise
