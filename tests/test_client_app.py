@@ -15,7 +15,9 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
+
+from hypothesis import given, strategies as st
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
@@ -23,13 +25,17 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import FailTest, SkipTest, TestCase
+from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase as SyncTestCase, TestCase
 
+from vendepass.client import views
+from vendepass.client.app import App, Console
+from vendepass.client.i18n import Texts
 from vendepass.service import ReservationService
 
 from tests.common import ALICE, BOB, START, TINY, TOMORROW, LineClient, make_service
-from tests.test_client_cli import LiveServer, clock, serve
+from tests.test_client_cli import LiveServer, clock, core, serve
 
 JSON = dict[str, Any]
 
@@ -49,56 +55,30 @@ BUY, TICKETS, SEATMAP = 3, 4, 8
 TICKET_LINE = re.compile(r"Ticket ([A-Z0-9]{8}) \(active\), R\$ 250\.00")
 
 
-class ClientProcess(ProcessProtocol):
+class Expecting:
     """
-    The app as a subprocess: what it prints, what we type, how it ended.
+    What the app printed so far, and waiting (with a deadline) for a text in it.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.output = ""
-        self.errors = ""
         self.seen = 0
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-        self._decode_errors = codecs.getincrementaldecoder("utf-8")("replace").decode
         self._waiting: tuple[str, Deferred[str], IDelayedCall] | None = None
-        self.reason: Failure | None = None
-        self._ended: list[Deferred[None]] = []
-
-    # -- ProcessProtocol ----------------------------------------------------
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += self._decode(data)
-        self._check()
-
-    def errReceived(self, data: bytes) -> None:
-        self.errors += self._decode_errors(data)
-
-    def processEnded(self, reason: Failure) -> None:
-        self.reason = reason
-        self._fail_waiting()
-        ended, self._ended = self._ended, []
-        for waiter in ended:
-            waiter.callback(None)
-
-    # -- the test's side ----------------------------------------------------
-
-    @property
-    def process(self) -> IProcessTransport:
-        return cast(IProcessTransport, self.transport)
 
     @property
     def running(self) -> bool:
-        return self.reason is None
+        return True
+
+    def send(self, line: str) -> None:
+        """
+        Type C{line} and Enter.
+        """
+        raise NotImplementedError()
 
     def transcript(self, problem: str) -> str:
         text = f"{problem}\n--- {self.name}: output (>>> marks the last expect) ---\n"
-        text += self.output[: self.seen] + ">>>" + self.output[self.seen :]
-        if self.errors:
-            text += f"\n--- stderr ---\n{self.errors}"
-        if self.reason is not None:
-            text += f"\n--- ended: {self.reason.getErrorMessage()}"
-        return text
+        return text + self.output[: self.seen] + ">>>" + self.output[self.seen :]
 
     def expect(self, text: str, timeout: float = DEADLINE) -> Deferred[str]:
         """
@@ -149,6 +129,61 @@ class ClientProcess(ProcessProtocol):
         """
         return self.output[self.seen :]
 
+    def taken(self) -> str:
+        """
+        The output after the last expect, which counts as expected now.
+        """
+        text, self.seen = self.since(), len(self.output)
+        return text
+
+
+class ClientProcess(Expecting, ProcessProtocol):
+    """
+    The app as a subprocess: what it prints, what we type, how it ended.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.errors = ""
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._decode_errors = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self.reason: Failure | None = None
+        self._ended: list[Deferred[None]] = []
+
+    # -- ProcessProtocol ----------------------------------------------------
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += self._decode(data)
+        self._check()
+
+    def errReceived(self, data: bytes) -> None:
+        self.errors += self._decode_errors(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self._fail_waiting()
+        ended, self._ended = self._ended, []
+        for waiter in ended:
+            waiter.callback(None)
+
+    # -- the test's side ----------------------------------------------------
+
+    @property
+    def process(self) -> IProcessTransport:
+        return cast(IProcessTransport, self.transport)
+
+    @property
+    def running(self) -> bool:
+        return self.reason is None
+
+    def transcript(self, problem: str) -> str:
+        text = super().transcript(problem)
+        if self.errors:
+            text += f"\n--- stderr ---\n{self.errors}"
+        if self.reason is not None:
+            text += f"\n--- ended: {self.reason.getErrorMessage()}"
+        return text
+
     def send(self, line: str) -> None:
         self.process.write(line.encode("utf-8") + b"\n")
 
@@ -190,6 +225,49 @@ class ClientProcess(ProcessProtocol):
         return d.addCallbacks(code, cancel_timer)
 
 
+class Screen(Expecting, StringTransport):
+    """
+    The app in this process, its console on a string transport: what it
+    writes is the output, the countdown runs on L{clock}, the server is real.
+    """
+
+    def __init__(self, name: str, endpoint: str, terminal: bool, language: str = "en", lines: int = 40) -> None:
+        Expecting.__init__(self, name)
+        StringTransport.__init__(self)
+        self.console = Console(terminal=terminal, size=lambda: os.terminal_size((80, lines)))
+        self.console.makeConnection(self)
+        self.clock = Clock()
+        self.texts = Texts(language)
+        self.app = App(core(), self.console, self.texts, clock=self.clock)
+        self.done = Deferred.fromCoroutine(self.app.run(endpoint))
+        self.done.addBoth(self._ended)
+
+    def _ended(self, result: Any) -> Any:
+        self._fail_waiting()
+        return result
+
+    @property
+    def running(self) -> bool:
+        return not self.done.called
+
+    def write(self, data: bytes) -> None:
+        StringTransport.write(self, data)
+        self.output += data.decode("utf-8")
+        # Not at once: the app, in the middle of asking, goes on first.
+        clock().callLater(0, self._check)
+
+    def send(self, line: str) -> None:
+        self.console.dataReceived(line.encode("utf-8") + b"\n")
+
+    async def end(self) -> int:
+        """
+        Close the input (Ctrl-D) if the app still runs; its exit code.
+        """
+        if self.running:
+            self.console.connectionLost()
+        return int(await self.done.addTimeout(DEADLINE, clock()))
+
+
 class AppTestCase(TestCase):
     """
     A server with an in-memory service, and the app connected to it.
@@ -226,9 +304,17 @@ class AppTestCase(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
         return app
 
+    def in_process(self, terminal: bool, language: str = "en", lines: int = 40) -> Screen:
+        """
+        The app in this process (see L{Screen}); ended by the cleanup.
+        """
+        screen = Screen(self.id().rsplit(".", 1)[-1], self.server.endpoint, terminal, language, lines)
+        self.addCleanup(screen.end)
+        return screen
+
     # -- conversations ------------------------------------------------------
 
-    async def log_in(self, app: ClientProcess, user: tuple[str, str] = ALICE) -> None:
+    async def log_in(self, app: Expecting, user: tuple[str, str] = ALICE) -> None:
         await app.expect("Welcome to VendePass!")
         await app.expect("Choose: ")
         app.send("1")
@@ -240,7 +326,7 @@ class AppTestCase(TestCase):
         await app.expect(f"Logged in as {user[0]}.")
         await app.expect("Choose: ")
 
-    async def search_tiny(self, app: ClientProcess, destination: str = "REC") -> str:
+    async def search_tiny(self, app: Expecting, destination: str = "REC") -> str:
         """
         From the main menu to the seat prompt of the SSA > REC flight of
         TOMORROW; returns what was printed on the way (the cabin picture).
@@ -259,14 +345,14 @@ class AppTestCase(TestCase):
         app.send("1")
         return await app.expect("Seat on VP100 (e.g. 12A; empty: any free seat; q: back): ")
 
-    async def hold_seat(self, app: ClientProcess, seat: str) -> str:
+    async def hold_seat(self, app: Expecting, seat: str) -> str:
         """
         At the seat prompt: choose C{seat}, up to the question whether to buy.
         """
         app.send(seat)
         return await self.buy_question(app)
 
-    async def buy_question(self, app: ClientProcess) -> str:
+    async def buy_question(self, app: Expecting) -> str:
         """
         Up to the question whether to buy the hold (its countdown starts at
         10:00, and may have ticked once already).
@@ -276,7 +362,7 @@ class AppTestCase(TestCase):
         self.assertRegex(held, r"Buy for R\$ 250\.00\? \((10:00|9:5\d) left\) \[y/n\] $")
         return held
 
-    async def buy_tiny(self, app: ClientProcess, seat: str) -> str:
+    async def buy_tiny(self, app: Expecting, seat: str) -> str:
         """
         From the main menu: buy C{seat} on the flight; returns the ticket id.
         """
@@ -629,3 +715,159 @@ class AccountTests(AppTestCase):
         await app.expect("Choose: ")
         await self.quit(app)
         self.assertEqual(self.tickets(("carol", "carol-password")), [])
+
+
+class CountdownTests(AppTestCase):
+    """
+    The question whether to buy shows the time the hold has left, on the
+    app's clock: redrawn in place each second on a terminal, and with each
+    reminder everywhere.
+    """
+
+    async def buy_question_typed(self, screen: Screen) -> Callable[[str], str]:
+        """
+        Log in, search and hold seat 1A, everything typed ahead (whatever the
+        language); returns the question whether to buy, given the time left.
+        """
+        screen.send("\n".join(["1", *ALICE, "1", "SSA", "REC", TOMORROW, "1", "1A"]))
+        price = screen.texts.money({"amount": "250.00", "currency": "BRL"})
+
+        def question(left: str) -> str:
+            return screen.texts("Buy for {price}? ({time} left) [y/n] ", price=price, time=left)
+
+        await screen.expect(question("10:00"))
+        return question
+
+    async def test_terminal(self) -> None:
+        screen = self.in_process(terminal=True)
+        question = await self.buy_question_typed(screen)
+        for left in ("9:59", "9:58"):
+            screen.clock.advance(1)
+            self.assertEqual(screen.taken(), "\r\x1b[2K" + question(left))
+        screen.clock.advance(537)
+        self.assertEqual(screen.taken(), "\r\x1b[2K" + question("1:01"))
+        screen.clock.advance(1)
+        self.assertIn("\nHurry: your hold ends in 60 seconds.\n" + question("1:00"), screen.taken())
+        screen.send("n")
+        await screen.expect("Seats released.")
+        # The countdown stopped with the question.
+        screen.clock.advance(1)
+        self.assertNotIn("left)", screen.since())
+        self.assertEqual(self.status("1A"), "free")
+
+    async def test_not_a_terminal_portuguese(self) -> None:
+        """
+        Not on a terminal, nothing is redrawn; the reminders show the time left.
+        """
+        screen = self.in_process(terminal=False, language="pt_BR")
+        question = await self.buy_question_typed(screen)
+        self.assertIn("(restam 10:00) [s/n]", question("10:00"))
+        screen.clock.advance(1)
+        self.assertEqual(screen.since(), "")
+        screen.clock.advance(539)
+        self.assertEqual(screen.taken(), "\nCorra: sua reserva termina em 60 segundos.\n" + question("1:00"))
+        screen.clock.advance(45)
+        screen.send("talvez")
+        self.assertEqual(screen.taken(), "Responda s (sim) ou n (não).\n" + question("0:15"))
+        screen.clock.advance(5)
+        self.assertEqual(screen.taken(), "\nCorra: sua reserva termina em 10 segundos.\n" + question("0:10"))
+        screen.send("s")
+        await screen.expect(screen.texts("Done! Your ticket:"))
+        self.assertEqual(self.status("1A"), "sold")
+
+
+class ReconnectTests(AppTestCase):
+    """
+    The server closes an idle connection (after an C{idle_timeout} event):
+    the app says why, keeps its place, and reconnects and logs in by itself.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Shorter than the holds, on the server's clock.
+        self.server.factory.idle_timeout = 300
+
+    async def test_idle_at_menu(self) -> None:
+        screen = self.in_process(terminal=False)
+        await self.log_in(screen)
+        self.clock.advance(301)
+        said = await screen.expect("you stay logged in as alice.")
+        self.assertIn("The server closed the connection after 5 minutes without activity.", said)
+        self.assertNotIn("Goodbye", said)
+        # The same question, asked again.
+        await screen.expect("Choose: ")
+        screen.send("2")
+        listed = await screen.expect("Choose: ")
+        self.assertIn("You have no tickets yet.", listed)
+        self.assertIn("Logged in as alice.", listed)
+        await self.quit_screen(screen)
+
+    async def quit_screen(self, screen: Screen) -> None:
+        screen.send("0")
+        self.assertEqual(await screen.end(), 0, screen.transcript("exit code"))
+
+    async def test_idle_holding(self) -> None:
+        """
+        The hold ends with the connection: the app says so plainly and goes
+        back to the menu; buying again works, logged in again.
+        """
+        screen = self.in_process(terminal=False)
+        await self.log_in(screen)
+        await self.search_tiny(screen)
+        await self.hold_seat(screen, "1A")
+        self.assertEqual(self.status("1A"), "held")
+        self.clock.advance(301)
+        said = await screen.expect("Search again to choose new seats.")
+        self.assertIn("The server closed the connection after 5 minutes without activity.", said)
+        self.assertIn("Your hold ended with the connection: the seats were released.", said)
+        back = await screen.expect("Choose: ")
+        self.assertNotIn("[y/n]", back)
+        self.assertIn("1) Search flights and buy", back)
+        self.assertEqual(self.status("1A"), "free")
+        await self.buy_tiny(screen, "1A")
+        self.assertEqual([t["status"] for t in self.tickets()], ["active"])
+        await self.quit_screen(screen)
+
+
+class CabinFitTests(AppTestCase):
+    async def test_short_terminal(self) -> None:
+        """
+        The 30 rows of an A320 on a 30-line terminal: two columns side by
+        side, the whole picture and the question within the screen.
+        """
+        screen = self.in_process(terminal=True, lines=30)
+        await self.log_in(screen)
+        screen.send("\n".join(["1", "REC", "MAO", TOMORROW, "1"]))
+        await screen.expect("Flight VP200 REC > MAO")
+        picture = await screen.expect("Seat on VP200 (e.g. 12A; empty: any free seat; q: back): ")
+        self.assertLessEqual(picture.count("\n") + 2, 30, picture)
+        self.assertIn("     A B C   D E F         A B C   D E F\n  1  . . .   . . .     16  . . .   . . .\n", picture)
+        self.assertIn(" 15  . . .   . . .     30  . . .   . . .\n180 free", picture)
+
+
+def seatmap(rows: int, letters: str = "ABCDEF") -> JSON:
+    flight = {"number": "VP1", "origin": "SSA", "destination": "REC", "departure": "2026-12-02T08:00:00-03:00"}
+    seats = [{"seat": f"{r}{x}", "status": "free", "mine": False} for r in range(1, rows + 1) for x in letters]
+    return {"flight": flight, "rows": rows, "letters": letters, "seats": seats}
+
+
+class CabinFitPropertyTests(SyncTestCase):
+    @given(st.integers(1, 60), st.integers(12, 60), st.integers(20, 200), st.sampled_from(["AB", "ABCD", "ABCDEF"]))
+    def test_fits(self, rows: int, lines: int, columns: int, letters: str) -> None:
+        """
+        Every row is drawn once; the picture and a prompt fit the height
+        whenever the width leaves room for enough columns, and one column
+        is used when it fits anyway.
+        """
+        texts = Texts("en")
+        whole = views.cabin(texts, seatmap(rows, letters)).split("\n")
+        picture = views.cabin(texts, seatmap(rows, letters), os.terminal_size((columns, lines))).split("\n")
+        drawn = sorted(int(m) for line in picture for m in re.findall(r"(?:^|\s)(\d+)  [.]", line))
+        self.assertEqual(drawn, list(range(1, rows + 1)))
+        if len(whole) + 3 <= lines:
+            self.assertEqual(picture, whole)
+        width = max(map(len, whole)) + 4
+        if (columns + 4) // width * (lines - 5) >= rows:
+            self.assertLessEqual(len(picture) + 1, lines)
+            self.assertLessEqual(max(map(len, picture)), columns)
+

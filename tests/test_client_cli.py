@@ -82,7 +82,7 @@ class TrackingFactory(VendePassFactory):
         self._idle: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
-        protocol = TrackedProtocol(self.service, self.clock)
+        protocol = TrackedProtocol(self.service, self.clock, self.idle_timeout)
         protocol.factory = self
         self.connections.add(protocol)
         return protocol

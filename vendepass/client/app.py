@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import termios
 from collections import deque
 from datetime import date
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import stdio
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorCore, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vendepass.client import views
 from vendepass.client.i18n import Texts
-from vendepass.client.protocol import ConnectionLost, ServerError, VendePassClientProtocol, connect
+from vendepass.client.protocol import ServerError
+from vendepass.client.reconnecting import RETRYABLE, ReconnectingClient
 
 YES = {"y", "yes", "s", "sim"}
 NO = {"n", "no", "nao", "não"}
@@ -49,7 +52,12 @@ class Console(LineReceiver):
 
     delimiter = b"\n"
 
-    def __init__(self) -> None:
+    def __init__(
+        self, terminal: bool = False, size: Callable[[], os.terminal_size] = shutil.get_terminal_size
+    ) -> None:
+        # Whether the output is a terminal: only there is a line redrawn in place.
+        self.terminal = terminal
+        self._size = size
         self._lines: deque[str] = deque()
         self._waiter: Deferred[str] | None = None
         self._prompt = ""
@@ -123,6 +131,24 @@ class Console(LineReceiver):
         else:
             self.write(text + "\n")
 
+    def retitle(self, prompt: str, redraw: bool = True) -> None:
+        """
+        Change the prompt of the question waiting for an answer (so that a
+        reprint shows it); on a terminal, with C{redraw}, rewrite its line now.
+        """
+        if self._waiter is None:
+            return
+        self._prompt = prompt
+        if redraw and self.terminal:
+            # Carriage return, clear the line, the new prompt.
+            self.write("\r\x1b[2K" + prompt)
+
+    def size(self) -> os.terminal_size | None:
+        """
+        The terminal's size, or C{None} when the output is not a terminal.
+        """
+        return self._size() if self.terminal else None
+
     def ask(self, prompt: str, secret: bool = False) -> Deferred[str]:
         """
         Ask a question; fires with the answer, or fails with L{EndOfInput}.
@@ -167,12 +193,16 @@ class App:
     The menus, and what the customer holds right now.
     """
 
-    def __init__(self, reactor: IReactorCore, console: Console, texts: Texts) -> None:
+    def __init__(self, reactor: IReactorCore, console: Console, texts: Texts, clock: IReactorTime | None = None) -> None:
         self.reactor = reactor
-        self.clock: IReactorTime = reactor  # type: ignore[assignment]
+        # The countdown's time (the reactor's unless given).
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
         self.console = console
         self._ = texts
-        self.client: VendePassClientProtocol | None = None
+        # Reconnects (and logs in again) by itself when the connection drops.
+        self.client: ReconnectingClient | None = None
+        # Why the server is about to close the connection, if it said so.
+        self._closing: str | None = None
         self.username: str | None = None
         self.hold: dict[str, Any] | None = None
         self.hold_deadline = 0.0
@@ -181,6 +211,8 @@ class App:
         self._network: dict[str, Any] | None = None
         self._leaving = False
         self._confirming: str | None = None
+        # The prompt of the question about the hold, computed afresh (its countdown).
+        self._question: Callable[[], str] | None = None
 
     # -- plumbing -----------------------------------------------------------
 
@@ -190,9 +222,9 @@ class App:
     async def ask(self, prompt: str, secret: bool = False) -> str:
         return (await self.console.ask(prompt, secret)).strip()
 
-    async def confirm(self, prompt: str) -> bool:
+    async def confirm(self, prompt: str | Callable[[], str]) -> bool:
         while True:
-            answer = (await self.ask(prompt)).lower()
+            answer = (await self.ask(prompt if isinstance(prompt, str) else prompt())).lower()
             if answer in YES:
                 return True
             if answer in NO or answer == "":
@@ -208,11 +240,47 @@ class App:
             if confirming:
                 # "Buy it?" has no object any more.
                 self.console.withdraw()
+        elif name == "idle_timeout":
+            seconds = int(data.get("seconds") or 0)
+            if seconds >= 60 and seconds % 60 == 0:
+                self._closing = self._.plural(
+                    "The server closed the connection after {n} minute without activity.",
+                    "The server closed the connection after {n} minutes without activity.",
+                    seconds // 60,
+                )
+            else:
+                self._closing = self._.plural(
+                    "The server closed the connection after {n} second without activity.",
+                    "The server closed the connection after {n} seconds without activity.",
+                    seconds,
+                )
         elif name == "connection_lost" and not self._leaving:
-            self.say(self._("The connection to the server was lost."))
+            self._connection_lost()
+
+    def _connection_lost(self) -> None:
+        """
+        Say why, and what the drop took: the place in the menus stays, the
+        next request reconnects (and logs in again) by itself.
+        """
+        why, self._closing = self._closing or self._("The connection to the server was lost."), None
+        if self.username is not None:
+            why += " " + self._("The app reconnects when you go on; you stay logged in as {username}.",
+                                username=self.username)
+        else:
+            why += " " + self._("The app reconnects when you go on.")
+        if self.hold is None:
+            self.say(why)
+            return
+        # The server released the hold with the connection.
+        self._end_hold()
+        confirming = self._confirming is not None
+        self.console.say(why + "\n" + self._("Your hold ended with the connection: the seats were released. "
+                                             "Search again to choose new seats."), reprompt=not confirming)
+        if confirming:
+            self.console.withdraw()
 
     @property
-    def api(self) -> VendePassClientProtocol:
+    def api(self) -> ReconnectingClient:
         assert self.client is not None
         return self.client
 
@@ -227,7 +295,14 @@ class App:
 
     def _remind(self, left: int) -> None:
         if self.hold is not None:
+            if self._question is not None:
+                # Reprinted below the reminder with the time left now.
+                self.console.retitle(self._question(), redraw=False)
             self.say(self._("Hurry: your hold ends in {left} seconds.", left=left))
+
+    def _tick(self) -> None:
+        if self._question is not None:
+            self.console.retitle(self._question())
 
     def _end_hold(self) -> None:
         self.hold = None
@@ -254,12 +329,20 @@ class App:
     async def run(self, endpoint: str) -> int:
         self.say(self._("VendePass - cheap flights across Brazil"))
         try:
-            self.client = await connect(self.reactor, endpoint, self.event)
+            self.client = ReconnectingClient(self.reactor, endpoint, self.event)
+            await self.client.ping()
         except Exception as e:
             self.say(self._("Cannot reach the server at {endpoint}: {reason}", endpoint=endpoint, reason=e))
             return 3
-        self.hold_seconds = int((self.client.welcome or {}).get("hold_seconds", 300))
-        self.reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
+        assert self.client.protocol is not None
+        self.hold_seconds = int((self.client.protocol.welcome or {}).get("hold_seconds", 300))
+        trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
+        try:
+            return await self._session()
+        finally:
+            self.reactor.removeSystemEventTrigger(trigger)
+
+    async def _session(self) -> int:
         code = 0
         try:
             while True:
@@ -270,7 +353,9 @@ class App:
                     break
         except EndOfInput:
             pass
-        except ConnectionLost:
+        except RETRYABLE as e:
+            # Reconnecting failed too.
+            self.say(self._("Cannot reach the server at {endpoint}: {reason}", endpoint=self.api.endpoint, reason=e))
             code = 3
         await self.leave()
         self.say(self._("Goodbye!"))
@@ -300,15 +385,16 @@ class App:
             return
         self._leaving = True
         try:
-            if self.client is not None and self.client.transport is not None:
+            # Not worth a new connection: the server ends a dropped one's holds and session.
+            if self.client is not None and self.client.connected:
                 await self.release_hold()
                 if self.username is not None:
                     await self.api.logout()
-        except (ServerError, ConnectionLost):
+        except (ServerError, *RETRYABLE):
             pass
         finally:
-            if self.client is not None and self.client.transport is not None:
-                self.client.transport.loseConnection()
+            if self.client is not None:
+                self.client.close()
 
     # -- menus --------------------------------------------------------------
 
@@ -433,7 +519,7 @@ class App:
         while len(seats) < len(legs):
             leg = legs[len(seats)]
             seatmap = await self.api.seatmap(leg["flight"])
-            self.say(views.cabin(self._, seatmap))
+            self.say(views.cabin(self._, seatmap, self.console.size()))
             statuses = {s["seat"]: s["status"] for s in seatmap["seats"]}
             while True:
                 typed = (await self.ask(
@@ -477,14 +563,25 @@ class App:
         self.say(views.hold(self._, hold))
         self.say(self._("These seats are yours for {time} while you decide.", time=self.remaining()))
         self._confirming = hold["hold_id"]
+
+        def question() -> str:
+            return self._("Buy for {price}? ({time} left) [y/n] ", price=self._.money(hold["price"]), time=self.remaining())
+
+        self._question = question
+        # On a terminal the countdown runs in the prompt, redrawn each second.
+        ticker = LoopingCall(self._tick)
+        ticker.clock = self.clock
+        if self.console.terminal:
+            ticker.start(1, now=False)
         try:
-            wanted = await self.confirm(
-                self._("Buy for {price}? ({time} left) [y/n] ", price=self._.money(hold["price"]), time=self.remaining())
-            )
+            wanted = await self.confirm(question)
         except QuestionWithdrawn:
             return
         finally:
             self._confirming = None
+            self._question = None
+            if ticker.running:
+                ticker.stop()
         if not wanted:
             await self.release_hold()
             self.say(self._("Seats released."))
@@ -525,7 +622,11 @@ async def interactive(reactor: IReactorCore, endpoint: str, texts: Texts) -> int
     """
     Run the interactive app on standard I/O until the customer quits.
     """
-    console = Console()
+    try:
+        terminal = os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        terminal = False
+    console = Console(terminal=terminal)
     stdio.StandardIO(console, reactor=reactor)  # type: ignore[arg-type]
     app = App(reactor, console, texts)
     try:

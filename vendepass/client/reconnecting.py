@@ -62,11 +62,19 @@ class ReconnectingClient:
         self.reconnections = 0
         self._credentials: tuple[str, str] | None = None
 
+    @property
+    def connected(self) -> bool:
+        """
+        Whether a connection is open now (a call would not reconnect first).
+        """
+        return self.protocol is not None and self.protocol.transport is not None and self.protocol._lost is None
+
     async def _connected(self) -> VendePassClientProtocol:
-        if self.protocol is None or self.protocol.transport is None or self.protocol._lost is not None:
+        if not self.connected:
             self.protocol = await connect(self.reactor, self.endpoint, self.on_event)
             if self._credentials is not None:
                 await self.protocol.login(*self._credentials)
+        assert self.protocol is not None
         return self.protocol
 
     async def _call(self, call: Callable[[VendePassClientProtocol], Awaitable[T]], after_drop: Callable[[], Awaitable[T]] | None = None) -> T:

@@ -6,6 +6,8 @@ protocol's values and a L{Texts}.
 
 from __future__ import annotations
 
+import math
+import os
 import unicodedata
 from datetime import datetime
 from typing import Any, Sequence
@@ -87,9 +89,11 @@ def seat_symbol(seat: dict[str, Any]) -> str:
     return {"free": FREE, "held": HELD, "sold": SOLD}.get(seat["status"], "?")
 
 
-def cabin(texts: Texts, seatmap: dict[str, Any]) -> str:
+def cabin(texts: Texts, seatmap: dict[str, Any], fit: os.terminal_size | None = None) -> str:
     """
     The seat map drawn as the cabin: one line per row, an aisle in the middle.
+    With C{fit}, a terminal too short for the rows (and the prompt below
+    them) gets them in two or more columns side by side, as its width allows.
     """
     letters: str = seatmap["letters"]
     half = (len(letters) + 1) // 2
@@ -109,15 +113,40 @@ def cabin(texts: Texts, seatmap: dict[str, Any]) -> str:
         ),
         "     " + row_text(list(letters)),
     ]
+    rows = []
     for row in range(1, seatmap["rows"] + 1):
         cells = [seat_symbol(by_seat[f"{row}{letter}"]) if f"{row}{letter}" in by_seat else " " for letter in letters]
-        lines.append(f"{row:>3}  " + row_text(cells))
+        rows.append(f"{row:>3}  " + row_text(cells))
+    # Below the picture: its legend, then the question and its answer.
+    lines = [lines[0], *side_by_side([lines[1], *rows], fit, spare=4)]
     free = sum(1 for s in seatmap["seats"] if s["status"] == "free")
     lines.append(
         texts("{free} free", free=free)
         + f"   {FREE} {texts('free')}  {HELD} {texts('held')}  {SOLD} {texts('sold')}  {MINE} {texts('yours')}"
     )
     return "\n".join(lines)
+
+
+def side_by_side(lines: list[str], fit: os.terminal_size | None, spare: int) -> list[str]:
+    """
+    C{lines} (a heading, then rows) as they are, or, when more than
+    C{fit.lines - spare} lines in all, cut into columns side by side (each
+    with the heading) -- as many as that height needs and the width allows.
+    """
+    heading, rows = lines[0], lines[1:]
+    width = max(map(len, lines)) + 4
+    columns = 1
+    if fit is not None and rows:
+        room = max(1, fit.lines - spare - 1)
+        columns = min(max(1, math.ceil(len(rows) / room)), max(1, (fit.columns + 4) // width))
+    if columns == 1:
+        return lines
+    tall = math.ceil(len(rows) / columns)
+    parts = [[heading, *rows[i : i + tall]] for i in range(0, len(rows), tall)]
+    return [
+        "".join(part[i].ljust(width) if i < len(part) else " " * width for part in parts).rstrip()
+        for i in range(tall + 1)
+    ]
 
 
 def ticket(texts: Texts, value: dict[str, Any]) -> str:
