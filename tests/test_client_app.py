@@ -35,7 +35,7 @@ from vendepass.client.i18n import Texts
 from vendepass.service import ReservationService
 
 from tests.common import ALICE, BOB, START, TINY, TOMORROW, LineClient, make_service
-from tests.test_client_cli import LiveServer, clock, core, serve
+from tests.test_client_cli import LiveServer, clock, core, serve, stop_listening
 
 JSON = dict[str, Any]
 
@@ -243,6 +243,7 @@ class Screen(Expecting, StringTransport):
         self.done.addBoth(self._ended)
 
     def _ended(self, result: Any) -> Any:
+        self._check()
         self._fail_waiting()
         return result
 
@@ -827,6 +828,26 @@ class ReconnectTests(AppTestCase):
         await self.buy_tiny(screen, "1A")
         self.assertEqual([t["status"] for t in self.tickets()], ["active"])
         await self.quit_screen(screen)
+
+
+class ServerGoneTests(AppTestCase):
+    async def test_cannot_reconnect(self) -> None:
+        """
+        The server is gone for good: the next step tries to reconnect, then
+        the app says it cannot reach the server and ends with exit code 3.
+        """
+        screen = self.in_process(terminal=False)
+        await self.log_in(screen)
+        endpoint = self.server.endpoint
+        await stop_listening(self.server.port)
+        await self.server.factory.close_all(grace=0)
+        said = await screen.expect("you stay logged in as alice.")
+        self.assertIn("The connection to the server was lost.", said)
+        await screen.expect("Choose: ")
+        screen.send("2")
+        gone = await screen.expect("Goodbye!")
+        self.assertIn(f"Cannot reach the server at {endpoint}", gone)
+        self.assertEqual(await screen.end(), 3)
 
 
 class CabinFitTests(AppTestCase):
