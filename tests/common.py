@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from vendepass.fixtures import load
 from vendepass.passwords import ScryptHasher
 from vendepass.protocol import VendePassFactory, VendePassProtocol
-from vendepass.service import ReservationService
+from vendepass.service import DEFAULT_SALES_WINDOW_DAYS, ReservationService
 from vendepass.store import InlineExecutor
 from vendepass.store.sqlite import SQLiteStore
 
@@ -47,6 +47,7 @@ def make_service(
     fixtures: Path = MINI,
     hold_seconds: float = 60,
     clock: Clock | None = None,
+    sales_window_days: int = DEFAULT_SALES_WINDOW_DAYS,
 ) -> ReservationService:
     """
     A started reservation service on a real SQLite store at C{path}; its
@@ -56,7 +57,9 @@ def make_service(
         clock = Clock()
         clock.advance(START)
     store = SQLiteStore.open(path, clock, InlineExecutor(), lambda: load(fixtures), FAST_HASHER.hash)
-    service = ReservationService(store, clock, FAST_HASHER, InlineExecutor(), hold_seconds=hold_seconds)
+    service = ReservationService(
+        store, clock, FAST_HASHER, InlineExecutor(), hold_seconds=hold_seconds, sales_window_days=sales_window_days
+    )
     service.startService()
     return service
 

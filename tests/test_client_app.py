@@ -892,3 +892,96 @@ class CabinFitPropertyTests(SyncTestCase):
             self.assertLessEqual(len(picture) + 1, lines)
             self.assertLessEqual(max(map(len, picture)), columns)
 
+
+class SearchOrderTests(AppTestCase):
+    """
+    The itineraries of a search come by day, direct flights first; p sorts
+    them by price, d by day again, m shows the next page when there is one.
+    """
+
+    async def search(
+        self, app: ClientProcess, day: str = "", until: str = "Itinerary number (empty to go back): "
+    ) -> str:
+        """
+        From the main menu: search Salvador to Manaus on C{day} (empty: any
+        day); returns what was printed up to C{until} (the itinerary prompt).
+        """
+        app.send("1")
+        for prompt, typed in [("From (city or code, empty to go back): ", "SSA"), ("To (city or code): ", "MAO"), ("Date (", day)]:
+            await app.expect(prompt)
+            app.send(typed)
+        return await app.expect(until)
+
+    def rows(self, listed: str) -> list[str]:
+        return [line for line in listed.splitlines() if re.match(r"\s*\d+  ", line)]
+
+    async def again(self, app: ClientProcess, typed: str) -> tuple[str, list[str]]:
+        """
+        At the itinerary prompt, type C{typed}: what is listed up to the
+        prompt again, and its rows.
+        """
+        app.send(typed)
+        listed = await app.expect("Itinerary number (empty to go back): ")
+        return listed, self.rows(listed)
+
+    async def test_by_day_direct_first_then_by_price(self) -> None:
+        app = self.start()
+        await self.log_in(app)
+        listed = await self.search(app)
+        rows = self.rows(listed)
+        # On Tuesday 1 December the direct VP300 (14:00) comes before the
+        # connection that leaves at 08:00; Wednesday has no direct flight.
+        self.assertRegex(rows[0], r"^ *1  2026-12-01 14:00 .* SSA > MAO +VP300 ")
+        self.assertRegex(rows[1], r"^ *2  2026-12-01 08:00 .* SSA > REC > MAO +VP100, VP200 ")
+        self.assertRegex(rows[2], r"^ *3  2026-12-02 08:00 .* VP100, VP200 ")
+        self.assertIn("Sorted by day, direct flights first; p: by price.", listed)
+        self.assertNotIn("m: more", listed)
+        listed, rows = await self.again(app, "p")
+        self.assertIn("Sorted by price; d: by day.", listed)
+        self.assertRegex(rows[0], r"^ *1  2026-12-01 14:00 .* VP300 .*R\$ 749\.50$")
+        self.assertRegex(rows[1], r"^ *2  2026-12-03 14:00 .* VP300 .*R\$ 749\.50$")
+        listed, rows = await self.again(app, "d")
+        self.assertRegex(rows[1], r"^ *2  2026-12-01 08:00 .* VP100, VP200 ")
+        app.send("m")
+        await app.expect("Please type a number from 1 to ")
+        await app.expect("Itinerary number (empty to go back): ")
+        app.send("1")
+        await app.expect("Seat on VP300 (")
+        await app.expect(": ")
+        app.send("q")
+        await app.expect("Choose: ")
+        await self.quit(app)
+
+    async def test_more(self) -> None:
+        """
+        Cut answers say so: m shows the next page.
+        """
+        self.service = make_service(hold_seconds=HOLD_SECONDS, clock=self.clock, sales_window_days=60)
+        self.server = serve(self, self.service)
+        app = self.start()
+        await self.log_in(app)
+        listed = await self.search(app)
+        first = self.rows(listed)
+        self.assertEqual(len(first), 50)
+        self.assertIn("Sorted by day, direct flights first; p: by price. m: more itineraries.", listed)
+        listed, second = await self.again(app, "m")
+        self.assertNotIn("m: more", listed)
+        self.assertRegex(second[0], r"^ *1  ")
+        day = re.compile(r"\d{4}-\d\d-\d\d")
+        last_day = cast(re.Match[str], day.search(first[-1])).group()
+        self.assertGreaterEqual(cast(re.Match[str], day.search(second[0])).group(), last_day)
+        self.assertEqual(len(first) + len(second), len(self.service_search()))
+        app.send("")
+        await app.expect("Choose: ")
+        await self.quit(app)
+
+    def service_search(self) -> list[JSON]:
+        return cast(list[JSON], self.customer().ok(2, {"origin": "SSA", "destination": "MAO", "limit": 500})["itineraries"])
+
+    async def test_outside_the_sales_window(self) -> None:
+        app = self.start()
+        await self.log_in(app)
+        await self.search(app, "2027-02-01", "No flights on 2027-02-01: flights are sold from 2026-12-01 to 2026-12-31.")
+        await app.expect("Choose: ")
+        await self.quit(app)
+

@@ -392,6 +392,102 @@ class RoutesTests(CLITestCase):
         self.assertEqual(run.out, "")
 
 
+class RoutesPagingTests(CLITestCase):
+    """
+    C{routes} without a date: cut at --limit (saying so and how to see
+    more), --offset for the next page, --sort for the order.
+    """
+
+    def rows(self, run: Run) -> list[list[str]]:
+        return [line.split() for line in run.out.splitlines()[2:] if line[:1] == " " or line[:1].isdigit()]
+
+    async def test_cut_says_how_to_see_more(self) -> None:
+        run = await self.cli("routes", "SSA", "MAO", "--limit", "5")
+        self.assertOK(run)
+        self.assertEqual([row[0] for row in self.rows(run)], ["1", "2", "3", "4", "5"])
+        self.assertEqual(run.out.splitlines()[-1], "Showing 1–5; more with --offset 5.")
+        run = await self.cli("routes", "SSA", "MAO", "--limit", "5", "--offset", "5")
+        self.assertOK(run)
+        self.assertEqual([row[0] for row in self.rows(run)], ["6", "7", "8", "9", "10"])
+        self.assertEqual(run.out.splitlines()[-1], "Showing 6–10; more with --offset 10.")
+        whole = await self.cli("routes", "SSA", "MAO", "--limit", "500")
+        self.assertOK(whole)
+        self.assertNotIn("Showing", whole.out)
+        self.assertNotIn("--offset", whole.out)
+        self.assertEqual(self.rows(whole)[5][1:], self.rows(run)[0][1:])
+
+    async def test_cut_in_portuguese(self) -> None:
+        run = await self.cli("routes", "SSA", "MAO", "--limit", "5", lang="pt_BR")
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(run.out.splitlines()[-1], "Mostrando 1–5; veja mais com --offset 5.")
+
+    async def test_json_says_cut(self) -> None:
+        data = (await self.cli("--json", "routes", "SSA", "MAO", "--limit", "5")).json()
+        self.assertEqual(len(data["itineraries"]), 5)
+        self.assertEqual(data["next_offset"], 5)
+        self.assertEqual(data["sales_window"], {"first": "2026-12-01", "last": "2026-12-31"})
+        data = (await self.cli("--json", "routes", "SSA", "MAO", "--limit", "500")).json()
+        self.assertNotIn("next_offset", data)
+
+    async def test_sort(self) -> None:
+        """
+        By price (or duration), the direct flights come first: R$ 749.50
+        against R$ 849.90 through Recife.
+        """
+        for order in ("price", "duration"):
+            run = await self.cli("routes", "SSA", "MAO", "--sort", order, "--limit", "3")
+            self.assertOK(run)
+            rows = self.rows(run)
+            self.assertEqual([row[5:] for row in rows], [["SSA", ">", "MAO", "VP300", "180", "R$", "749.50"]] * 3)
+            self.assertEqual([row[1] for row in rows], ["2026-12-01", "2026-12-03", "2026-12-05"])
+        run = await self.cli("routes", "SSA", "MAO", "--sort", "departure", "--limit", "3")
+        self.assertEqual([row[-1] for row in self.rows(run)], ["849.90", "749.50", "849.90"])
+
+    async def test_bad_options(self) -> None:
+        stderr = StringIO()
+        self.patch(sys, "stderr", stderr)
+        run = await self.cli("routes", "SSA", "MAO", "--sort", "cheapest")
+        self.assertEqual(run.code, 2, run)
+        self.assertIn("--sort", run.err + stderr.getvalue())
+        for option in (["--sort", "price"], ["--offset", "5"]):
+            self.assertUsage(await self.cli("routes", *option), "Give an origin and a destination to search.")
+        run = await self.cli("routes", "SSA", "MAO", "--offset", "-1")
+        self.assertRefused(run, "invalid_request", "must be between 0 and 5000")
+
+
+class SalesWindowTests(CLITestCase):
+    """
+    A date outside the sales window says when flights are sold, instead
+    of "No flights found."
+    """
+
+    async def test_after_the_window(self) -> None:
+        run = await self.cli("routes", "SSA", "MAO", "--date", "2027-02-01")
+        self.assertOK(run)
+        self.assertEqual(
+            run.out, "No flights on 2027-02-01: flights are sold from 2026-12-01 to 2026-12-31.\n"
+        )
+
+    async def test_before_the_window(self) -> None:
+        run = await self.cli("routes", "SSA", "MAO", "--date", "2026-11-30", lang="pt_BR")
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(
+            run.out, "Nenhum voo em 2026-11-30: as passagens estão à venda de 2026-12-01 a 2026-12-31.\n"
+        )
+
+    async def test_inside_the_window(self) -> None:
+        run = await self.cli("routes", "MAO", "SSA", "--date", "2026-12-31", "--max-legs", "1")
+        self.assertOK(run)
+        self.assertEqual(run.out, "No flights found.\n")
+
+    async def test_json(self) -> None:
+        run = await self.cli("--json", "routes", "SSA", "MAO", "--date", "2027-02-01")
+        self.assertOK(run)
+        self.assertEqual(
+            run.json(), {"itineraries": [], "sales_window": {"first": "2026-12-01", "last": "2026-12-31"}}
+        )
+
+
 class SeatmapTests(CLITestCase):
     async def test_json(self) -> None:
         run = await self.cli("--json", "seatmap", TINY)

@@ -434,6 +434,21 @@ class RoutesTests(ClientTestCase):
             ["VP100-2026-12-01", TINY, "VP100-2026-12-03"],
         )
 
+    def test_search_sort_and_offset(self) -> None:
+        """
+        C{sort} and C{offset} reach the server; L{search_page} gives the
+        whole answer, with C{next_offset} when it was cut.
+        """
+        conn = self.connect()
+        by_price = self.result(conn, conn.client.search("SSA", "MAO", limit=2, sort="price"))
+        self.assertEqual([i["legs"][0]["flight"] for i in by_price], ["VP300-2026-12-01", DIRECT])
+        page = self.result(conn, conn.client.search_page("SSA", "MAO", limit=2, sort="price", offset=1))
+        self.assertEqual([i["legs"][0]["flight"] for i in page["itineraries"]], [DIRECT, "VP300-2026-12-05"])
+        self.assertEqual(page["next_offset"], 3)
+        self.assertEqual(page["sales_window"], {"first": "2026-12-01", "last": "2026-12-31"})
+        whole = self.result(conn, conn.client.search_page("SSA", "MAO", limit=500))
+        self.assertNotIn("next_offset", whole)
+
     def test_search_refused(self) -> None:
         conn = self.connect()
         self.assertRefused(

@@ -54,6 +54,8 @@ JSON = dict[str, Any]
 HOLD_SECONDS = 60
 NOW_ISO = "2026-12-01T09:00:00Z"  # START
 HELD_UNTIL_ISO = "2026-12-01T09:01:00Z"  # START + HOLD_SECONDS
+# The sales window of a search from START: the local day at the origin to 30 days after the UTC day.
+WINDOW = {"first": "2026-12-01", "last": "2026-12-31"}
 # TINY leaves Salvador at 08:00 (-03:00) on TOMORROW: 11:00 UTC, 26 h after START.
 TINY_DEPARTS_IN = 26 * 3600.0
 RETURN = f"VP101-{TOMORROW}"  # REC -> SSA, 18:00
@@ -414,7 +416,8 @@ class RoutesTests(ProtocolTestCase):
                         "free_seats": 4,
                         "price": brl("849.90"),
                     }
-                ]
+                ],
+                "sales_window": WINDOW,
             },
         )
 
@@ -465,7 +468,7 @@ class RoutesTests(ProtocolTestCase):
         for _ in TINY_SEATS:
             buy(client, [TINY])
         query = {"origin": "SSA", "destination": "REC", "date": TOMORROW}
-        self.assertEqual(client.ok(2, query), {"itineraries": []})
+        self.assertEqual(client.ok(2, query), {"itineraries": [], "sales_window": WINDOW})
         [itinerary] = client.ok(2, {**query, "include_sold_out": True})["itineraries"]
         self.assertEqual(itinerary["free_seats"], 0)
 
@@ -474,11 +477,86 @@ class RoutesTests(ProtocolTestCase):
         A search field without origin and destination is refused, not ignored.
         """
         client = self.connect()
-        for name, value in [("date", TOMORROW), ("max_legs", 1), ("include_sold_out", True), ("limit", 3)]:
+        for name, value in [
+            ("date", TOMORROW), ("max_legs", 1), ("include_sold_out", True), ("limit", 3), ("sort", "price"),
+            ("offset", 1),
+        ]:
             self.assertRefused(
                 client, 2, {name: value},
                 error("invalid_request", f"Field {name!r} needs 'origin' and 'destination'.", field=name),
             )
+
+    def test_sort(self) -> None:
+        """
+        C{sort}: by departure (the default), by price or by duration, over
+        the whole window: the direct flights (cheaper and shorter) first.
+        """
+        client = self.connect()
+        query = {"origin": "SSA", "destination": "MAO", "limit": 3}
+
+        def flights(data: JSON) -> list[list[str]]:
+            return [[leg["flight"] for leg in i["legs"]] for i in data["itineraries"]]
+
+        by_departure = client.ok(2, query)
+        self.assertEqual(client.ok(2, {**query, "sort": "departure"}), by_departure)
+        self.assertEqual(
+            flights(by_departure),
+            [["VP100-2026-12-01", "VP200-2026-12-01"], ["VP300-2026-12-01"], [TINY, "VP200-2026-12-02"]],
+        )
+        direct = [["VP300-2026-12-01"], [DIRECT], ["VP300-2026-12-05"]]
+        by_price = client.ok(2, {**query, "sort": "price"})
+        self.assertEqual(flights(by_price), direct)
+        self.assertEqual([i["price"] for i in by_price["itineraries"]], [brl("749.50")] * 3)
+        self.assertEqual(flights(client.ok(2, {**query, "sort": "duration"})), direct)
+
+    def test_offset_and_next_offset(self) -> None:
+        """
+        An answer cut at its limit says where the next page starts
+        (C{next_offset}); the last page does not.
+        """
+        client = self.connect()
+        query = {"origin": "SSA", "destination": "MAO", "sort": "price"}
+        whole = client.ok(2, {**query, "limit": 500})
+        self.assertNotIn("next_offset", whole)
+        first = client.ok(2, {**query, "limit": 10})
+        self.assertEqual(first["next_offset"], 10)
+        self.assertEqual(first["itineraries"], whole["itineraries"][:10])
+        rest = client.ok(2, {**query, "limit": 500, "offset": 10})
+        self.assertNotIn("next_offset", rest)
+        self.assertEqual(rest["itineraries"], whole["itineraries"][10:])
+        self.assertEqual(client.ok(2, {**query, "offset": 5000}), {"itineraries": [], "sales_window": WINDOW})
+
+    def test_bad_sort_and_offset(self) -> None:
+        client = self.connect()
+        query = {"origin": "SSA", "destination": "MAO"}
+        sorts = "Field 'sort' must be one of departure, price, duration."
+        offsets = "Field 'offset' must be between 0 and 5000."
+        for name, value, message in [
+            ("sort", "cheapest", sorts),
+            ("sort", "", sorts),
+            ("sort", 1, "Field 'sort' must be a string."),
+            ("offset", -1, offsets),
+            ("offset", 5001, offsets),
+            ("offset", "10", "Field 'offset' must be an integer."),
+            ("offset", True, "Field 'offset' must be an integer."),
+            ("offset", 1.5, "Field 'offset' must be an integer."),
+        ]:
+            self.assertRefused(client, 2, {**query, name: value}, error("invalid_request", message, field=name))
+
+    def test_sales_window(self) -> None:
+        """
+        Every itinerary answer tells the sales window: the first and last
+        local days at the origin with flights on sale. A date outside it
+        finds nothing, and the answer says why.
+        """
+        client = self.connect()
+        self.assertEqual(
+            client.ok(2, {"origin": "SSA", "destination": "REC", "date": "2027-02-01"}),
+            {"itineraries": [], "sales_window": WINDOW},
+        )
+        self.clock.advance(86400)
+        data = client.ok(2, {"origin": "SSA", "destination": "REC", "date": "2026-12-01"})
+        self.assertEqual(data, {"itineraries": [], "sales_window": {"first": TOMORROW, "last": "2027-01-01"}})
 
     def test_same_origin_and_destination(self) -> None:
         self.assertRefused(
@@ -1294,7 +1372,10 @@ class FlightDepartedTests(ProtocolTestCase):
     def test_search_leaves_departed_out(self) -> None:
         client = self.connect()
         self.clock.advance(TINY_DEPARTS_IN)
-        self.assertEqual(client.ok(2, {"origin": "SSA", "destination": "REC", "date": TOMORROW}), {"itineraries": []})
+        self.assertEqual(
+            client.ok(2, {"origin": "SSA", "destination": "REC", "date": TOMORROW}),
+            {"itineraries": [], "sales_window": {"first": TOMORROW, "last": "2027-01-01"}},
+        )
 
     def test_buy_hold_departed(self) -> None:
         client = self.connect(ALICE)
@@ -1613,12 +1694,13 @@ class EventTests(ProtocolTestCase):
 
 FIELDS = [
     "username", "password", "origin", "destination", "date", "max_legs", "include_sold_out", "limit",
-    "flight", "flights", "seats", "hold_id", "ticket_id", "request_id",
+    "sort", "offset", "flight", "flights", "seats", "hold_id", "ticket_id", "request_id",
 ]
 # Values that can make a request succeed, or fail for a business reason.
 PLAUSIBLE = [
     TINY, BIG, DIRECT, NO_SUCH_DAY, RETURN, "SSA", "REC", "MAO", "ssa", "XXX", "alice", "alice-password",
     "bob", "1A", "2B", "9Z", TOMORROW, "2026-12-03", "H0000000000000000", "ABCDEFGH", 1, 2, 3, True,
+    "price", "duration", "departure",
 ]
 PLAUSIBLE_LISTS = [[TINY], [BIG], [TINY, BIG], [DIRECT], [TINY, RETURN], ["1A"], ["2B"], [None, "1A"], ["1A", None]]
 LOGIN = line({"id": "login", "opcode": 1, "data": ALICE_LOGIN}, b"")

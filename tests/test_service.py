@@ -14,6 +14,8 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable
 
 from attrs import define, field
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -40,7 +42,7 @@ from vendepass.errors import (
 )
 from vendepass.fixtures import Fixtures, load, parse
 from vendepass.model import Hold, Itinerary, Money
-from vendepass.service import ReservationService, Session
+from vendepass.service import SORTS, ReservationService, SearchPage, Session
 from vendepass.store import IExecutor, InlineExecutor
 from vendepass.store.sqlite import SQLiteStore
 
@@ -1013,4 +1015,216 @@ class SearchTests(ServiceTestMixin, SynchronousTestCase):
                 ("SSA", "REC"),
             ),
         )
+
+
+def ids(itinerary: Itinerary) -> tuple[str, ...]:
+    return tuple(leg.flight_id for leg in itinerary.legs)
+
+
+class SearchOrderTests(ServiceTestMixin, SynchronousTestCase):
+    """
+    A search in another order (price, duration), a page at a time
+    (C{offset}), saying when it was cut (C{next_offset}) and what the sales
+    window is.
+    """
+
+    def setUp(self) -> None:
+        self.use(build(lambda: parse(json.loads(json.dumps(HUB)))))
+
+    def page(self, origin: str = "SSA", destination: str = "MAO", **kwargs: Any) -> SearchPage:
+        return self.ok(self.service.search_page(origin, destination, **kwargs))
+
+    def test_by_price(self) -> None:
+        """
+        By price over the whole window, not the first page: the Saturday
+        VP7 (R$ 180) through Recife, then SSA-REC-FOR-MAO (R$ 200) of every
+        day; at the same price and departure, fewer legs first.
+        """
+        found = self.page(sort="price", limit=40).itineraries
+        self.assertEqual(len(found), 40)
+        self.assertEqual([i.price.cents for i in found], sorted(i.price.cents for i in found))
+        self.assertEqual(numbers(found[:8]), [("VP7", "VP2"), ("VP7", "VP5", "VP6")] * 4)
+        self.assertEqual([ids(i)[0] for i in found[:8:2]], [f"VP7-2026-12-{day}" for day in ("05", "12", "19", "26")])
+        self.assertEqual(numbers(found[8:39]), [("VP1", "VP5", "VP6")] * 31)
+        self.assertEqual([ids(i)[0] for i in found[8:39]], [f"VP1-2026-12-{day:02d}" for day in range(1, 32)])
+        self.assertEqual(ids(found[39]), ("VP7-2026-12-05", "VP8-2026-12-05"))
+        self.assertEqual(found[39].price, Money(48000, "BRL"))
+
+    def test_by_duration(self) -> None:
+        """
+        By duration: the direct VP4 (3 h) of every day, by departure.
+        """
+        found = self.page(sort="duration", limit=32).itineraries
+        self.assertEqual(numbers(found[:31]), [("VP4",)] * 31)
+        self.assertEqual(ids(found[0]), ("VP4-2026-12-01",))
+        self.assertEqual(ids(found[30]), ("VP4-2026-12-31",))
+        # Next: the two-leg ones through Recife (VP1 then VP3 or VP8, the
+        # same times): the same departure and legs, so by flight id.
+        self.assertEqual(ids(found[31]), ("VP1-2026-12-01", "VP3-2026-12-01"))
+
+    def test_departure_is_default(self) -> None:
+        everything = self.page(limit=500).itineraries
+        self.assertEqual(self.page(sort="departure", limit=500).itineraries, everything)
+        self.assertEqual(numbers(everything[:4]), [("VP1", "VP8"), ("VP1", "VP3"), ("VP1", "VP5", "VP6"), ("VP4",)])
+
+    def test_departed_left_out(self) -> None:
+        """
+        In any order, itineraries whose first flight has left are not listed.
+        """
+        self.clock.advance(2 * HOUR)  # VP1 of today has left, VP4 not yet
+        for sort in ("price", "duration"):
+            found = self.page(sort=sort, limit=500).itineraries
+            self.assertTrue(all(i.legs[0].departs_ts > self.clock.seconds() for i in found))
+            self.assertNotIn("VP1-2026-12-01", {leg.flight_id for i in found for leg in i.legs})
+            self.assertIn(("VP4-2026-12-01",), [ids(i) for i in found])
+
+    def test_cut_says_so(self) -> None:
+        """
+        C{next_offset} is where the next page starts when the answer was
+        cut at its limit; C{None} when nothing more would be listed.
+        """
+        self.assertEqual(self.page().next_offset, 50)
+        self.assertEqual(self.page(limit=500).next_offset, None)
+        self.assertEqual(self.page(on=WEDNESDAY).next_offset, None)
+        self.assertEqual(self.page(on=WEDNESDAY, limit=4).next_offset, None)
+        self.assertEqual(self.page(on=WEDNESDAY, limit=3).next_offset, 3)
+        self.assertEqual(self.page(on=WEDNESDAY, limit=1, offset=2).next_offset, 3)
+        self.assertEqual(self.page(on=WEDNESDAY, sort="price", limit=3).next_offset, 3)
+
+    def test_cut_not_claimed_for_sold_out(self) -> None:
+        """
+        Itineraries that would not be listed (sold out) do not make an
+        answer cut.
+        """
+        session, _ = self.session()
+        self.ok(self.service.buy(session, flight_ids=["VP1-2026-12-02"]))
+        self.ok(self.service.buy(session, flight_ids=["VP1-2026-12-02"]))
+        self.assertEqual(numbers(self.page(on=WEDNESDAY).itineraries), [("VP4",)])
+        # The last one listed is the last candidate.
+        self.assertEqual(self.page(on=WEDNESDAY, limit=1).next_offset, None)
+        # By duration VP4 comes first; the sold-out ones after it were not
+        # asked about (a page is offset + limit candidates), so there may be
+        # more: the next page says there is not.
+        self.assertEqual(self.page(on=WEDNESDAY, limit=1, sort="duration").next_offset, 1)
+        after = self.page(on=WEDNESDAY, limit=1, sort="duration", offset=1)
+        self.assertEqual((after.itineraries, after.next_offset), ([], None))
+        self.assertEqual(self.page(on=WEDNESDAY, limit=1, include_sold_out=True).next_offset, 1)
+
+    def test_offset(self) -> None:
+        day = self.page(on=WEDNESDAY).itineraries
+        self.assertEqual(self.page(on=WEDNESDAY, offset=1).itineraries, day[1:])
+        self.assertEqual(self.page(on=WEDNESDAY, offset=2, limit=1).itineraries, day[2:3])
+        self.assertEqual(self.page(on=WEDNESDAY, offset=4).itineraries, [])
+        self.assertEqual(self.page(on=WEDNESDAY, offset=5000).itineraries, [])
+        by_price = self.page(sort="price", limit=60).itineraries
+        self.assertEqual(self.page(sort="price", offset=50, limit=10).itineraries, by_price[50:])
+
+    def test_offset_counts_listed_itineraries(self) -> None:
+        """
+        C{offset} skips itineraries that would be listed: sold-out ones
+        (not listed) do not count.
+        """
+        session, _ = self.session()
+        for _ in range(2):
+            self.ok(self.service.buy(session, flight_ids=["VP1-2026-12-02"]))
+        self.assertEqual(numbers(self.page(on=WEDNESDAY, offset=0, limit=1).itineraries), [("VP4",)])
+        self.assertEqual(self.page(on=WEDNESDAY, offset=1).itineraries, [])
+        listed = self.page(on=WEDNESDAY, offset=1, include_sold_out=True).itineraries
+        self.assertEqual(numbers(listed), [("VP1", "VP3"), ("VP1", "VP5", "VP6"), ("VP4",)])
+
+    def test_bad_values(self) -> None:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"sort": "cheapest"}, "sort"),
+            ({"sort": "Price"}, "sort"),
+            ({"offset": -1}, "offset"),
+            ({"offset": 5001}, "offset"),
+        ]
+        for kwargs, name in cases:
+            error = self.refused(self.service.search_page("SSA", "MAO", **kwargs), InvalidRequest)
+            self.assertEqual(error.details, {"field": name})
+        error = self.refused(self.service.search("SSA", "MAO", sort="cheapest"), InvalidRequest)
+        self.assertEqual(str(error), "Field 'sort' must be one of departure, price, duration.")
+
+    def test_answers_kept_per_order_and_offset(self) -> None:
+        """
+        Each order and offset has its own answer, kept while the free seats
+        stay the same.
+        """
+        answers = {
+            (sort, offset): self.page(on=WEDNESDAY, sort=sort, offset=offset)
+            for sort in ("departure", "price", "duration")
+            for offset in (0, 1)
+        }
+        for (sort, offset), page in answers.items():
+            self.assertIs(self.page(on=WEDNESDAY, sort=sort, offset=offset), page)
+        self.assertEqual(numbers(answers["departure", 0].itineraries)[0], ("VP1", "VP8"))
+        self.assertEqual(numbers(answers["price", 0].itineraries)[0], ("VP1", "VP5", "VP6"))
+        self.assertEqual(numbers(answers["duration", 0].itineraries)[0], ("VP4",))
+        self.assertEqual(answers["price", 1].itineraries, answers["price", 0].itineraries[1:])
+        session, _ = self.session()
+        self.ok(self.service.buy(session, flight_ids=["VP6-2026-12-02"]))
+        again = self.page(on=WEDNESDAY, sort="price")
+        self.assertIsNot(again, answers["price", 0])
+        self.assertEqual(again.itineraries[0].free_seats, (2, 180, 179))
+
+    def test_sales_window(self) -> None:
+        """
+        The first and last local days at the origin on which flights are
+        sold: from today there to 30 days after today in UTC.
+        """
+        self.assertEqual(self.page().sales_window, (date(2026, 12, 1), date(2026, 12, 31)))
+        self.assertEqual(self.page(on=date(2027, 2, 1)).sales_window, (date(2026, 12, 1), date(2026, 12, 31)))
+        # 03:30 UTC on 2 December: 00:30 in Salvador, 23:30 on the 1st in Manaus.
+        self.clock.advance(MIDNIGHT + 3.5 * HOUR - self.clock.seconds())
+        self.assertEqual(self.page("SSA", "MAO").sales_window, (date(2026, 12, 2), date(2027, 1, 1)))
+        self.assertEqual(self.page("MAO", "REC").sales_window, (date(2026, 12, 1), date(2027, 1, 1)))
+        # The same search half an hour later, the same flights and seats: a
+        # new day in Manaus.
+        self.clock.advance(HOUR)
+        self.assertEqual(self.page("MAO", "REC").sales_window, (date(2026, 12, 2), date(2027, 1, 1)))
+
+    @given(
+        sort=st.sampled_from(SORTS),
+        size=st.integers(min_value=1, max_value=60),
+        max_legs=st.sampled_from([None, 1, 2, 3]),
+        include_sold_out=st.booleans(),
+        later=st.floats(min_value=0, max_value=3 * DAY),
+    )
+    @settings(max_examples=40)
+    def test_pages_make_the_whole(
+        self, sort: str, size: int, max_legs: int | None, include_sold_out: bool, later: float
+    ) -> None:
+        """
+        Paging with C{offset} over all the pages lists the same itineraries,
+        in the same order, as one big page; by price, prices never go down.
+        """
+        # A service of its own for each example, with VP1 of 3 December
+        # sold out.
+        self.use(build(lambda: parse(json.loads(json.dumps(HUB)))))
+        self.addCleanup(self.service.stopService)
+        session, _ = self.session()
+        for _ in range(2):
+            self.ok(self.service.buy(session, flight_ids=["VP1-2026-12-03"]))
+        self.clock.advance(later)
+        whole = self.page(sort=sort, limit=500, max_legs=max_legs, include_sold_out=include_sold_out)
+        self.assertIsNone(whole.next_offset)
+        paged: list[Itinerary] = []
+        offset: int | None = 0
+        for _ in range(len(whole.itineraries) + 1):
+            if offset is None:
+                break
+            page = self.page(
+                sort=sort, limit=size, offset=offset, max_legs=max_legs, include_sold_out=include_sold_out
+            )
+            self.assertLessEqual(len(page.itineraries), size)
+            paged += page.itineraries
+            offset = page.next_offset
+        self.assertIsNone(offset)
+        self.assertEqual([ids(i) for i in paged], [ids(i) for i in whole.itineraries])
+        if sort == "price":
+            prices = [i.price.cents for i in paged]
+            self.assertEqual(prices, sorted(prices))
+        keys = [(i.legs[0].departs_ts, len(i.legs), ids(i)) for i in paged]
+        self.assertEqual(len(set(keys)), len(keys))
+
 

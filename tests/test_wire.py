@@ -5,7 +5,7 @@ The wire forms of values, and the search answer encoded from templates.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +15,7 @@ from vendepass import wire
 from vendepass.fixtures import BUNDLED, load
 from vendepass.model import Itinerary, SeatMap, SeatState
 from vendepass.schedule import Schedule
+from vendepass.service import SearchPage
 
 NOW = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc).timestamp()
 SCHEDULE = Schedule.build(load(BUNDLED).network, NOW, 30)
@@ -42,6 +43,30 @@ class ItinerariesTests(SynchronousTestCase):
         raw = wire.itineraries(itineraries)
         self.assertIsInstance(raw, wire.RawJSON)
         self.assertEqual(json.loads(raw), {"itineraries": [wire.itinerary(i) for i in itineraries]})
+
+    @settings(max_examples=50)
+    @given(
+        st.lists(st.sampled_from(PATHS), max_size=5),
+        st.one_of(st.none(), st.integers(1, 5000)),
+        st.dates(date(2026, 1, 1), date(2027, 12, 31)),
+    )
+    def test_search_page(self, paths: list[tuple], next_offset: int | None, first: date) -> None:  # type: ignore[type-arg]
+        """
+        A search answer: its itineraries, the sales window, and
+        C{next_offset} only when it was cut; encoded once.
+        """
+        itineraries = [Itinerary(path, (3, 2, 1)[: len(path)]) for path in paths]
+        page = SearchPage(itineraries, next_offset, (first, first + timedelta(days=31)))
+        raw = wire.search_page(page)
+        self.assertIsInstance(raw, wire.RawJSON)
+        expected: dict[str, object] = {
+            "itineraries": [wire.itinerary(i) for i in itineraries],
+            "sales_window": {"first": first.isoformat(), "last": (first + timedelta(days=31)).isoformat()},
+        }
+        if next_offset is not None:
+            expected["next_offset"] = next_offset
+        self.assertEqual(json.loads(raw), expected)
+        self.assertIs(wire.search_page(page), raw)
 
     def test_every_leg_count(self) -> None:
         self.assertEqual({len(path) for path in PATHS}, {1, 2, 3})

@@ -453,7 +453,7 @@ class VendePassProtocol(LineReceiver):
         origin = _field(data, "origin", str, required=False)
         destination = _field(data, "destination", str, required=False)
         if origin is None and destination is None:
-            for name in ("date", "max_legs", "include_sold_out", "limit"):
+            for name in ("date", "max_legs", "include_sold_out", "limit", "sort", "offset"):
                 if data.get(name) is not None:
                     raise InvalidRequest(f"Field {name!r} needs 'origin' and 'destination'.", field=name)
             return {
@@ -485,10 +485,13 @@ class VendePassProtocol(LineReceiver):
             limit = SEARCH_LIMIT
         elif not 1 <= limit <= MAX_SEARCH_LIMIT:
             raise InvalidRequest(f"Field 'limit' must be between 1 and {MAX_SEARCH_LIMIT}.", field="limit")
-        itineraries = await self.service.search(
-            origin.upper(), destination.upper(), day, max_legs, include_sold_out, limit
+        sort = _field(data, "sort", str, required=False)
+        offset = _field(data, "offset", int, required=False)
+        page = await self.service.search_page(
+            origin.upper(), destination.upper(), day, max_legs, include_sold_out, limit,
+            "departure" if sort is None else sort, 0 if offset is None else offset,
         )
-        return wire.itineraries(itineraries)  # type: ignore[return-value]
+        return wire.search_page(page)  # type: ignore[return-value]
 
     async def _seatmap(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None

@@ -12,8 +12,9 @@ import bisect
 import itertools
 import math
 import secrets
-from datetime import date, datetime, timezone
-from typing import Any, Callable, Coroutine, TypeVar
+from datetime import date, datetime, time, timezone
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
+from zoneinfo import ZoneInfo
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -52,6 +53,9 @@ MAX_SEARCH_LIMIT = 500
 MAX_CANDIDATES = 5000
 # How many (origin, destination, date, legs) searches are kept worked out.
 ROUTES_CACHED = 4096
+# The orders a search answer may be in: by departure (the default), by
+# price, by duration; ties by departure, then fewer legs, then flight ids.
+SORTS = ("departure", "price", "duration")
 # How many answers (of at most SEARCH_LIMIT itineraries) are kept for reuse.
 ANSWERS_CACHED = 1024
 SWEEP_SECONDS = 60.0
@@ -72,6 +76,34 @@ class _Routes:
 
     paths: tuple[tuple[Flight, ...], ...]
     departs: tuple[float, ...]
+
+
+_Paths = tuple[tuple[Flight, ...], ...]
+
+
+def _order(path: tuple[Flight, ...]) -> tuple[Any, ...]:
+    # What breaks ties in every order: departure, fewer legs, flight ids.
+    return (path[0].departs_ts, len(path), tuple(f.flight_id for f in path))
+
+
+_SORT_KEYS: dict[str, Callable[[tuple[Flight, ...]], tuple[Any, ...]]] = {
+    "departure": lambda p: (p[0].departs_ts, p[-1].arrives_ts, sum(f.fare.cents for f in p), *_order(p)[1:]),
+    "price": lambda p: (sum(f.fare.cents for f in p), *_order(p)),
+    "duration": lambda p: (p[-1].arrives_ts - p[0].departs_ts, *_order(p)),
+}
+
+
+@frozen
+class SearchPage:
+    """
+    One answer to a search: its itineraries, where the next page starts if
+    the answer was cut at its limit (else C{None}), and the first and last
+    local dates at the origin on which flights are sold now.
+    """
+
+    itineraries: list[Itinerary]
+    next_offset: int | None
+    sales_window: tuple[date, date]
 
 
 @define(eq=False, repr=False)
@@ -143,7 +175,13 @@ class ReservationService(Service):
         self._routes_schedule: Schedule | None = None
         self._routes_cache: dict[tuple[str, str, date | None, int], _Routes] = {}
         # The last answer to each search, with the free seats it was made from.
-        self._answers: dict[tuple[Any, ...], tuple[list[tuple[int, ...]], list[Itinerary]]] = {}
+        self._answers: dict[tuple[Any, ...], tuple[list[tuple[int, ...]], SearchPage]] = {}
+        # The itineraries of a search in another order than departure: all
+        # of them, and those not departed yet (with how many had departed
+        # in departure order when they were picked out).
+        self._orders: dict[tuple[Any, ...], tuple[_Paths, _Paths, int, _Paths]] = {}
+        # Each airport's local day, and when it starts and ends.
+        self._local_days: dict[str, tuple[float, float, date]] = {}
         self._sessions: dict[str, Session] = {}
         self._timers: dict[str, tuple[IDelayedCall, Session]] = {}
         self._sweeper: LoopingCall | None = None
@@ -298,7 +336,14 @@ class ReservationService(Service):
 
     # -- searching ----------------------------------------------------------
 
-    def search(
+    def search(self, origin: str, destination: str, *args: Any, **kwargs: Any) -> Deferred[list[Itinerary]]:
+        """
+        The itineraries of L{search_page} (with the same arguments).
+        """
+        page = self.search_page(origin, destination, *args, **kwargs)
+        return page.addCallback(lambda found: found.itineraries)
+
+    def search_page(
         self,
         origin: str,
         destination: str,
@@ -306,26 +351,48 @@ class ReservationService(Service):
         max_legs: int | None = None,
         include_sold_out: bool = False,
         limit: int = SEARCH_LIMIT,
-    ) -> Deferred[list[Itinerary]]:
-        async def search() -> list[Itinerary]:
+        sort: str = "departure",
+        offset: int = 0,
+    ) -> Deferred[SearchPage]:
+        """
+        Up to C{limit} itineraries with free seats (or all, with
+        C{include_sold_out}) from C{origin} to C{destination}, in the order
+        C{sort} (one of L{SORTS}) over all the candidates, skipping the
+        first C{offset} of them.
+        """
+
+        async def search() -> SearchPage:
             for code in (origin, destination):
                 if code not in self._network.airports:
                     raise UnknownAirport(f"Unknown airport {code!r}.", airport=code)
+            if sort not in SORTS:
+                raise InvalidRequest(f"Field 'sort' must be one of {', '.join(SORTS)}.", field="sort")
+            if not 0 <= offset <= MAX_CANDIDATES:
+                raise InvalidRequest(f"Field 'offset' must be between 0 and {MAX_CANDIDATES}.", field="offset")
             legs = self.max_legs if max_legs is None else max_legs
             routes = self._routes(origin, destination, on, legs)
-            # The paths are in answer order already: skip the departed ones,
-            # then ask the store for free seats a page at a time until
-            # C{limit} itineraries with seats are found.
-            start = position = bisect.bisect_right(routes.departs, self.clock.seconds())
+            now = self.clock.seconds()
+            # The paths are in departure order already (the other orders are
+            # worked out once, without the departed ones): skip the departed
+            # ones, then ask the store for free seats a page at a time until
+            # C{offset + limit} itineraries with seats are found.
+            start = position = bisect.bisect_right(routes.departs, now)
+            candidates: Sequence[tuple[Flight, ...]] = routes.paths
+            if sort != "departure":
+                candidates = self._in_order((origin, destination, on, legs, sort), routes, start, now)
+                position = 0
+            wanted = offset + limit
+            today = self._local_day(origin, now)
             # The same question, over the same flights, with the same free
             # seats on each: the same answer, made (and encoded) once.
-            key = (origin, destination, on, legs, include_sold_out, limit, start)
+            key = (origin, destination, on, legs, include_sold_out, limit, start, sort, offset, today)
             answer = self._answers.get(key)
             found: list[Itinerary] = []
             pages: list[tuple[int, ...]] = []
-            unused: list[tuple[tuple[tuple[Flight, ...], ...], dict[str, int]]] = []
-            while len(found) < limit and position < len(routes.paths):
-                page = routes.paths[position : position + limit]
+            unused: list[tuple[Sequence[tuple[Flight, ...]], dict[str, int]]] = []
+            more = False
+            while len(found) < wanted and position < len(candidates):
+                page = candidates[position : position + wanted]
                 position += len(page)
                 flights = list({f.flight_id: f for path in page for f in path}.values())
                 free = await self.store.free_seats(flights)
@@ -337,22 +404,66 @@ class ReservationService(Service):
                     continue
                 answer = None
                 for page, free in unused:
-                    for path in page:
+                    for i, path in enumerate(page):
                         seats = tuple(free[f.flight_id] for f in path)
                         if include_sold_out or min(seats) > 0:
                             found.append(Itinerary(path, seats))
-                            if len(found) == limit:
+                            if len(found) == wanted:
+                                # Cut, if one more of this page would be
+                                # listed, or candidates are left unasked.
+                                more = position < len(candidates) or any(
+                                    include_sold_out or min(free[f.flight_id] for f in later) > 0
+                                    for later in page[i + 1 :]
+                                )
                                 break
-                    if len(found) == limit:
+                    if len(found) == wanted:
                         break
                 unused = []
-            if limit <= SEARCH_LIMIT:
+            schedule = self.schedule()
+            result = SearchPage(
+                found[offset:] if offset else found,
+                wanted if more else None,
+                (max(today, schedule.first_day), schedule.last_day),
+            )
+            if limit <= SEARCH_LIMIT and wanted <= MAX_SEARCH_LIMIT:
                 if len(self._answers) >= ANSWERS_CACHED:
                     self._answers.clear()
-                self._answers[key] = (pages, found)
-            return found
+                self._answers[key] = (pages, result)
+            return result
 
         return _run(search())
+
+    def _local_day(self, airport: str, now: float) -> date:
+        """
+        Today at C{airport} (the first day of its sales window), worked out
+        once a day there.
+        """
+        start, end, day = self._local_days.get(airport, (0.0, 0.0, date.min))
+        if not start <= now < end:
+            zone = ZoneInfo(self._network.airports[airport].timezone)
+            day = datetime.fromtimestamp(now, zone).date()
+            start = datetime.combine(day, time(), zone).timestamp()
+            end = datetime.combine(date.fromordinal(day.toordinal() + 1), time(), zone).timestamp()
+            self._local_days[airport] = (start, end, day)
+        return day
+
+    def _in_order(
+        self, key: tuple[Any, ...], routes: _Routes, start: int, now: float
+    ) -> _Paths:
+        """
+        The itineraries of C{routes} not departed by C{now} (C{start} of
+        them have, in departure order), in the order C{key[-1]}.
+        """
+        kept = self._orders.get(key)
+        if kept is None or kept[0] is not routes.paths:
+            if len(self._orders) >= ROUTES_CACHED:
+                self._orders.clear()
+            ordered = tuple(sorted(routes.paths, key=_SORT_KEYS[key[-1]]))
+            kept = (routes.paths, ordered, -1, ())
+        if kept[2] != start:
+            kept = (kept[0], kept[1], start, tuple(p for p in kept[1] if p[0].departs_ts > now))
+            self._orders[key] = kept
+        return kept[3]
 
     def _routes(self, origin: str, destination: str, on: date | None, max_legs: int) -> _Routes:
         """
@@ -366,11 +477,12 @@ class ReservationService(Service):
             self._routes_schedule = schedule
             self._routes_cache = {}
             self._answers = {}
+            self._orders = {}
         key = (origin, destination, on, max_legs)
         routes = self._routes_cache.get(key)
         if routes is None:
             paths = list(itertools.islice(schedule.search(origin, destination, -math.inf, on, max_legs), MAX_CANDIDATES))
-            paths.sort(key=lambda p: (p[0].departs_ts, p[-1].arrives_ts, sum(f.fare.cents for f in p)))
+            paths.sort(key=_SORT_KEYS["departure"])
             routes = _Routes(tuple(paths), tuple(p[0].departs_ts for p in paths))
             if len(self._routes_cache) >= ROUTES_CACHED:
                 self._routes_cache.clear()

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from vendepass.model import Flight, Hold, Itinerary, Money, SeatMap, Ticket, TicketLeg, iso_utc
+
+if TYPE_CHECKING:
+    from vendepass.service import SearchPage
 
 PROTOCOL_VERSION = 1
 
@@ -80,7 +83,7 @@ def _itinerary_template(legs: tuple[Flight, ...]) -> str:
 # The last answers encoded, by the identity of the list encoded (kept here,
 # so the identity cannot be reused while the entry lives), up to
 # ENCODED_BYTES of text in all.
-_ENCODED: dict[int, tuple[list[Itinerary], RawJSON]] = {}
+_ENCODED: dict[int, tuple[object, RawJSON]] = {}
 ENCODED_BYTES = 16 * 2**20
 _encoded_bytes = 0
 
@@ -91,15 +94,35 @@ def itineraries(values: list[Itinerary]) -> RawJSON:
     hands out the same (never modified) list for the same answer, and that
     answer is encoded once.
     """
-    kept = _ENCODED.get(id(values))
-    if kept is not None and kept[0] is values:
+    return _encoded(values, lambda: _encode_itineraries(values))
+
+
+def search_page(value: SearchPage) -> RawJSON:
+    """
+    A search answer: C{{"itineraries": [...], "sales_window": {...}}}, and
+    C{"next_offset"} if it was cut. Encoded once, as L{itineraries}.
+    """
+
+    def encode() -> RawJSON:
+        first, last = value.sales_window
+        tail = f',"sales_window":{{"first":"{first.isoformat()}","last":"{last.isoformat()}"}}'
+        if value.next_offset is not None:
+            tail += f',"next_offset":{value.next_offset:d}'
+        return RawJSON(_encode_itineraries(value.itineraries)[:-1] + tail + "}")
+
+    return _encoded(value, encode)
+
+
+def _encoded(value: object, encode: Callable[[], RawJSON]) -> RawJSON:
+    kept = _ENCODED.get(id(value))
+    if kept is not None and kept[0] is value:
         return kept[1]
     global _encoded_bytes
-    raw = _encode_itineraries(values)
+    raw = encode()
     if _encoded_bytes + len(raw) > ENCODED_BYTES:
         _ENCODED.clear()
         _encoded_bytes = 0
-    _ENCODED[id(values)] = (values, raw)
+    _ENCODED[id(value)] = (value, raw)
     _encoded_bytes += len(raw)
     return raw
 

@@ -501,18 +501,39 @@ class App:
                 break
             except ValueError:
                 self.say(self._("The date must look like 2026-12-01."))
-        found = await self.api.search(origin["code"], destination["code"], day or None)
-        self.say(views.itineraries(self._, found))
-        if not found:
-            return
+        # By day, direct flights first (or by price); p, d and m change the
+        # order or show the next page.
+        sort, offset = "departure", 0
         while True:
-            choice = await self.ask(self._("Itinerary number (empty to go back): "))
-            if not choice:
+            answer = await self.api.search_page(
+                origin["code"], destination["code"], day or None, sort=sort, offset=offset
+            )
+            found = answer["itineraries"]
+            if sort == "departure":
+                found = views.by_day(found)
+            self.say(views.outside_window(self._, day or None, answer.get("sales_window"))
+                     or views.itineraries(self._, found))
+            if not found:
                 return
-            if choice.isdigit() and 1 <= int(choice) <= len(found):
-                break
-            self.say(self._("Please type a number from 1 to {last}.", last=len(found)))
-        await self.buy(found[int(choice) - 1])
+            more: int | None = answer.get("next_offset")
+            hints = [self._("Sorted by day, direct flights first; p: by price.") if sort == "departure"
+                     else self._("Sorted by price; d: by day.")]
+            if more is not None:
+                hints.append(self._("m: more itineraries."))
+            self.say(" ".join(hints))
+            while True:
+                choice = (await self.ask(self._("Itinerary number (empty to go back): "))).lower()
+                if not choice:
+                    return
+                if choice in ("p", "d") or choice == "m" and more is not None:
+                    break
+                if choice.isdigit() and 1 <= int(choice) <= len(found):
+                    return await self.buy(found[int(choice) - 1])
+                self.say(self._("Please type a number from 1 to {last}.", last=len(found)))
+            if choice == "m" and more is not None:
+                offset = more
+            else:
+                sort, offset = "price" if choice == "p" else "departure", 0
 
     async def pick_seats(self, legs: list[dict[str, Any]]) -> list[str | None] | None:
         seats: list[str | None] = []

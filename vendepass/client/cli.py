@@ -79,6 +79,12 @@ def parser(texts: Texts, environ: Mapping[str, str] | None = None, stream: TextI
     routes.add_argument("--max-legs", type=int, choices=[1, 2, 3], help=texts("at most this many flights"))
     routes.add_argument("--include-sold-out", action="store_true", help=texts("also list full itineraries"))
     routes.add_argument("--limit", type=int, help=texts("at most this many itineraries"))
+    routes.add_argument(
+        "--sort",
+        choices=["departure", "price", "duration"],
+        help=texts("order of the itineraries (default: departure)"),
+    )
+    routes.add_argument("--offset", type=int, help=texts("skip this many itineraries (for the next page)"))
 
     seatmap = commands.add_parser("seatmap", help=texts("the seat map of a flight"))
     seatmap.add_argument("flight", help=texts("flight id, e.g. VP1203-2026-12-01"))
@@ -127,7 +133,7 @@ async def _command(
         await client.login(args.user, password)
 
     if args.command == "routes":
-        searching = [args.date, args.max_legs, args.include_sold_out or None, args.limit]
+        searching = [args.date, args.max_legs, args.include_sold_out or None, args.limit, args.sort, args.offset]
         if args.origin is None and args.destination is None:
             if any(value is not None for value in searching):
                 raise UsageProblem(texts("Give an origin and a destination to search."))
@@ -150,10 +156,20 @@ async def _command(
             codes.append(airport["code"])
         if codes[0] == codes[1]:
             raise UsageProblem(texts("Origin and destination must differ."))
-        found = await client.search(
-            codes[0], codes[1], args.date, args.max_legs, args.include_sold_out or None, args.limit
+        answer = await client.search_page(
+            codes[0], codes[1], args.date, args.max_legs, args.include_sold_out or None, args.limit, args.sort,
+            args.offset,
         )
-        show({"itineraries": found}, views.itineraries(texts, found))
+        found = answer["itineraries"]
+        text = views.outside_window(texts, args.date, answer.get("sales_window")) if not found else None
+        text = text or views.itineraries(texts, found, (args.offset or 0) + 1)
+        if answer.get("next_offset") is not None:
+            first = (args.offset or 0) + 1
+            text += "\n" + texts(
+                "Showing {first}–{last}; more with --offset {next}.",
+                first=first, last=first + len(found) - 1, next=answer["next_offset"],
+            )
+        show(answer, text)
     elif args.command == "seatmap":
         data = await client.seatmap(args.flight)
         show(data, views.cabin(texts, data))

@@ -191,7 +191,13 @@ class VendePassClientProtocol(LineReceiver):
         """
         return self.call(ROUTES)
 
-    def search(
+    def search(self, origin: str, destination: str, *args: Any, **kwargs: Any) -> Deferred[list[dict[str, Any]]]:
+        """
+        The itineraries of L{search_page} (with the same arguments).
+        """
+        return self.search_page(origin, destination, *args, **kwargs).addCallback(lambda data: data["itineraries"])
+
+    def search_page(
         self,
         origin: str,
         destination: str,
@@ -199,13 +205,16 @@ class VendePassClientProtocol(LineReceiver):
         max_legs: int | None = None,
         include_sold_out: bool | None = None,
         limit: int | None = None,
-    ) -> Deferred[list[dict[str, Any]]]:
+        sort: str | None = None,
+        offset: int | None = None,
+    ) -> Deferred[dict[str, Any]]:
         """
-        Itineraries from C{origin} to C{destination} (IATA codes).
+        Itineraries from C{origin} to C{destination} (IATA codes): the
+        server's answer, with C{itineraries}, C{sales_window}, and
+        C{next_offset} when there are more (docs/protocol.md).
         """
-        return self._get(
+        return self.call(
             ROUTES,
-            "itineraries",
             {
                 "origin": origin,
                 "destination": destination,
@@ -213,6 +222,8 @@ class VendePassClientProtocol(LineReceiver):
                 "max_legs": max_legs,
                 "include_sold_out": include_sold_out,
                 "limit": limit,
+                "sort": sort,
+                "offset": offset,
             },
         )
 

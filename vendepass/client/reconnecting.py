@@ -132,6 +132,9 @@ class ReconnectingClient:
     def search(self, origin: str, destination: str, *args: Any, **kwargs: Any) -> Deferred[list[dict[str, Any]]]:
         return self._run(self._call(lambda p: p.search(origin, destination, *args, **kwargs)))
 
+    def search_page(self, origin: str, destination: str, *args: Any, **kwargs: Any) -> Deferred[dict[str, Any]]:
+        return self._run(self._call(lambda p: p.search_page(origin, destination, *args, **kwargs)))
+
     def seatmap(self, flight: str) -> Deferred[dict[str, Any]]:
         return self._run(self._call(lambda p: p.seatmap(flight)))
 

@@ -52,7 +52,10 @@ def route(legs: Sequence[dict[str, Any]]) -> str:
     return " > ".join([legs[0]["origin"], *(leg["destination"] for leg in legs)])
 
 
-def itineraries(texts: Texts, found: Sequence[dict[str, Any]]) -> str:
+def itineraries(texts: Texts, found: Sequence[dict[str, Any]], first: int = 1) -> str:
+    """
+    A table of itineraries, numbered from C{first}.
+    """
     if not found:
         return texts("No flights found.")
     rows = [
@@ -65,10 +68,28 @@ def itineraries(texts: Texts, found: Sequence[dict[str, Any]]) -> str:
             str(i["free_seats"]),
             texts.money(i["price"]),
         ]
-        for number, i in enumerate(found, 1)
+        for number, i in enumerate(found, first)
     ]
     headers = ["#", texts("Departure"), texts("Arrival"), texts("Route"), texts("Flights"), texts("Free"), texts("Price")]
     return table(headers, rows, right=(0, 5, 6))
+
+
+def by_day(found: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Itineraries in departure order, regrouped the way customers look for
+    them: by day of departure, direct flights first, then by departure.
+    """
+    return sorted(found, key=lambda i: (i["departure"][:10], len(i["legs"])))
+
+
+def outside_window(texts: Texts, day: str | None, window: dict[str, str] | None) -> str | None:
+    """
+    If C{day} (C{YYYY-MM-DD}) is outside the sales window of a search
+    answer, a sentence saying when flights are sold; else C{None}.
+    """
+    if day is None or not window or window["first"] <= day <= window["last"]:
+        return None
+    return texts("No flights on {day}: flights are sold from {first} to {last}.", day=day, **window)
 
 
 def network(texts: Texts, data: dict[str, Any]) -> str:
