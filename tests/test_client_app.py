@@ -567,6 +567,26 @@ class FrictionTests(AppTestCase):
         self.assertEqual((self.status("1A"), self.status("2B")), ("free", "held"))
         await self.quit_after_no(app)
 
+    async def test_back_to_itineraries(self) -> None:
+        """
+        q at the first leg's seat goes back to the itineraries found, not to
+        the menu; another itinerary can be chosen at once.
+        """
+        app = self.start()
+        await self.log_in(app)
+        await self.search_tiny(app, "MAO")
+        app.send("q")
+        back = await app.expect("Itinerary number (empty to go back): ")
+        self.assertNotIn("Choose: ", back)
+        self.assertIn("SSA > REC > MAO", back)
+        app.send("1")
+        await app.expect("Seat on VP100 (e.g. 12A; empty: any free seat; q: back): ")
+        app.send("2B")
+        await app.expect("Seat on VP200")
+        app.send("2B")
+        self.assertIn("Held: VP100 seat 2B, VP200 seat 2B", await app.expect(" left) [y/n] "))
+        await self.quit_after_no(app)
+
     async def quit_after_no(self, app: ClientProcess) -> None:
         app.send("n")
         await app.expect("Seats released.")
@@ -949,6 +969,10 @@ class SearchOrderTests(AppTestCase):
         await app.expect("Seat on VP300 (")
         await app.expect(": ")
         app.send("q")
+        # Back to the same list, in the same order.
+        listed = await app.expect("Itinerary number (empty to go back): ")
+        self.assertRegex(self.rows(listed)[1], r"^ *2  2026-12-01 08:00 .* VP100, VP200 ")
+        app.send("")
         await app.expect("Choose: ")
         await self.quit(app)
 

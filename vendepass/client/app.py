@@ -528,11 +528,14 @@ class App:
                 if choice in ("p", "d") or choice == "m" and more is not None:
                     break
                 if choice.isdigit() and 1 <= int(choice) <= len(found):
-                    return await self.buy(found[int(choice) - 1])
+                    if not await self.buy(found[int(choice) - 1]):
+                        return
+                    # Back from the first seat: the same list again.
+                    break
                 self.say(self._("Please type a number from 1 to {last}.", last=len(found)))
             if choice == "m" and more is not None:
                 offset = more
-            else:
+            elif choice in ("p", "d"):
                 sort, offset = "price" if choice == "p" else "departure", 0
 
     async def pick_seats(self, legs: list[dict[str, Any]]) -> list[str | None] | None:
@@ -564,13 +567,17 @@ class App:
                     break
         return seats
 
-    async def buy(self, itinerary: dict[str, Any]) -> None:
+    async def buy(self, itinerary: dict[str, Any]) -> bool:
+        """
+        Choose seats, hold them and offer to buy them. C{True} when the
+        customer went back from the first seat (to the itineraries).
+        """
         legs = itinerary["legs"]
         flights = [leg["flight"] for leg in legs]
         while True:
             seats = await self.pick_seats(legs)
             if seats is None:
-                return
+                return True
             try:
                 hold = await self.api.hold(flights, seats)
                 break
@@ -579,7 +586,7 @@ class App:
                 if e.code not in ("seat_unavailable", "sold_out") or not await self.confirm(
                     self._("Choose other seats? [y/n] ")
                 ):
-                    return
+                    return False
         self._start_hold(hold)
         self.say(views.hold(self._, hold))
         self.say(self._("These seats are yours for {time} while you decide.", time=self.remaining()))
@@ -597,7 +604,7 @@ class App:
         try:
             wanted = await self.confirm(question)
         except QuestionWithdrawn:
-            return
+            return False
         finally:
             self._confirming = None
             self._question = None
@@ -606,19 +613,20 @@ class App:
         if not wanted:
             await self.release_hold()
             self.say(self._("Seats released."))
-            return
+            return False
         if self.hold is None or self.hold["hold_id"] != hold["hold_id"]:
             self.say(self._("Your hold expired: the seats were released. Search again to choose new seats."))
-            return
+            return False
         try:
             ticket = await self.api.buy(hold_id=hold["hold_id"], request_id=os.urandom(8).hex())
         except ServerError as e:
             self._end_hold()
             self.say(views.error(self._, e))
-            return
+            return False
         self._end_hold()
         self.say(self._("Done! Your ticket:"))
         self.say(views.ticket(self._, ticket))
+        return False
 
     async def cancel(self) -> None:
         active = [t for t in await self.api.tickets() if t["status"] == "active"]
