@@ -125,6 +125,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(UsageError, self.parse, "--hold-seconds", "0")
         self.assertRaises(UsageError, self.parse, "--hold-seconds", "soon")
 
+    def test_handshake_timeout(self) -> None:
+        self.assertEqual(self.parse()["handshake-timeout"], 10)
+        self.assertEqual(self.parse("--handshake-timeout", "3")["handshake-timeout"], 3)
+        self.assertRaises(UsageError, self.parse, "--handshake-timeout", "-1")
+
     def test_sales_window(self) -> None:
         self.assertEqual(self.parse("--sales-window", "7")["sales-window"], 7)
         self.assertRaises(UsageError, self.parse, "--sales-window", "0")
@@ -159,7 +164,7 @@ class MakeServiceTests(SynchronousTestCase):
         db.parent.mkdir(parents=True, exist_ok=True)
         options = Options()
         options.parseOptions(
-            ["--db", str(db), "--fixtures", str(MINI), "--hold-seconds", "90",
+            ["--db", str(db), "--fixtures", str(MINI), "--hold-seconds", "90", "--handshake-timeout", "4",
              "--listen", "tcp:0:interface=127.0.0.1", "--listen", r"tcp:0:interface=\:\:1"]
         )
         top = makeService(options)
@@ -173,6 +178,7 @@ class MakeServiceTests(SynchronousTestCase):
         factories = {id(e.factory) for e in endpoints}
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(endpoints[0].factory, VendePassFactory)
+        self.assertEqual(endpoints[0].factory.handshake_timeout, 4)
         self.assertTrue(db.exists())
         self.assertEqual(reservations[0].store.max_batch, 256)  # type: ignore[attr-defined]
         reservations[0].store.stop()

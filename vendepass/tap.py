@@ -68,6 +68,11 @@ class Options(usage.Options):
         ["hold-seconds", None, DEFAULT_HOLD_SECONDS, "How long a hold lasts, in seconds.", int],
         ["sales-window", None, DEFAULT_SALES_WINDOW_DAYS, "How many days ahead flights are sold.", int],
         ["idle-timeout", None, 900, "Close a connection after this many seconds without a request (0: never).", int],
+        [
+            "handshake-timeout", None, 10,
+            "Abort a TLS connection that has not finished its handshake this many seconds after connecting"
+            " (0: never).", int,
+        ],
         ["max-connections-per-ip", None, 50, "How many connections one address may have open at once.", int],
         ["max-held-seats", None, 9, "How many seats one customer may hold at once.", int],
         ["max-legs", None, 3, "How many flights one itinerary may have.", int],
@@ -121,6 +126,8 @@ class Options(usage.Options):
             raise usage.UsageError("--sales-window must be between 1 and 366 days")
         if self["idle-timeout"] < 0:
             raise usage.UsageError("--idle-timeout must be 0 (never) or more seconds")
+        if self["handshake-timeout"] < 0:
+            raise usage.UsageError("--handshake-timeout must be 0 (never) or more seconds")
         if self["max-connections-per-ip"] < 1:
             raise usage.UsageError("--max-connections-per-ip must be at least 1")
         if not 1 <= self["max-held-seats"] <= 1000:
@@ -261,6 +268,7 @@ def makeService(options: Options) -> IService:
         service,
         reactor,  # type: ignore[arg-type]
         idle_timeout=options["idle-timeout"] or None,
+        handshake_timeout=options["handshake-timeout"] or None,
         max_connections_per_ip=options["max-connections-per-ip"],
         log_requests=bool(options["log-requests"]),
     )
