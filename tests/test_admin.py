@@ -138,6 +138,21 @@ class VerifyTests(SynchronousTestCase):
         self.assertEqual(main(["verify", "--db", self.path], out), 1)
         self.assertIn("FINDING:", out.getvalue())
 
+    def test_summary_plurals(self) -> None:
+        """
+        The summary line counts in the singular when there is one.
+        """
+        alice = LineClient(self.service)
+        alice.login(ALICE)
+        alice.ok(3, {"flights": [TINY], "seats": ["1A"]})
+        out = StringIO()
+        self.assertEqual(main(["verify", "--db", self.path], out), 0)
+        self.assertEqual(out.getvalue(), "1 audit event replayed; 1 ticket, 1 seat sold, 0 held; 0 findings\n")
+        self.db.execute("UPDATE flight_taken SET seats = seats + 1 WHERE flight_id = ?", (TINY,))
+        out = StringIO()
+        self.assertEqual(main(["verify", "--db", self.path], out), 1)
+        self.assertEqual(out.getvalue().splitlines()[-1], "1 audit event replayed; 1 ticket, 1 seat sold, 0 held; 1 finding")
+
     def test_unreadable(self) -> None:
         out = StringIO()
         self.assertEqual(main(["verify", "--db", self.path + ".missing"], out), 2)

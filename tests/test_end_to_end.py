@@ -222,6 +222,47 @@ class EndToEndTests(ServerTestCase):
         self.assertNotIn(b"Traceback", result.stdout + result.stderr)
         self.assertFalse(os.path.exists(self.directory / "new.sqlite3"))
 
+    def run_server(self, *args: str) -> tuple[int, str]:
+        """
+        Run the installed server until it exits (it must, at once): its exit
+        code and all it printed.
+        """
+        result = subprocess.run(
+            [*twistd(), "-n", "--logfile=-", "--pidfile=", "vendepass", *args],
+            cwd=self.directory, capture_output=True, timeout=DEADLINE,
+        )
+        return result.returncode, (result.stdout + result.stderr).decode("utf-8", "replace")
+
+    def test_port_in_use_is_a_clear_error(self) -> None:
+        """
+        A port another program listens on stops the server with one line
+        saying so, before it creates its database.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        number = taken.getsockname()[1]
+        db = self.directory / "x.sqlite3"
+        code, output = self.run_server("--listen", f"tcp:{number}:interface=127.0.0.1", "--db", str(db))
+        self.assertNotEqual(code, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(
+            output.strip().splitlines(), [f"vendepass: cannot listen on 127.0.0.1:{number}: Address already in use"]
+        )
+        self.assertFalse(db.exists())
+
+    def test_missing_certificate_is_a_clear_error(self) -> None:
+        db = self.directory / "x.sqlite3"
+        code, output = self.run_server(
+            "--listen", "ssl:0:interface=127.0.0.1:privateKey=missing.pem", "--db", str(db)
+        )
+        self.assertNotEqual(code, 0, output)
+        self.assertNotIn("Traceback", output)
+        [line] = output.strip().splitlines()
+        self.assertIn(f"cannot read {self.directory / 'missing.pem'}: No such file or directory", line)
+        self.assertFalse(db.exists())
+
     def test_tls_listener(self) -> None:
         """
         --listen ssl:... serves the same protocol over TLS, with the given certificate.

@@ -11,13 +11,15 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import directlyProvides
 
 from tests.common import ALICE, BIG, BOB, START, TINY, LineClient, make_service
-from vendepass.protocol import VendePassFactory, VendePassProtocol
+from vendepass.protocol import CLOSE_GRACE_SECONDS, VendePassFactory, VendePassProtocol
 
 
 def replies(transport: StringTransport) -> list[dict[str, Any]]:
@@ -175,6 +177,98 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertEqual(clock.seconds() - START, 10)
 
 
+class ClosingTests(SynchronousTestCase):
+    """
+    A connection the server closes is gone: if a clean close does not finish
+    (a TLS peer that never finishes its handshake, a peer that does not read),
+    it is aborted; a TLS connection has a deadline for its handshake.
+    """
+
+    def connect(
+        self, tls: bool = False, idle: float | None = 10, handshake: float | None = 3, per_ip: int = 50
+    ) -> tuple[VendePassProtocol, StringTransport, Clock]:
+        clock = Clock()
+        clock.advance(START)
+        service = make_service(clock=clock)
+        factory = VendePassFactory(
+            service, clock, idle_timeout=idle, handshake_timeout=handshake, max_connections_per_ip=per_ip
+        )
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4000))
+        if tls:
+            directlyProvides(transport, ISSLTransport)
+        protocol.makeConnection(transport)
+        return protocol, transport, clock
+
+    def timers(self, clock: Clock, protocol: VendePassProtocol) -> list[Any]:
+        """
+        The calls C{protocol} has pending on C{clock}.
+        """
+        return [c for c in clock.getDelayedCalls() if getattr(getattr(c, "func", None), "__self__", None) is protocol]
+
+    def test_idle_close_that_does_not_finish_is_aborted(self) -> None:
+        """
+        StringTransport's loseConnection never finishes, as a TLS one whose
+        peer never answers does not: the grace period later, the
+        connection is aborted.
+        """
+        protocol, transport, clock = self.connect(idle=10)
+        clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        clock.advance(CLOSE_GRACE_SECONDS - 0.1)
+        self.assertFalse(transport.disconnected)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.timers(clock, protocol), [])
+
+    def test_close_that_finishes_is_not_aborted(self) -> None:
+        protocol, transport, clock = self.connect(idle=10)
+        clock.advance(10)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.timers(clock, protocol), [])
+        clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertFalse(transport.disconnected)
+
+    def test_tls_handshake_deadline(self) -> None:
+        """
+        On a TLS transport a connection that has not finished its handshake
+        within the deadline is aborted at once, whatever the idle timeout.
+        """
+        protocol, transport, clock = self.connect(tls=True, idle=None, handshake=3)
+        clock.advance(2.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+
+    def test_tls_handshake_completed(self) -> None:
+        protocol, transport, clock = self.connect(tls=True, idle=None, handshake=3)
+        clock.advance(1)
+        protocol.handshakeCompleted()
+        clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.timers(clock, protocol), [])
+
+    def test_tls_first_line_ends_deadline(self) -> None:
+        """
+        A complete line means the handshake is done, also where a wrapper
+        in between does not pass handshakeCompleted on.
+        """
+        protocol, transport, clock = self.connect(tls=True, idle=None, handshake=3)
+        protocol.dataReceived(b'{"opcode": 0, "id": 1}\n')
+        clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+
+    def test_no_deadline_without_tls(self) -> None:
+        """
+        A plain TCP connection that sends nothing is left to the idle timeout.
+        """
+        protocol, transport, clock = self.connect(tls=False, idle=None, handshake=3)
+        clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+
+
 class ConnectionLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.service = make_service()
@@ -202,6 +296,19 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.close(first)
         _, again = self.open()
         self.assertEqual(replies(again)[0]["event"], "welcome")
+
+    def test_refused_connection_is_aborted(self) -> None:
+        """
+        A refused connection is not counted: it must not be able to stay
+        open either, when its clean close does not finish.
+        """
+        self.open()
+        self.open()
+        _, transport = self.open()
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.service.clock.advance(CLOSE_GRACE_SECONDS)  # type: ignore[attr-defined]
+        self.assertTrue(transport.disconnected)
 
     def test_no_leak(self) -> None:
         for _ in range(10_000):

@@ -10,7 +10,8 @@ from pathlib import Path
 from twisted.application.internet import StreamServerEndpointService
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.common import MINI
 from vendepass.protocol import VendePassFactory
@@ -120,10 +121,28 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("not a valid endpoint", str(error))
         self.assertRaises(UsageError, self.parse, "--listen", "carrier-pigeon:65432")
 
+    def test_unreadable_certificate(self) -> None:
+        """
+        An ssl: key or certificate file that is missing or not one is a
+        one-line error naming it.
+        """
+        missing = str(Path(self.db).parent / "missing.pem")
+        error = self.assertRaises(SystemExit, self.parse, "--listen", f"ssl:0:privateKey={missing}")
+        self.assertEqual(str(error), f"vendepass: --listen ssl:0:privateKey={missing}:backlog=4096: cannot read {missing}: No such file or directory")
+        junk = Path(self.db).parent / "junk.pem"
+        junk.write_text("not a key\n")
+        error = self.assertRaises(SystemExit, self.parse, "--listen", f"ssl:0:privateKey={junk}")
+        self.assertIn("not a usable key or certificate", str(error))
+
     def test_hold_seconds(self) -> None:
         self.assertEqual(self.parse("--hold-seconds", "45")["hold-seconds"], 45)
         self.assertRaises(UsageError, self.parse, "--hold-seconds", "0")
         self.assertRaises(UsageError, self.parse, "--hold-seconds", "soon")
+
+    def test_handshake_timeout(self) -> None:
+        self.assertEqual(self.parse()["handshake-timeout"], 10)
+        self.assertEqual(self.parse("--handshake-timeout", "3")["handshake-timeout"], 3)
+        self.assertRaises(UsageError, self.parse, "--handshake-timeout", "-1")
 
     def test_sales_window(self) -> None:
         self.assertEqual(self.parse("--sales-window", "7")["sales-window"], 7)
@@ -149,7 +168,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(options.fixtures)
 
 
-class MakeServiceTests(SynchronousTestCase):
+class MakeServiceTests(TestCase):
+    def endpoints(self, top: object) -> list[StreamServerEndpointService]:
+        """
+        The endpoint services of C{top}, listening already: they stop
+        listening when the test ends.
+        """
+        endpoints = [s for s in top if isinstance(s, StreamServerEndpointService)]  # type: ignore[attr-defined]
+
+        def stop() -> Deferred[list[object]]:
+            return gatherResults([e.stopService() for e in endpoints])
+
+        self.addCleanup(stop)
+        return endpoints
+
     def test_services(self) -> None:
         """
         One reservation service, and one endpoint service per --listen, all
@@ -159,13 +191,13 @@ class MakeServiceTests(SynchronousTestCase):
         db.parent.mkdir(parents=True, exist_ok=True)
         options = Options()
         options.parseOptions(
-            ["--db", str(db), "--fixtures", str(MINI), "--hold-seconds", "90",
+            ["--db", str(db), "--fixtures", str(MINI), "--hold-seconds", "90", "--handshake-timeout", "4",
              "--listen", "tcp:0:interface=127.0.0.1", "--listen", r"tcp:0:interface=\:\:1"]
         )
         top = makeService(options)
         services = list(top)  # type: ignore[call-overload]
         reservations = [s for s in services if isinstance(s, ReservationService)]
-        endpoints = [s for s in services if isinstance(s, StreamServerEndpointService)]
+        endpoints = self.endpoints(top)
         self.assertEqual(len(reservations), 1)
         self.assertEqual(reservations[0].hold_seconds, 90)
         self.assertEqual(set(reservations[0].airports), {"SSA", "REC", "MAO"})
@@ -173,6 +205,7 @@ class MakeServiceTests(SynchronousTestCase):
         factories = {id(e.factory) for e in endpoints}
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(endpoints[0].factory, VendePassFactory)
+        self.assertEqual(endpoints[0].factory.handshake_timeout, 4)
         self.assertTrue(db.exists())
         self.assertEqual(reservations[0].store.max_batch, 256)  # type: ignore[attr-defined]
         reservations[0].store.stop()
@@ -192,7 +225,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(options["listen"][0], "haproxy:tcp:0:interface=127.0.0.1:backlog=4096")
         top = makeService(options)
         services = list(top)  # type: ignore[call-overload]
-        endpoints = [s for s in services if isinstance(s, StreamServerEndpointService)]
+        endpoints = self.endpoints(top)
         self.assertEqual(len(endpoints), 2)
         self.assertIs(endpoints[0].factory, endpoints[1].factory)
         self.assertIsInstance(endpoints[0].factory, VendePassFactory)
@@ -204,9 +237,32 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_unopenable_database(self) -> None:
         options = Options()
-        options.parseOptions(["--db", "/nonexistent/dir/vendepass.sqlite3"])
+        options.parseOptions(["--db", "/nonexistent/dir/vendepass.sqlite3", "--listen", "tcp:0:interface=127.0.0.1"])
         error = self.assertRaises(SystemExit, makeService, options)
         self.assertIn("cannot open the database", str(error))
+
+    def test_listens_before_opening_the_database(self) -> None:
+        """
+        The ports listen when the service is made, before the database is
+        opened: a port in use is a one-line error, and no database is created.
+        """
+        import socket
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        number = taken.getsockname()[1]
+        db = Path(self.mktemp()).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        options = Options()
+        options.parseOptions(
+            ["--db", str(db), "--fixtures", str(MINI),
+             "--listen", "tcp:0:interface=127.0.0.1", "--listen", f"tcp:{number}:interface=127.0.0.1"]
+        )
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(str(error), f"vendepass: cannot listen on 127.0.0.1:{number}: Address already in use")
+        self.assertFalse(db.exists())
 
 
 class PluginTests(SynchronousTestCase):

@@ -6,6 +6,9 @@ tls:... and verifies the server's certificate against a CA made here.
 from __future__ import annotations
 
 import datetime
+import json
+import socket
+import time
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.trial.unittest import TestCase
@@ -23,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from tests.common import ALICE, make_service
 from vendepass.client import cli
 from vendepass.client.protocol import connect
-from vendepass.protocol import VendePassFactory
+from vendepass.protocol import CLOSE_GRACE_SECONDS, VendePassFactory
 
 
 def _name(common: str) -> x509.Name:
@@ -135,3 +139,113 @@ class TLSTests(TestCase):
         )
         self.assertEqual(code, 3, err.getvalue())
         self.assertIn("Cannot reach the server", err.getvalue())
+
+
+
+class Silent:
+    """
+    Raw loopback sockets that connect and send nothing, and what the server
+    sends them until it closes them.
+    """
+
+    def __init__(self, port: int, count: int) -> None:
+        self.received: dict[socket.socket, bytes] = {}
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.setblocking(False)
+            self.received[sock] = b""
+        self.open = list(self.received)
+
+    def _closed_by_peer(self, sock: socket.socket) -> bool:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return False
+        except OSError:  # reset
+            return True
+        self.received[sock] += data
+        return data == b""
+
+    async def wait_until_closed(self, deadline: float, leaving: int = 0) -> float:
+        """
+        Read the sockets, letting the reactor run, until the server has
+        closed them all but C{leaving} (EOF or reset) or C{deadline} seconds
+        have passed; how long that took.
+        """
+        started = time.monotonic()
+        for _ in range(int(deadline / 0.05) + 1):
+            self.open = [s for s in self.open if not self._closed_by_peer(s)]
+            if len(self.open) <= leaving or time.monotonic() - started > deadline:
+                break
+            await deferLater(reactor, 0.05)  # type: ignore[arg-type]
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        for sock in self.received:
+            sock.close()
+
+
+class SilentConnectionTests(TestCase):
+    """
+    Connections that connect and send nothing are closed by the server, on
+    real loopback sockets: on a TLS listener by the handshake deadline, on
+    a plain one by the idle timeout.
+    """
+
+    COUNT = 200
+
+    async def listen(self, description: str, factory: VendePassFactory) -> Silent:
+        port: IListeningPort = await serverFromString(reactor, description).listen(factory)
+        self.addCleanup(port.stopListening)
+        silent = Silent(port.getHost().port, self.COUNT)  # type: ignore[attr-defined]
+        self.addCleanup(silent.close)
+        return silent
+
+    async def test_tls_without_handshake_closed(self) -> None:
+        base = Path(self.mktemp()).resolve()
+        ca_key, ca = make_ca(base, "VendePass Test CA")
+        key_file, cert_file = make_server_certificate(base, ca_key, ca)
+        # The real clock: the deadline is real time here.
+        factory = VendePassFactory(
+            make_service(), reactor, idle_timeout=300, max_connections_per_ip=1000, handshake_timeout=1.0  # type: ignore[arg-type]
+        )
+        silent = await self.listen(
+            f"ssl:0:interface=127.0.0.1:backlog=512:privateKey={key_file}:certKey={cert_file}", factory
+        )
+        took = await silent.wait_until_closed(deadline=15.0)
+        self.assertEqual(len(silent.open), 0, f"{len(silent.open)} of {self.COUNT} still open after {took:.1f} s")
+        self.assertLess(took, 1.0 + 5.0)
+
+    async def test_tls_refused_closed(self) -> None:
+        """
+        Connections over the per-address limit are refused; those that
+        never finish their handshake are gone too, within the grace period.
+        """
+        base = Path(self.mktemp()).resolve()
+        ca_key, ca = make_ca(base, "VendePass Test CA")
+        key_file, cert_file = make_server_certificate(base, ca_key, ca)
+        factory = VendePassFactory(
+            make_service(), reactor, idle_timeout=300, max_connections_per_ip=10, handshake_timeout=None  # type: ignore[arg-type]
+        )
+        silent = await self.listen(
+            f"ssl:0:interface=127.0.0.1:backlog=512:privateKey={key_file}:certKey={cert_file}", factory
+        )
+        took = await silent.wait_until_closed(deadline=CLOSE_GRACE_SECONDS + 5.0, leaving=10)
+        # The 10 accepted ones wait for their handshake (no deadline here).
+        self.assertEqual(len(silent.open), 10, f"after {took:.1f} s")
+
+    async def test_tcp_idle_closed(self) -> None:
+        """
+        Plain TCP: the handshake deadline does not apply; the idle timeout
+        does, each connection getting its welcome and its idle_timeout event
+        before it is closed.
+        """
+        factory = VendePassFactory(
+            make_service(), reactor, idle_timeout=1.0, max_connections_per_ip=1000, handshake_timeout=0.1  # type: ignore[arg-type]
+        )
+        silent = await self.listen("tcp:0:interface=127.0.0.1:backlog=512", factory)
+        took = await silent.wait_until_closed(deadline=15.0)
+        self.assertEqual(len(silent.open), 0, f"after {took:.1f} s")
+        for received in silent.received.values():
+            events = [json.loads(line)["event"] for line in received.splitlines()]
+            self.assertEqual(events, ["welcome", "idle_timeout"])

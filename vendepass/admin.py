@@ -183,10 +183,17 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         for finding in report.findings:
             out.write(f"FINDING: {finding}\n")
         out.write(
-            f"{report.events} audit events replayed; {report.tickets} tickets, {report.sold} seats sold, "
-            f"{report.held} held; {len(report.findings)} findings\n"
+            f"{_count(report.events, 'audit event')} replayed; {_count(report.tickets, 'ticket')},"
+            f" {_count(report.sold, 'seat')} sold, {report.held} held; {_count(len(report.findings), 'finding')}\n"
         )
     return 1 if report.findings else 0
+
+
+def _count(number: int, noun: str) -> str:
+    """
+    C{number} and C{noun}, in the plural unless there is one.
+    """
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def run() -> None:

@@ -16,11 +16,12 @@ from typing import Any, Awaitable, Callable
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from vendepass import __version__, wire
 from vendepass.errors import (
@@ -42,6 +43,12 @@ MAX_LINE_BYTES = 64 * 1024
 # ahead before the socket stops being read.
 READ_AHEAD = MAX_LINE_BYTES + 2
 DEFAULT_IDLE_TIMEOUT = 15 * 60.0
+# A TLS connection must finish its handshake this soon after connecting.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# A connection being closed that is not gone this long after (a TLS peer
+# that never finishes its handshake or its close, a peer that does not read
+# what is left to send) is aborted.
+CLOSE_GRACE_SECONDS = 5.0
 DEFAULT_MAX_CONNECTIONS_PER_IP = 50
 
 Handler = Callable[["VendePassProtocol", dict[str, Any]], Awaitable[dict[str, Any]]]  # a coroutine or a Deferred
@@ -150,9 +157,16 @@ class Opcode:
     handler: Handler
 
 
+@implementer(IHandshakeListener)
 class VendePassProtocol(LineReceiver):
     """
     One customer connection.
+
+    Every way this side closes a connection (idle, refused, a line too long)
+    is clean if it can be: the rest of what was written is sent first, and on
+    TLS a close alert. A connection still open L{CLOSE_GRACE_SECONDS} later
+    is aborted. On a TLS transport, a connection whose handshake has not
+    finished within C{handshake_timeout} seconds is aborted.
     """
 
     delimiter = b"\n"
@@ -160,12 +174,24 @@ class VendePassProtocol(LineReceiver):
     MAX_LENGTH = MAX_LINE_BYTES + 1
     _log = Logger()
 
-    def __init__(self, service: ReservationService, clock: IReactorTime, idle_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        service: ReservationService,
+        clock: IReactorTime,
+        idle_timeout: float | None = None,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
         self.service = service
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
         self.session: Session | None = None
+        # Nothing more is sent once closing has begun...
         self._closed = False
+        # ...and the transport has called connectionLost.
+        self._lost = False
+        self._handshake_call: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
         # Requests are handled one at a time (answers in order): while one
         # is in flight, later lines wait in the buffer. Reading from the
         # socket stops only when that buffer passes READ_AHEAD bytes, or
@@ -191,10 +217,12 @@ class VendePassProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        if self.handshake_timeout is not None and ISSLTransport.providedBy(self.transport):
+            self._handshake_call = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
         if self.refusal is not None:
             self.transport.write(_encode({"id": None, "opcode": None, "ok": False, "error": self.refusal.to_wire()}))
             self._closed = True
-            self.transport.loseConnection()
+            self._close()
             return
         peer: IAddress = self.transport.getPeer()
         self._peer_host = _host(peer)
@@ -214,8 +242,11 @@ class VendePassProtocol(LineReceiver):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closed = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
+        self._lost = True
+        for call in (self._idle_call, self._handshake_call, self._abort_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._handshake_call = self._abort_call = None
         if self._counted_host is not None:
             self.factory.disconnected(self._counted_host)  # type: ignore[attr-defined]
             self._counted_host = None
@@ -305,16 +336,54 @@ class VendePassProtocol(LineReceiver):
     def _idle(self) -> None:
         self._event("idle_timeout", {"seconds": self.idle_timeout})
         self._log.debug("closing idle connection of {session}", session=self.session)
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._close()
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done (L{IHandshakeListener}): no more deadline
+        but the idle timeout.
+        """
+        self._handshake_done()
+
+    def _handshake_done(self) -> None:
+        if self._handshake_call is not None:
+            if self._handshake_call.active():
+                self._handshake_call.cancel()
+            self._handshake_call = None
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_call = None
+        self._log.debug(
+            "aborting the connection from {peer}: no TLS handshake within {seconds} s",
+            peer=self.transport.getPeer() if self.transport is not None else None,
+            seconds=self.handshake_timeout,
+        )
+        self._abort()
+
+    def _close(self) -> None:
+        """
+        Close the connection: cleanly if that is done within
+        L{CLOSE_GRACE_SECONDS}, by aborting it otherwise.
+        """
+        if self.transport is None or self._lost:
+            return
+        self.transport.loseConnection()
+        # (Some transports are lost at once.)
+        if self._abort_call is None and not self._lost:
+            self._abort_call = self.clock.callLater(CLOSE_GRACE_SECONDS, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        self._closed = True
+        if self.transport is not None and not self._lost:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     # -- requests -----------------------------------------------------------
 
     def lineLengthExceeded(self, line: bytes) -> None:
         error = LineTooLong(f"A line may have at most {MAX_LINE_BYTES} bytes; closing the connection.")
         self._send({"id": None, "opcode": None, "ok": False, "error": error.to_wire()})
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._close()
 
     def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
@@ -324,6 +393,9 @@ class VendePassProtocol(LineReceiver):
             return
         # Only whole lines count as activity: a client dribbling bytes is idle.
         self._reset_idle()
+        # A line came through: the TLS handshake, if any, is done (a wrapper
+        # between, such as the PROXY protocol's, may not pass on the news).
+        self._handshake_done()
         if not self._producing and self.transport is not None:
             # Become the transport's producer at the first request, not on
             # connect: a TLS transport pauses its producer until the
@@ -563,6 +635,8 @@ class VendePassFactory(Factory):
 
     @ivar idle_timeout: seconds without a complete request before a
         connection is closed (C{None}: never).
+    @ivar handshake_timeout: seconds a TLS connection has to finish its
+        handshake before it is aborted (C{None}: no limit).
     @ivar max_connections_per_ip: connections one address may have open at once.
     @ivar log_requests: log one (debug) event per request; off by default, as
         at thousands of requests a second the log would cost more than the
@@ -579,7 +653,9 @@ class VendePassFactory(Factory):
         idle_timeout: float | None = None,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
         log_requests: bool = False,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
+        self.handshake_timeout = handshake_timeout
         self.log_requests = log_requests
         self.service = service
         self.clock = clock
@@ -589,7 +665,7 @@ class VendePassFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
         host = str(getattr(addr, "host", addr))
-        protocol = VendePassProtocol(self.service, self.clock, self.idle_timeout)
+        protocol = VendePassProtocol(self.service, self.clock, self.idle_timeout, self.handshake_timeout)
         protocol.factory = self
         protocol.log_requests = self.log_requests
         if self.open_per_address.get(host, 0) >= self.max_connections_per_ip:

@@ -9,9 +9,14 @@ import os
 import sqlite3
 from typing import Any, Callable
 
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from vendepass.errors import FixturesError
 from vendepass.fixtures import BUNDLED, Fixtures, load
@@ -68,6 +73,11 @@ class Options(usage.Options):
         ["hold-seconds", None, DEFAULT_HOLD_SECONDS, "How long a hold lasts, in seconds.", int],
         ["sales-window", None, DEFAULT_SALES_WINDOW_DAYS, "How many days ahead flights are sold.", int],
         ["idle-timeout", None, 900, "Close a connection after this many seconds without a request (0: never).", int],
+        [
+            "handshake-timeout", None, 10,
+            "Abort a TLS connection that has not finished its handshake this many seconds after connecting"
+            " (0: never).", int,
+        ],
         ["max-connections-per-ip", None, 50, "How many connections one address may have open at once.", int],
         ["max-held-seats", None, 9, "How many seats one customer may hold at once.", int],
         ["max-legs", None, 3, "How many flights one itinerary may have.", int],
@@ -110,9 +120,18 @@ class Options(usage.Options):
         if not 1 <= self["max-batch"] <= 10000:
             raise usage.UsageError("--max-batch must be between 1 and 10000")
         self["listen"] = [with_backlog(d, self["backlog"]) for d in self["listen"]]
+        from OpenSSL import SSL, crypto
+
         for description in self["listen"]:
             try:
                 serverFromString(reactor, description)
+            # ssl: reads its key and certificate files here. A file that
+            # cannot be read is no misuse of the options: a one-line error,
+            # without the usage text twistd shows with a UsageError.
+            except OSError as e:
+                raise SystemExit(f"vendepass: --listen {description}: cannot read {e.filename}: {e.strerror}")
+            except (crypto.Error, SSL.Error) as e:
+                raise SystemExit(f"vendepass: --listen {description}: not a usable key or certificate: {e}")
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--listen {description!r} is not a valid endpoint: {e}")
         if not 1 <= self["hold-seconds"] <= 86400:
@@ -121,6 +140,8 @@ class Options(usage.Options):
             raise usage.UsageError("--sales-window must be between 1 and 366 days")
         if self["idle-timeout"] < 0:
             raise usage.UsageError("--idle-timeout must be 0 (never) or more seconds")
+        if self["handshake-timeout"] < 0:
+            raise usage.UsageError("--handshake-timeout must be 0 (never) or more seconds")
         if self["max-connections-per-ip"] < 1:
             raise usage.UsageError("--max-connections-per-ip must be at least 1")
         if not 1 <= self["max-held-seats"] <= 1000:
@@ -225,6 +246,73 @@ class GarbageCollectorTuning(Service):
         gc.unfreeze()
 
 
+class _Pending(Factory):
+    """
+    What the ports serve from the time they listen, before the database is
+    open, until makeService has built the factory that serves them: all
+    that before the reactor runs, so before any connection is accepted.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.factory: Factory | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        assert self.factory is not None, "a connection before the server was built"
+        return self.factory.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        # What the log's "... starting on PORT" names.
+        from vendepass.protocol import VendePassFactory
+
+        return VendePassFactory.__name__
+
+
+class ListeningService(StreamServerEndpointService):
+    """
+    An endpoint service whose endpoint was listened on when the service was
+    made (before the database was opened): starting it does not listen
+    again; stopping it stops listening.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, listening: Deferred[IListeningPort]) -> None:
+        super().__init__(endpoint, factory)
+        self._waitingForPort = listening
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+
+
+def _listen(description: str, factory: Factory) -> tuple[IStreamServerEndpoint, Deferred[IListeningPort]]:
+    """
+    Listen on C{description} now: a port in use (or any other reason the
+    endpoint cannot listen) is a one-line error, before anything is created.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    endpoint = serverFromString(reactor, description)
+    listening = endpoint.listen(factory)
+    outcome: list[IListeningPort | Failure] = []
+
+    def keep(result: IListeningPort | Failure) -> IListeningPort | Failure:
+        outcome.append(result)
+        return result
+
+    listening.addBoth(keep)
+    if outcome and isinstance(outcome[0], Failure):
+        failure = outcome[0]
+        listening.addErrback(lambda _: None)
+        if failure.check(CannotListenError):
+            error: CannotListenError = failure.value  # type: ignore[assignment]
+            socket_error = error.socketError
+            reason = getattr(socket_error, "strerror", None) or str(socket_error)
+            raise SystemExit(f"vendepass: cannot listen on {error.interface or '*'}:{error.port}: {reason}")
+        raise SystemExit(f"vendepass: cannot listen on {description}: {failure.getErrorMessage()}")
+    return endpoint, listening
+
+
 def makeService(options: Options) -> IService:
     import sys
 
@@ -239,12 +327,23 @@ def makeService(options: Options) -> IService:
     def fixtures() -> Fixtures:
         return options.fixtures or load(options["fixtures"] or BUNDLED)
 
+    # Listen first: a port in use stops the server before it creates or
+    # opens anything. What listens serves the factory made below.
+    pending = _Pending()
+    listening: list[tuple[IStreamServerEndpoint, Deferred[IListeningPort]]] = []
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     hasher = ScryptHasher()
     # Opening runs before the reactor does: creating, migrating and loading
     # the database is start-up work, not serving.
     opener = _open_postgres if is_postgres_url(options["db"]) else _open_sqlite
-    store = opener(options, fixtures, hasher.hash)
+    try:
+        for description in options["listen"]:
+            listening.append(_listen(description, pending))
+        store = opener(options, fixtures, hasher.hash)
+    except BaseException:
+        for _, port in listening:
+            port.addCallback(lambda p: p.stopListening())
+        raise
     service = ReservationService(
         store,
         reactor,  # type: ignore[arg-type]
@@ -261,11 +360,13 @@ def makeService(options: Options) -> IService:
         service,
         reactor,  # type: ignore[arg-type]
         idle_timeout=options["idle-timeout"] or None,
+        handshake_timeout=options["handshake-timeout"] or None,
         max_connections_per_ip=options["max-connections-per-ip"],
         log_requests=bool(options["log-requests"]),
     )
-    for description in options["listen"]:
-        strports.service(description, factory).setServiceParent(top)
+    pending.factory = factory
+    for endpoint, port in listening:
+        ListeningService(endpoint, factory, port).setServiceParent(top)
     # Last: it starts once everything above has been built and started.
     GarbageCollectorTuning().setServiceParent(top)
     return top
