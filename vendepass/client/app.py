@@ -403,12 +403,16 @@ class App:
             return
         while True:
             day = await self.ask(self._("Date (YYYY-MM-DD, empty for any day): "))
+            from vendepass.client.dates import BadDate, parse_date, server_today
+
             try:
                 if day:
-                    date.fromisoformat(day)
+                    # YYYY-MM-DD, today, tomorrow, +N; DD/MM/AAAA, hoje, amanhã in pt_BR.
+                    today = server_today((await self.api.ping())["time"])
+                    day = parse_date(day, today, self._.language).isoformat()
                 break
-            except ValueError:
-                self.say(self._("The date must look like 2026-12-01."))
+            except BadDate as e:
+                self.say(str(e))
         found = await self.api.search(origin["code"], destination["code"], day or None)
         self.say(views.itineraries(self._, found))
         if not found:
