@@ -6,6 +6,7 @@ tls:... and verifies the server's certificate against a CA made here.
 from __future__ import annotations
 
 import datetime
+import json
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.trial.unittest import TestCase
 
 from tests.common import ALICE, make_service
 from vendepass.client import cli
 from vendepass.client.protocol import connect
-from vendepass.protocol import VendePassFactory
+from vendepass.protocol import VendePassFactory, VendePassProtocol
 
 
 def _name(common: str) -> x509.Name:
@@ -85,6 +86,18 @@ def make_server_certificate(
     return key_file, cert_file
 
 
+class CountingFactory(VendePassFactory):
+    """
+    The server's factory, counting the connections it accepts.
+    """
+
+    accepted = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
+        self.accepted += 1
+        return super().buildProtocol(addr)
+
+
 class TLSTests(TestCase):
     async def asyncSetUp(self) -> None:
         base = Path(self.mktemp()).resolve()
@@ -97,7 +110,8 @@ class TLSTests(TestCase):
         endpoint = serverFromString(
             reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_file}:certKey={cert_file}"
         )
-        self.port: IListeningPort = await endpoint.listen(VendePassFactory(self.service, self.service.clock))
+        self.factory = CountingFactory(self.service, self.service.clock)
+        self.port: IListeningPort = await endpoint.listen(self.factory)
         self.addCleanup(self.port.stopListening)
         self.number = self.port.getHost().port  # type: ignore[attr-defined]
 
@@ -121,17 +135,33 @@ class TLSTests(TestCase):
 
     async def test_untrusted_certificate_refused(self) -> None:
         """
-        A server whose certificate is not signed by a trusted CA is refused:
-        the CLI says it cannot connect (exit code 3).
+        A server whose certificate is not signed by a trusted CA is refused
+        at the first attempt (no retry can help), in plain words naming the
+        certificate's issuer (exit code 3); with --json, as a JSON error.
         """
         await self.asyncSetUp()
-        err = StringIO()
-        code = await cli.main(
-            reactor,  # type: ignore[arg-type]
-            ["--connect", f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}", "routes"],
-            out=StringIO(),
-            err=err,
-            environ={},
-        )
-        self.assertEqual(code, 3, err.getvalue())
-        self.assertIn("Cannot reach the server", err.getvalue())
+        endpoint = f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}"
+        runs = [("en", [], "the server's certificate is not trusted (issuer CN=VendePass Test CA)."),
+                ("pt_BR", [], "o certificado do servidor não é confiável (emissor CN=VendePass Test CA)."),
+                ("en", ["--json"], "the server's certificate is not trusted (issuer CN=VendePass Test CA).")]
+        for attempt, (lang, options, sentence) in enumerate(runs, 1):
+            out, err = StringIO(), StringIO()
+            code = await cli.main(
+                reactor,  # type: ignore[arg-type]
+                ["--connect", endpoint, "--lang", lang, *options, "routes"],
+                out=out,
+                err=err,
+                environ={},
+            )
+            self.assertEqual(code, 3, err.getvalue())
+            self.assertEqual(self.factory.accepted, attempt, "one connection per run: no retry")
+            [line] = err.getvalue().splitlines()
+            self.assertTrue(line.endswith(sentence), line)
+            self.assertNotIn("SSL routines", line)
+            if options:
+                self.assertEqual(
+                    json.loads(out.getvalue()),
+                    {"ok": False, "error": {"code": "certificate_untrusted", "message": line}},
+                )
+            else:
+                self.assertEqual(out.getvalue(), "")
