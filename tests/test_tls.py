@@ -23,7 +23,8 @@ from twisted.trial.unittest import TestCase
 
 from tests.common import ALICE, make_service
 from vendepass.client import cli
-from vendepass.client.protocol import connect
+from vendepass.client.protocol import CertificateRefused, connect
+from vendepass.client.reconnecting import ReconnectingClient
 from vendepass.protocol import VendePassFactory, VendePassProtocol
 
 
@@ -132,6 +133,21 @@ class TLSTests(TestCase):
         assert client.transport is not None
         client.transport.loseConnection()
         await lost
+
+    async def test_untrusted_certificate_not_retried(self) -> None:
+        """
+        L{ReconnectingClient} retries a dropped connection, never a refused
+        certificate: one connection, and L{CertificateRefused} names the issuer.
+        """
+        await self.asyncSetUp()
+        client = ReconnectingClient(
+            reactor,  # type: ignore[arg-type]
+            f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}",
+        )
+        with self.assertRaises(CertificateRefused) as caught:
+            await client.ping()
+        self.assertEqual(caught.exception.issuer, "CN=VendePass Test CA")
+        self.assertEqual((self.factory.accepted, client.reconnections), (1, 0))
 
     async def test_untrusted_certificate_refused(self) -> None:
         """
