@@ -283,14 +283,14 @@ class AppTestCase(TestCase):
         self.service: ReservationService = make_service(hold_seconds=HOLD_SECONDS, clock=self.clock)
         self.server: LiveServer = serve(self, self.service)
 
-    def start(self) -> ClientProcess:
+    def start(self, lang: str = "en") -> ClientProcess:
         app = ClientProcess(self.id().rsplit(".", 1)[-1])
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VENDEPASS_", "LC_", "LANG"))}
         env.pop("PYTHONPATH", None)
         cast(IReactorProcess, _reactor).spawnProcess(
             app,
             str(CLIENT),
-            [str(CLIENT), "--lang", "en", "--connect", self.server.endpoint],
+            [str(CLIENT), "--lang", lang, "--connect", self.server.endpoint],
             env=env,
         )
 

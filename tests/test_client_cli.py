@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from datetime import date, datetime
 from io import StringIO
+from pathlib import Path
 from typing import Any, cast
 
 from attrs import frozen
@@ -23,13 +26,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorCore, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, TestCase
 
 from vendepass.client import cli
 from vendepass.protocol import VendePassFactory, VendePassProtocol
 from vendepass.service import ReservationService
 
-from tests.common import ALICE, BIG, BOB, TINY, TOMORROW, LineClient, make_service
+from tests.common import ALICE, BIG, BOB, DIRECT, START, TINY, TOMORROW, LineClient, make_service
+from tests.test_end_to_end import DEADLINE, ServerProcess
 
 JSON = dict[str, Any]
 
@@ -202,6 +207,7 @@ class Run:
     out: str
     err: str
     prompts: list[str]
+    argv: tuple[str, ...] = ()
 
     def json(self) -> Any:
         return json.loads(self.out)
@@ -209,6 +215,21 @@ class Run:
 
 def no_prompt(text: str) -> str:
     raise AssertionError(f"the client prompted {text!r} but was not expected to")
+
+
+def assertJSONError(test: TestCase, run: Run, code: str | None) -> JSON:
+    """
+    C{run} printed one JSON object, C{{"ok": false, "error": {"code", "message", ...}}}.
+    """
+    test.assertEqual(run.out.count("\n"), 1, run.out)
+    answer = run.json()
+    test.assertEqual(answer["ok"], False, answer)
+    error: JSON = answer["error"]
+    test.assertIsInstance(error["code"], str)
+    test.assertIsInstance(error["message"], str)
+    if code is not None:
+        test.assertEqual(error["code"], code)
+    return error
 
 
 class CLITestCase(TestCase):
@@ -248,7 +269,7 @@ class CLITestCase(TestCase):
         if lang is not None:
             args += ["--lang", lang]
         code = await cli.main(core(), [*args, *argv], out=out, err=err, environ=environ or {}, prompt=prompt)
-        return Run(code, out.getvalue(), err.getvalue(), prompts)
+        return Run(code, out.getvalue(), err.getvalue(), prompts, tuple(argv))
 
     async def as_alice(self, *argv: str, **kwargs: Any) -> Run:
         return await self.cli("--user", ALICE[0], *argv, environ={"VENDEPASS_PASSWORD": ALICE[1]}, **kwargs)
@@ -263,18 +284,24 @@ class CLITestCase(TestCase):
         self.assertEqual(run.code, 1, run)
         self.assertIn(sentence, run.err)
         self.assertNotIn(code, run.err, "stderr shows the sentence, not the code")
-        if run.out:
-            error: JSON = run.json()["error"]
-            self.assertEqual(error["code"], code)
-            self.assertIsInstance(error["message"], str)
-            return error
+        if "--json" in run.argv:
+            return assertJSONError(self, run, code)
+        self.assertEqual(run.out, "")
         return {}
 
-    def assertUsage(self, run: Run, sentence: str) -> None:
+    def assertUsage(self, run: Run, sentence: str, code: str | None = None) -> None:
+        """
+        Exit code 2, one line on stderr; with --json, the error on stdout.
+        """
         self.assertEqual(run.code, 2, run)
         self.assertIn(sentence, run.err)
         self.assertTrue(run.err.startswith("vendepass-client: "), run.err)
-        self.assertEqual(run.out, "")
+        self.assertEqual(run.err.count("\n"), 1, run.err)
+        if "--json" in run.argv:
+            error = assertJSONError(self, run, code)
+            self.assertIn(sentence, error["message"])
+        else:
+            self.assertEqual(run.out, "")
 
     def seat_status(self, flight: str, seat: str) -> str:
         seatmap = self.server.customer().ok(SEATMAP, {"flight": flight})
@@ -371,13 +398,23 @@ class RoutesTests(CLITestCase):
         self.assertUsage(await self.cli("--json", "routes", "SSA"), "Give both an origin and a destination.")
 
     async def test_bad_date(self) -> None:
-        for typed in ["2026-13-01", "02/12/2026", "tomorrow"]:
-            run = await self.cli("routes", "SSA", "MAO", "--date", typed)
-            self.assertUsage(run, "The date must look like 2026-12-01.")
+        """
+        Not a date: a usage error saying what a date looks like. C{DD/MM/AAAA}
+        and C{amanhã} are Portuguese only.
+        """
+        for typed in ["2026-13-01", "02/12/2026", "amanhã", "+x", "yesterday", "31/02/2026"]:
+            run = await self.cli("--json", "routes", "SSA", "MAO", "--date", typed)
+            self.assertUsage(run, "The date must look like ", "bad_date")
+            self.assertIn(", today, tomorrow or +3 (in 3 days).", run.err)
 
     async def test_unknown_city(self) -> None:
         self.assertUsage(await self.cli("routes", "Atlantis", "MAO"), "Unknown city or airport: Atlantis")
         self.assertUsage(await self.cli("routes", "SSA", "XYZ"), "Unknown city or airport: XYZ")
+        run = await self.cli("--json", "routes", "Atlantis", "MAO")
+        self.assertUsage(run, "Unknown city or airport: Atlantis", "unknown_place")
+        self.assertEqual(
+            run.json(), {"ok": False, "error": {"code": "unknown_place", "message": "Unknown city or airport: Atlantis"}}
+        )
 
     async def test_argparse_usage(self) -> None:
         """
@@ -776,5 +813,192 @@ class UnreachableTests(TestCase):
                 prompt=no_prompt,
             )
             self.assertEqual(code, 3, (argv, err.getvalue()))
-            self.assertEqual(out.getvalue(), "")
             self.assertIn(f"Cannot reach the server at {endpoint}", err.getvalue())
+            if "--json" in argv:
+                error = assertJSONError(self, Run(code, out.getvalue(), err.getvalue(), [], tuple(argv)), "unreachable")
+                self.assertIn(f"Cannot reach the server at {endpoint}", error["message"])
+            else:
+                self.assertEqual(out.getvalue(), "")
+
+
+def local_date(timestamp: float) -> date:
+    return datetime.fromtimestamp(timestamp).date()
+
+
+class RelativeDateTests(CLITestCase):
+    """
+    C{--date} takes relative days, and Portuguese dates under pt_BR; "today"
+    is the server's clock (the service's L{Clock}, at L{START}) in this
+    computer's time zone.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        if local_date(START) != date(2026, 12, 1):
+            raise SkipTest("this computer's time zone is too far from UTC for the fixture's day")
+
+    async def flights(self, *argv: str, lang: str = "en") -> list[list[str]]:
+        run = await self.cli("--json", "routes", "SSA", "MAO", *argv, lang=lang)
+        self.assertOK(run)
+        return [[leg["flight"] for leg in i["legs"]] for i in run.json()["itineraries"]]
+
+    async def test_relative(self) -> None:
+        expected = await self.flights("--date", TOMORROW)
+        self.assertEqual(expected, [[TINY, BIG]])
+        for typed in ["tomorrow", "+1", "TOMORROW", " +1 "]:
+            self.assertEqual(await self.flights("--date", typed), expected, typed)
+        self.assertIn([DIRECT], await self.flights("--date", "+2"))
+        self.assertEqual(await self.flights("--date", "today"), await self.flights("--date", "2026-12-01"))
+
+    async def test_portuguese(self) -> None:
+        expected = await self.flights("--date", TOMORROW)
+        for typed in ["amanhã", "amanha", "02/12/2026", "2/12/2026", "tomorrow", "+1", TOMORROW]:
+            self.assertEqual(await self.flights("--date", typed, lang="pt_BR"), expected, typed)
+        self.assertEqual(await self.flights("--date", "hoje", lang="pt_BR"), await self.flights("--date", "today"))
+        self.assertEqual(
+            await self.flights("--date", "03/12/2026", lang="pt_BR"), await self.flights("--date", "2026-12-03")
+        )
+        run = await self.cli("routes", "SSA", "MAO", "--date", "03/12/2026")
+        self.assertUsage(run, "The date must look like ")
+        run = await self.cli("routes", "SSA", "MAO", "--date", "31/02/2026", lang="pt_BR")
+        self.assertEqual((run.code, run.err), (2, "vendepass-client: A data deve ser como 02/12/2026, hoje, amanhã ou +3 (daqui a 3 dias).\n"))
+
+    async def test_passed(self) -> None:
+        """
+        A day that is over everywhere is refused as such, not "No flights found."
+        """
+        run = await self.cli("--json", "routes", "SSA", "MAO", "--date", "2026-11-29")
+        self.assertUsage(run, "2026-11-29 has passed: flights are on sale from today on.", "date_passed")
+        run = await self.cli("routes", "SSA", "MAO", "--date", "29/11/2026", lang="pt_BR")
+        self.assertEqual(run.code, 2, run)
+        self.assertIn("29/11/2026", run.err)
+
+    async def test_portuguese_display(self) -> None:
+        """
+        Under pt_BR, dates are shown as DD/MM/AAAA.
+        """
+        run = await self.cli("seatmap", TINY, lang="pt_BR")
+        self.assertEqual(run.code, 0, run)
+        self.assertIn("02/12/2026 08:00", run.out.splitlines()[0])
+        self.assertNotIn(TOMORROW, run.out)
+        run = await self.cli("routes", "SSA", "MAO", "--date", "amanhã", lang="pt_BR")
+        self.assertEqual(run.code, 0, run)
+        self.assertIn("02/12/2026 08:00", run.out)
+        self.assertIn("02/12/2026 14:00", run.out)
+
+
+class FlightNumberTests(CLITestCase):
+    """
+    A flight is its id (C{VP100-2026-12-02}) or its number with C{--date}.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        if local_date(START) != date(2026, 12, 1):
+            raise SkipTest("this computer's time zone is too far from UTC for the fixture's day")
+
+    async def test_seatmap(self) -> None:
+        by_id = await self.cli("--json", "seatmap", TINY)
+        self.assertOK(by_id)
+        for argv in (["VP100", "--date", "tomorrow"], ["vp100", "--date", TOMORROW]):
+            run = await self.cli("--json", "seatmap", *argv)
+            self.assertOK(run)
+            self.assertEqual(run.json(), by_id.json())
+
+    async def test_buy(self) -> None:
+        run = await self.as_alice("--json", "buy", "VP100", "VP200", "--date", "tomorrow", "--seat", "2B", "--seat", "any")
+        self.assertOK(run)
+        self.assertEqual([leg["flight"] for leg in run.json()["ticket"]["legs"]], [TINY, BIG])
+        self.assertEqual(self.seat_status(TINY, "2B"), "sold")
+
+    async def test_number_needs_date(self) -> None:
+        run = await self.cli("--json", "seatmap", "VP100")
+        self.assertUsage(run, "Flight number VP100 needs --date (e.g. --date tomorrow)")
+        self.assertIn(f"VP100-{TOMORROW}", run.err)
+
+    async def test_date_needs_number(self) -> None:
+        run = await self.cli("seatmap", TINY, "--date", "tomorrow")
+        self.assertUsage(run, "--date goes with flight numbers")
+
+
+class EndpointTests(CLITestCase):
+    """
+    C{--connect}: C{host:port} is short for C{tcp:host=...:port=...}; a
+    string that is no endpoint is a one-line usage error (exit code 2).
+    """
+
+    async def test_host_port(self) -> None:
+        run = await self.cli("--json", "routes", endpoint=f"127.0.0.1:{self.server.port_number}")
+        self.assertOK(run)
+        self.assertIn("airports", run.json())
+
+    async def test_bad(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        a_file = directory.child("ca.pem")
+        a_file.setContent(b"not a directory")
+        missing = directory.child("missing")
+        cases = {
+            "bogus:xyz": "cannot use --connect bogus:xyz (Unknown endpoint type: 'bogus')",
+            "127.0.0.1:port": "cannot use --connect 127.0.0.1:port",
+            f"tcp:host=127.0.0.1:port={self.server.port_number}:timeout=abc": "a number was expected instead of 'abc'",
+            f"tls:host=localhost:port=1:trustRoots={missing.path}":
+                f"trustRoots={missing.path} is not a directory of CA certificates (PEM files).",
+            f"tls:host=localhost:port=1:trustRoots={a_file.path}":
+                f"trustRoots={a_file.path} is not a directory of CA certificates (PEM files).",
+        }
+        for endpoint, sentence in cases.items():
+            run = await self.cli("routes", endpoint=endpoint)
+            self.assertUsage(run, sentence)
+            run = await self.cli("--json", "seatmap", TINY, endpoint=endpoint)
+            self.assertUsage(run, sentence, "bad_endpoint")
+
+
+class NoTerminalTests(TestCase):
+    """
+    The installed C{vendepass-client} with no terminal and its standard input
+    closed, against the installed C{twistd vendepass}.
+    """
+
+    def run_client(self, *argv: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        script = Path(sys.executable).parent / "vendepass-client"
+        base = {k: v for k, v in os.environ.items() if not k.startswith("VENDEPASS_")}
+        return subprocess.run(
+            [str(script), "--lang", "en", *argv],
+            env={**base, **(environ or {})},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            start_new_session=True,
+        )
+
+    def test_password_needed(self) -> None:
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        server = ServerProcess(directory)
+        self.addCleanup(server.kill)
+        endpoint = f"127.0.0.1:{server.port}"
+        for json_option in ([], ["--json"]):
+            done = self.run_client("--connect", endpoint, *json_option, "--user", "maria", "tickets")
+            sentence = "A password is needed: set VENDEPASS_PASSWORD (there is no terminal to ask for it)."
+            self.assertEqual((done.returncode, done.stderr.splitlines()[-1:]), (2, [f"vendepass-client: {sentence}"]), done)
+            self.assertNotIn("Traceback", done.stderr)
+            if json_option:
+                self.assertEqual(
+                    json.loads(done.stdout), {"ok": False, "error": {"code": "password_needed", "message": sentence}}
+                )
+        done = self.run_client("--connect", endpoint, "--user", "maria", "tickets", environ={"VENDEPASS_PASSWORD": "maria123"})
+        self.assertEqual((done.returncode, done.stderr), (0, ""), done)
+
+    def test_bad_endpoint(self) -> None:
+        done = self.run_client("--connect", "bogus:xyz", "routes")
+        self.assertEqual(done.returncode, 2, done)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_help_names_the_environment(self) -> None:
+        done = self.run_client("--help")
+        self.assertEqual(done.returncode, 0, done)
+        for name in ("VENDEPASS_CONNECT", "VENDEPASS_USER", "VENDEPASS_PASSWORD", "tomorrow", "HOST:PORT"):
+            self.assertIn(name, done.stdout + done.stderr)

@@ -21,13 +21,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.trial.unittest import TestCase
 
 from tests.common import ALICE, make_service
 from vendepass.client import cli
-from vendepass.client.protocol import connect
-from vendepass.protocol import CLOSE_GRACE_SECONDS, VendePassFactory
+from vendepass.client.protocol import CertificateRefused, connect
+from vendepass.client.reconnecting import ReconnectingClient
+from vendepass.protocol import CLOSE_GRACE_SECONDS, VendePassFactory, VendePassProtocol
 
 
 def _name(common: str) -> x509.Name:
@@ -89,6 +90,18 @@ def make_server_certificate(
     return key_file, cert_file
 
 
+class CountingFactory(VendePassFactory):
+    """
+    The server's factory, counting the connections it accepts.
+    """
+
+    accepted = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> VendePassProtocol:
+        self.accepted += 1
+        return super().buildProtocol(addr)
+
+
 class TLSTests(TestCase):
     async def asyncSetUp(self) -> None:
         base = Path(self.mktemp()).resolve()
@@ -101,7 +114,8 @@ class TLSTests(TestCase):
         endpoint = serverFromString(
             reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_file}:certKey={cert_file}"
         )
-        self.port: IListeningPort = await endpoint.listen(VendePassFactory(self.service, self.service.clock))
+        self.factory = CountingFactory(self.service, self.service.clock)
+        self.port: IListeningPort = await endpoint.listen(self.factory)
         self.addCleanup(self.port.stopListening)
         self.number = self.port.getHost().port  # type: ignore[attr-defined]
 
@@ -123,23 +137,53 @@ class TLSTests(TestCase):
         client.transport.loseConnection()
         await lost
 
-    async def test_untrusted_certificate_refused(self) -> None:
+    async def test_untrusted_certificate_not_retried(self) -> None:
         """
-        A server whose certificate is not signed by a trusted CA is refused:
-        the CLI says it cannot connect (exit code 3).
+        L{ReconnectingClient} retries a dropped connection, never a refused
+        certificate: one connection, and L{CertificateRefused} names the issuer.
         """
         await self.asyncSetUp()
-        err = StringIO()
-        code = await cli.main(
+        client = ReconnectingClient(
             reactor,  # type: ignore[arg-type]
-            ["--connect", f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}", "routes"],
-            out=StringIO(),
-            err=err,
-            environ={},
+            f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}",
         )
-        self.assertEqual(code, 3, err.getvalue())
-        self.assertIn("Cannot reach the server", err.getvalue())
+        with self.assertRaises(CertificateRefused) as caught:
+            await client.ping()
+        self.assertEqual(caught.exception.issuer, "CN=VendePass Test CA")
+        self.assertEqual((self.factory.accepted, client.reconnections), (1, 0))
 
+    async def test_untrusted_certificate_refused(self) -> None:
+        """
+        A server whose certificate is not signed by a trusted CA is refused
+        at the first attempt (no retry can help), in plain words naming the
+        certificate's issuer (exit code 3); with --json, as a JSON error.
+        """
+        await self.asyncSetUp()
+        endpoint = f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}"
+        runs = [("en", [], "the server's certificate is not trusted (issuer CN=VendePass Test CA)."),
+                ("pt_BR", [], "o certificado do servidor não é confiável (emissor CN=VendePass Test CA)."),
+                ("en", ["--json"], "the server's certificate is not trusted (issuer CN=VendePass Test CA).")]
+        for attempt, (lang, options, sentence) in enumerate(runs, 1):
+            out, err = StringIO(), StringIO()
+            code = await cli.main(
+                reactor,  # type: ignore[arg-type]
+                ["--connect", endpoint, "--lang", lang, *options, "routes"],
+                out=out,
+                err=err,
+                environ={},
+            )
+            self.assertEqual(code, 3, err.getvalue())
+            self.assertEqual(self.factory.accepted, attempt, "one connection per run: no retry")
+            [line] = err.getvalue().splitlines()
+            self.assertTrue(line.endswith(sentence), line)
+            self.assertNotIn("SSL routines", line)
+            if options:
+                self.assertEqual(
+                    json.loads(out.getvalue()),
+                    {"ok": False, "error": {"code": "certificate_untrusted", "message": line}},
+                )
+            else:
+                self.assertEqual(out.getvalue(), "")
 
 
 class Silent:

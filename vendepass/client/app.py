@@ -12,7 +12,6 @@ import shutil
 import sys
 import termios
 from collections import deque
-from datetime import date
 from typing import Any, Callable
 
 from twisted.internet import stdio
@@ -24,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vendepass.client import views
+from vendepass.client.dates import BadDate, parse_date, server_today
 from vendepass.client.i18n import Texts
 from vendepass.client.protocol import ServerError
 from vendepass.client.reconnecting import RETRYABLE, ReconnectingClient
@@ -497,10 +497,12 @@ class App:
             day = await self.ask(self._("Date (YYYY-MM-DD, empty for any day): "))
             try:
                 if day:
-                    date.fromisoformat(day)
+                    # YYYY-MM-DD, today, tomorrow, +N; DD/MM/AAAA, hoje, amanhã in pt_BR.
+                    today = server_today((await self.api.ping())["time"])
+                    day = parse_date(day, today, self._.language).isoformat()
                 break
-            except ValueError:
-                self.say(self._("The date must look like 2026-12-01."))
+            except BadDate as e:
+                self.say(str(e))
         # By day, direct flights first (or by price); p, d and m change the
         # order or show the next page.
         sort, offset = "departure", 0

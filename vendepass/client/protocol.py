@@ -12,12 +12,13 @@ code); a dropped connection fails every pending call with L{ConnectionLost}.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -59,6 +60,90 @@ class ConnectionLost(Exception):
     """
 
 
+class CertificateRefused(Exception):
+    """
+    The server's TLS certificate is not trusted: retrying cannot help.
+
+    @ivar issuer: who signed the server's certificate (C{"CN=Some CA"}), or C{None}.
+    """
+
+    def __init__(self, issuer: str | None) -> None:
+        super().__init__(f"the server's certificate is not trusted (issuer {issuer or 'unknown'})")
+        self.issuer = issuer
+
+
+class BadEndpoint(ValueError):
+    """
+    An endpoint string the client cannot use.
+
+    @ivar endpoint: the string as given.
+    @ivar trust_roots: the C{trustRoots=} path, when that is what is wrong.
+    """
+
+    def __init__(self, endpoint: str, reason: str, trust_roots: str | None = None) -> None:
+        super().__init__(f"{endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+        self.trust_roots = trust_roots
+
+
+# host:port (a name or an IPv4 address), shorthand for tcp:host=HOST:port=PORT.
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9.-]+):(?P<port>[0-9]+)")
+_TRUST_ROOTS = re.compile(r"(?:^|:)trustRoots=((?:[^:\\]|\\.)*)")
+_ENDPOINT_TYPES = {"tcp", "tcp6", "tls", "ssl", "unix"}
+
+
+def endpoint_string(text: str) -> str:
+    """
+    C{text} as a Twisted client endpoint string: C{host:port} becomes
+    C{tcp:host=host:port=port}; anything else is kept.
+    """
+    short = _HOST_PORT.fullmatch(text.strip())
+    if short and short["host"].lower() not in _ENDPOINT_TYPES:
+        return f"tcp:host={short['host']}:port={short['port']}"
+    return text
+
+
+def client_endpoint(reactor: IReactorCore, text: str) -> IStreamClientEndpoint:
+    """
+    The client endpoint C{text} names (see L{endpoint_string}).
+
+    @raise BadEndpoint: C{text} names none.
+    """
+    try:
+        return clientFromString(reactor, endpoint_string(text))
+    except OSError as e:  # twisted.python.filepath.UnlistableError: trustRoots= is no directory
+        roots = _TRUST_ROOTS.search(text)
+        raise BadEndpoint(text, str(e) or "not a directory", roots.group(1) if roots else None) from e
+    except (ValueError, TypeError, KeyError) as e:
+        raise BadEndpoint(text, str(e)) from e
+
+
+def _untrusted_issuer(transport: Any) -> str | None:
+    """
+    Who signed the certificate a TLS transport refused.
+    """
+    try:
+        chain = transport.getHandle().get_peer_cert_chain()
+        return str(chain[0].to_cryptography().issuer.rfc4514_string()) if chain else None
+    except Exception:
+        return None
+
+
+def _certificate_refused(reason: Failure, transport: Any) -> CertificateRefused | None:
+    """
+    The L{CertificateRefused} a lost connection means, if its reason is a
+    certificate that failed verification.
+    """
+    try:
+        from OpenSSL.SSL import Error as TLSError
+    except ImportError:  # pragma: no cover: no TLS support installed
+        return None
+    if reason.check(TLSError) and "certificate verify failed" in str(reason.value):
+        return CertificateRefused(_untrusted_issuer(transport))
+    return None
+
+
 class VendePassClientProtocol(LineReceiver):
     """
     A connection to a VendePass server. Requests may be pipelined: each call
@@ -95,7 +180,11 @@ class VendePassClientProtocol(LineReceiver):
         return d
 
     def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
-        self._lost = Failure(ConnectionLost(f"The connection to the server was lost: {reason.getErrorMessage()}"))
+        refused = _certificate_refused(reason, self.transport)
+        if refused is not None:
+            self._lost = Failure(refused)
+        else:
+            self._lost = Failure(ConnectionLost(f"The connection to the server was lost: {reason.getErrorMessage()}"))
         pending, self._pending = self._pending, {}
         waiters, self._welcome_waiters = self._welcome_waiters, []
         for d in [*pending.values(), *waiters]:
@@ -262,9 +351,13 @@ async def connect(
     reactor: IReactorCore, endpoint: str = DEFAULT_ENDPOINT, on_event: EventCallback | None = None
 ) -> VendePassClientProtocol:
     """
-    Connect to a server with a client endpoint string and wait for its welcome.
+    Connect to a server with a client endpoint string (or C{host:port}) and
+    wait for its welcome.
+
+    @raise BadEndpoint: C{endpoint} is not a usable endpoint string.
+    @raise CertificateRefused: the server's TLS certificate is not trusted.
     """
     protocol = VendePassClientProtocol(on_event)
-    await connectProtocol(clientFromString(reactor, endpoint), protocol)
+    await connectProtocol(client_endpoint(reactor, endpoint), protocol)
     await protocol.when_welcomed()
     return protocol

@@ -12,16 +12,18 @@ import unicodedata
 from datetime import datetime
 from typing import Any, Sequence
 
+from vendepass.client.dates import format_date
 from vendepass.client.i18n import Texts
 from vendepass.client.protocol import ServerError
 
 FREE, HELD, SOLD, MINE = ".", "o", "x", "*"
 
 
-def when(iso: str, local: bool = False) -> str:
+def when(iso: str, local: bool = False, language: str = "en") -> str:
     """
-    C{2026-12-01T07:30:00-03:00} as C{2026-12-01 07:30}: the time where it
-    was given (a flight's airport), or with C{local} in this computer's time zone.
+    C{2026-12-01T07:30:00-03:00} as C{2026-12-01 07:30} (C{01/12/2026 07:30}
+    in C{pt_BR}): the time where it was given (a flight's airport), or with
+    C{local} in this computer's time zone.
     """
     try:
         moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
@@ -29,7 +31,7 @@ def when(iso: str, local: bool = False) -> str:
         return iso
     if local:
         moment = moment.astimezone()
-    return moment.strftime("%Y-%m-%d %H:%M")
+    return f"{format_date(moment.date(), language)} {moment:%H:%M}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
@@ -61,8 +63,8 @@ def itineraries(texts: Texts, found: Sequence[dict[str, Any]], first: int = 1) -
     rows = [
         [
             str(number),
-            when(i["departure"]),
-            when(i["arrival"]),
+            when(i["departure"], language=texts.language),
+            when(i["arrival"], language=texts.language),
             route(i["legs"]),
             ", ".join(leg["number"] for leg in i["legs"]),
             str(i["free_seats"]),
@@ -130,7 +132,7 @@ def cabin(texts: Texts, seatmap: dict[str, Any], fit: os.terminal_size | None = 
             number=flight["number"],
             origin=flight["origin"],
             destination=flight["destination"],
-            departure=when(flight["departure"]),
+            departure=when(flight["departure"], language=texts.language),
         ),
         "     " + row_text(list(letters)),
     ]
@@ -183,8 +185,8 @@ def ticket(texts: Texts, value: dict[str, Any]) -> str:
                 number=leg["number"],
                 origin=leg["origin"],
                 destination=leg["destination"],
-                departure=when(leg["departure"]),
-                arrival=when(leg["arrival"]),
+                departure=when(leg["departure"], language=texts.language),
+                arrival=when(leg["arrival"], language=texts.language),
                 seat=leg["seat"],
             )
         )
@@ -199,7 +201,7 @@ def tickets(texts: Texts, values: Sequence[dict[str, Any]]) -> str:
             t["ticket_id"],
             texts("active") if t["status"] == "active" else texts("cancelled"),
             route(t["legs"]),
-            when(t["legs"][0]["departure"]),
+            when(t["legs"][0]["departure"], language=texts.language),
             ", ".join(leg["seat"] for leg in t["legs"]),
             texts.money(t["price"]),
         ]
@@ -246,7 +248,7 @@ def error(texts: Texts, failure: ServerError) -> str:
             return texts(
                 "Seat {seat} is being bought by someone else (held until {until}).",
                 seat=d.get("seat", "?"),
-                until=when(d["held_until"], local=True),
+                until=when(d["held_until"], local=True, language=texts.language),
             )
         return texts("Seat {seat} is already taken.", seat=d.get("seat", "?"))
     if failure.code == "invalid_request":
