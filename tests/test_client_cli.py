@@ -509,7 +509,7 @@ class SalesWindowTests(CLITestCase):
         run = await self.cli("routes", "SSA", "MAO", "--date", "2026-11-30", lang="pt_BR")
         self.assertEqual(run.code, 0, run)
         self.assertEqual(
-            run.out, "Nenhum voo em 2026-11-30: as passagens estão à venda de 2026-12-01 a 2026-12-31.\n"
+            run.out, "Nenhum voo em 30/11/2026: as passagens estão à venda de 01/12/2026 a 31/12/2026.\n"
         )
 
     async def test_inside_the_window(self) -> None:

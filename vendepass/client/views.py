@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import unicodedata
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Sequence
 
 from vendepass.client.dates import format_date
@@ -91,7 +91,9 @@ def outside_window(texts: Texts, day: str | None, window: dict[str, str] | None)
     """
     if day is None or not window or window["first"] <= day <= window["last"]:
         return None
-    return texts("No flights on {day}: flights are sold from {first} to {last}.", day=day, **window)
+    shown = {name: format_date(date.fromisoformat(value), texts.language)
+             for name, value in [("day", day), ("first", window["first"]), ("last", window["last"])]}
+    return texts("No flights on {day}: flights are sold from {first} to {last}.", **shown)
 
 
 def network(texts: Texts, data: dict[str, Any]) -> str:
