@@ -960,13 +960,15 @@ class NoTerminalTests(TestCase):
     closed, against the installed C{twistd vendepass}.
     """
 
-    def run_client(self, *argv: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run_client(
+        self, *argv: str, environ: dict[str, str] | None = None, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         script = Path(sys.executable).parent / "vendepass-client"
         base = {k: v for k, v in os.environ.items() if not k.startswith("VENDEPASS_")}
         return subprocess.run(
             [str(script), "--lang", "en", *argv],
             env={**base, **(environ or {})},
-            stdin=subprocess.DEVNULL,
+            **({"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}),  # type: ignore[arg-type]
             capture_output=True,
             text=True,
             timeout=DEADLINE,
@@ -990,6 +992,10 @@ class NoTerminalTests(TestCase):
                 )
         done = self.run_client("--connect", endpoint, "--user", "maria", "tickets", environ={"VENDEPASS_PASSWORD": "maria123"})
         self.assertEqual((done.returncode, done.stderr), (0, ""), done)
+        # Piped on standard input, as getpass would read it without a terminal.
+        done = self.run_client("--connect", endpoint, "--user", "maria", "--json", "tickets", stdin="maria123\n")
+        self.assertEqual((done.returncode, done.stderr), (0, ""), done)
+        self.assertIn("tickets", json.loads(done.stdout))
 
     def test_bad_endpoint(self) -> None:
         done = self.run_client("--connect", "bogus:xyz", "routes")

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.trial.unittest import TestCase
 
 from tests.common import ALICE, make_service
+from tests.test_client_app import Screen
 from vendepass.client import cli
 from vendepass.client.protocol import CertificateRefused, connect
 from vendepass.client.reconnecting import ReconnectingClient
@@ -184,6 +185,38 @@ class TLSTests(TestCase):
                 )
             else:
                 self.assertEqual(out.getvalue(), "")
+
+
+    async def test_certificate_for_another_name_refused(self) -> None:
+        """
+        A trusted certificate issued to another name (here: localhost, asked
+        for as 127.0.0.1) is refused at the first attempt too, saying so.
+        """
+        await self.asyncSetUp()
+        endpoint = f"tls:host=127.0.0.1:port={self.number}:trustRoots={self.trusted}"
+        runs = [("en", "the server's certificate is not valid for 127.0.0.1."),
+                ("pt_BR", "o certificado do servidor não vale para 127.0.0.1.")]
+        for attempt, (lang, sentence) in enumerate(runs, 1):
+            err = StringIO()
+            code = await cli.main(
+                reactor,  # type: ignore[arg-type]
+                ["--connect", endpoint, "--lang", lang, "routes"], out=StringIO(), err=err, environ={},
+            )
+            self.assertEqual(code, 3, err.getvalue())
+            self.assertEqual(self.factory.accepted, attempt, "one connection per run: no retry")
+            [line] = err.getvalue().splitlines()
+            self.assertTrue(line.endswith(sentence), line)
+
+    async def test_interactive_app_says_why(self) -> None:
+        """
+        The interactive app says in plain words why it refused the server.
+        """
+        await self.asyncSetUp()
+        screen = Screen("untrusted", f"tls:host=localhost:port={self.number}:trustRoots={self.stranger}", False)
+        self.assertEqual(await screen.end(), 3)
+        said = screen.since()
+        self.assertIn("the server's certificate is not trusted (issuer CN=VendePass Test CA).", said)
+        self.assertEqual(self.factory.accepted, 1)
 
 
 class Silent:

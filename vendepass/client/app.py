@@ -25,7 +25,7 @@ from zope.interface import implementer
 from vendepass.client import views
 from vendepass.client.dates import BadDate, parse_date, server_today
 from vendepass.client.i18n import Texts
-from vendepass.client.protocol import ServerError
+from vendepass.client.protocol import CertificateRefused, ServerError
 from vendepass.client.reconnecting import RETRYABLE, ReconnectingClient
 
 YES = {"y", "yes", "s", "sim"}
@@ -331,6 +331,9 @@ class App:
         try:
             self.client = ReconnectingClient(self.reactor, endpoint, self.event)
             await self.client.ping()
+        except CertificateRefused as e:
+            self.say(views.certificate_refused(self._, endpoint, e))
+            return 3
         except Exception as e:
             self.say(self._("Cannot reach the server at {endpoint}: {reason}", endpoint=endpoint, reason=e))
             return 3

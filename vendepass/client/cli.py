@@ -144,7 +144,12 @@ def _password(environ: Mapping[str, str], prompt: Callable[[str], str], texts: T
     if password is None:
         try:
             if prompt is getpass.getpass and not _terminal():
-                raise EOFError("no terminal")
+                # No terminal: a password piped on standard input, as
+                # getpass would read it, without its warning.
+                line = sys.stdin.readline() if sys.stdin is not None else ""
+                if not line:
+                    raise EOFError("no terminal")
+                return line.rstrip("\r\n")
             password = prompt(texts("Password: "))
         except EOFError:
             raise UsageProblem(
@@ -335,10 +340,7 @@ async def main(
         client = ReconnectingClient(reactor, endpoint)
         now = (await client.ping())["time"]
     except CertificateRefused as e:
-        return fail("certificate_untrusted", texts(
-            "Cannot connect to {endpoint}: the server's certificate is not trusted (issuer {issuer}).",
-            endpoint=args.connect, issuer=e.issuer or texts("unknown"),
-        ), UNREACHABLE)
+        return fail("certificate_untrusted", views.certificate_refused(texts, args.connect, e), UNREACHABLE)
     except CONNECT_ERRORS as e:
         return fail("unreachable", texts(
             "Cannot reach the server at {endpoint}: {reason}", endpoint=args.connect, reason=e

@@ -65,11 +65,17 @@ class CertificateRefused(Exception):
     The server's TLS certificate is not trusted: retrying cannot help.
 
     @ivar issuer: who signed the server's certificate (C{"CN=Some CA"}), or C{None}.
+    @ivar wrong_name: the name that was asked for, when the certificate is
+        trusted but names another server; else C{None}.
     """
 
-    def __init__(self, issuer: str | None) -> None:
-        super().__init__(f"the server's certificate is not trusted (issuer {issuer or 'unknown'})")
+    def __init__(self, issuer: str | None, wrong_name: str | None = None) -> None:
+        if wrong_name is None:
+            super().__init__(f"the server's certificate is not trusted (issuer {issuer or 'unknown'})")
+        else:
+            super().__init__(f"the server's certificate is not valid for {wrong_name}")
         self.issuer = issuer
+        self.wrong_name = wrong_name
 
 
 class BadEndpoint(ValueError):
@@ -141,6 +147,13 @@ def _certificate_refused(reason: Failure, transport: Any) -> CertificateRefused 
         return None
     if reason.check(TLSError) and "certificate verify failed" in str(reason.value):
         return CertificateRefused(_untrusted_issuer(transport))
+    from service_identity import VerificationError
+
+    if isinstance(reason.value, VerificationError):
+        # Trusted, but issued to another name than the one connected to.
+        wanted = [str(getattr(error.mismatched_id, "hostname", None) or getattr(error.mismatched_id, "ip", ""))
+                  for error in reason.value.errors]
+        return CertificateRefused(_untrusted_issuer(transport), ", ".join(wanted) or "this server")
     return None
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from vendepass.client.dates import format_date
 from vendepass.client.i18n import Texts
-from vendepass.client.protocol import ServerError
+from vendepass.client.protocol import CertificateRefused, ServerError
 
 FREE, HELD, SOLD, MINE = ".", "o", "x", "*"
 
@@ -94,6 +94,21 @@ def outside_window(texts: Texts, day: str | None, window: dict[str, str] | None)
     shown = {name: format_date(date.fromisoformat(value), texts.language)
              for name, value in [("day", day), ("first", window["first"]), ("last", window["last"])]}
     return texts("No flights on {day}: flights are sold from {first} to {last}.", **shown)
+
+
+def certificate_refused(texts: Texts, endpoint: str, refused: CertificateRefused) -> str:
+    """
+    Why a server's certificate was refused, in plain words.
+    """
+    if refused.wrong_name is not None:
+        return texts(
+            "Cannot connect to {endpoint}: the server's certificate is not valid for {name}.",
+            endpoint=endpoint, name=refused.wrong_name,
+        )
+    return texts(
+        "Cannot connect to {endpoint}: the server's certificate is not trusted (issuer {issuer}).",
+        endpoint=endpoint, issuer=refused.issuer or texts("unknown"),
+    )
 
 
 def network(texts: Texts, data: dict[str, Any]) -> str:
