@@ -514,7 +514,8 @@ class VendePassProtocol(LineReceiver):
     async def _register(self, data: dict[str, Any]) -> dict[str, Any]:
         username = _field(data, "username", str)
         password = _field(data, "password", str)
-        return {"username": await self.service.register(username, password)}
+        assert self.session is not None
+        return {"username": await self.service.register(username, password, self.session.peer)}
 
     async def _logout(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None

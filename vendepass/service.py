@@ -32,6 +32,7 @@ from vendepass.errors import (
     SessionClosed,
     StorageUnavailable,
     UnknownAirport,
+    UsernameTaken,
 )
 from vendepass.fixtures import USERNAME
 from vendepass.model import Airport, Flight, Hold, Itinerary, Network, SeatMap, Ticket
@@ -39,7 +40,7 @@ from vendepass.passwords import ScryptHasher
 from vendepass.schedule import Schedule
 from vendepass.store import IExecutor, IStore, LegRequest
 from vendepass.store.common import check_seat
-from vendepass.throttle import LoginThrottle
+from vendepass.throttle import LoginThrottle, RegistrationThrottle
 
 T = TypeVar("T")
 
@@ -153,12 +154,15 @@ class ReservationService(Service):
         sales_window_days: int = DEFAULT_SALES_WINDOW_DAYS,
         max_legs: int = MAX_LEGS,
         throttle: LoginThrottle | None = None,
+        registrations: RegistrationThrottle | None = None,
     ) -> None:
         """
         @param cpu: where password hashing runs (never the reactor thread).
         @param throttle: slows down repeated failed logins.
+        @param registrations: limits registrations per address.
         """
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
+        self.registrations = registrations if registrations is not None else RegistrationThrottle(clock)
         # Log every hold and sale (at thousands a second, the log would cost
         # more than the sales; the audit table records each of them anyway).
         self.log_sales = False
@@ -279,7 +283,13 @@ class ReservationService(Service):
 
     # -- accounts -----------------------------------------------------------
 
-    def register(self, username: str, password: str) -> Deferred[str]:
+    def register(self, username: str, password: str, peer: str = "") -> Deferred[str]:
+        """
+        @param peer: the address asking: at most so many registrations per
+            address and hour, a taken name counting like a new account (so
+            finding out which names are taken is as slow as registering).
+        """
+
         async def register() -> str:
             if not USERNAME.fullmatch(username):
                 raise InvalidRequest(
@@ -287,6 +297,17 @@ class ReservationService(Service):
                 )
             if not 8 <= len(password) <= 256:
                 raise InvalidRequest("A password has 8 to 256 characters.", field="password")
+            wait = self.registrations.retry_after(peer)
+            if wait > 0:
+                raise RateLimited(
+                    f"Too many registrations from your address; try again in {math.ceil(wait)} seconds.",
+                    retry_after=math.ceil(wait),
+                )
+            self.registrations.attempted(peer)
+            # A taken name is refused before any hashing: it costs the
+            # server nothing, and says no more than the answer itself.
+            if await self.store.password_hash(username) is not None:
+                raise UsernameTaken(f"The username {username!r} is already taken.")
             hashed = await self._cpu.submit(lambda: self._hasher.hash(password))
             await self.store.add_user(username, hashed)
             self._log.info("registered {username}", username=username)
@@ -296,24 +317,28 @@ class ReservationService(Service):
 
     def login(self, session: Session, username: str, password: str) -> Deferred[str]:
         async def login() -> str:
-            wait = self.throttle.retry_after(username, session.peer)
+            # A username that breaks the rule cannot exist: only the
+            # address's failures count for it, and it is never stored.
+            known = username if USERNAME.fullmatch(username) else None
+            wait = self.throttle.retry_after(known, session.peer)
             if wait > 0:
                 raise RateLimited(
                     f"Too many failed logins; try again in {math.ceil(wait)} seconds.", retry_after=math.ceil(wait)
                 )
-            stored = await self.store.password_hash(username) if USERNAME.fullmatch(username) else None
+            stored = await self.store.password_hash(known) if known is not None else None
             # Verify even for an unknown user, so both take the same time.
             ok = await self._cpu.submit(lambda: self._hasher.verify(password, stored))
             if not ok:
-                self.throttle.failed(username, session.peer)
+                self.throttle.failed(known, session.peer)
                 self._log.info("failed login for {username} from {peer}", username=username[:64], peer=session.peer)
                 raise BadCredentials()
-            self.throttle.succeeded(username, session.peer)
-            if session.username != username:
+            assert known is not None
+            self.throttle.succeeded(known, session.peer)
+            if session.username != known:
                 if session.username is not None:
                     await self._release_all(session)
-                session.username = username
-            return username
+                session.username = known
+            return known
 
         return _run(login())
 

@@ -1,0 +1,299 @@
+"""
+Login and registration throttling against hostile customers: a guesser
+cannot lock the owner out, the throttle's memory stays bounded whatever
+usernames are sent, and registering (which tells taken names) is limited
+per address. Time is a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from typing import Any
+
+from attrs import field, frozen
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.common import ALICE, FAST_HASHER, START, LineClient, make_service
+from vendepass.passwords import ScryptHasher
+from vendepass.service import ReservationService
+from vendepass.throttle import LoginThrottle
+
+
+def at(service: ReservationService, address: str) -> LineClient:
+    """
+    A connection from C{address}.
+    """
+    client = LineClient(service)
+    assert client.protocol.session is not None
+    client.protocol.session.peer = address
+    return client
+
+
+def login(client: LineClient, username: str, password: str) -> dict[str, Any]:
+    return client.request(1, {"username": username, "password": password})
+
+
+def outcome(reply: dict[str, Any]) -> str:
+    return "ok" if reply["ok"] else str(reply["error"]["code"])
+
+
+class LockoutTests(SynchronousTestCase):
+    """
+    Failures are the guesser's: the username-wide brake applies only to the
+    addresses that failed for that username.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.service = make_service(clock=self.clock)
+
+    def test_distributed_guesses_do_not_lock_out_the_owner(self) -> None:
+        """
+        Five wrong passwords for alice from five addresses; the right one
+        from a sixth gets in at once.
+        """
+        for i in range(5):
+            self.assertEqual(outcome(login(at(self.service, f"203.0.113.{i}"), "alice", "wrong")), "bad_credentials")
+        self.assertEqual(outcome(login(at(self.service, "198.51.100.1"), *ALICE)), "ok")
+
+    def test_the_brake_holds_the_failing_addresses(self) -> None:
+        """
+        The username-wide count still brakes the addresses that failed for
+        the username, even one that failed only once: guessing spread over
+        many addresses gets one guess per new address while it holds.
+        """
+        guessers = [at(self.service, f"203.0.113.{i}") for i in range(6)]
+        for guesser in guessers[:5]:
+            login(guesser, "alice", "wrong")
+        limited = login(guessers[0], *ALICE)["error"]
+        self.assertEqual((limited["code"], limited["retry_after"]), ("rate_limited", 1))
+        # A new address gets its one guess, and the brake grows.
+        self.assertEqual(outcome(login(guessers[5], "alice", "wrong")), "bad_credentials")
+        self.assertEqual(login(guessers[5], "alice", "wrong")["error"]["retry_after"], 2)
+        self.clock.advance(2)
+        self.assertEqual(outcome(login(guessers[0], *ALICE)), "ok")
+
+    def test_owner_is_never_locked_out(self) -> None:
+        """
+        The attack that kept the owner out: one wrong guess from a fresh
+        address each time the block ends, for 97 seconds, while the owner
+        logs in every 2 seconds from home. Every one of the owner's logins
+        succeeds.
+        """
+        owner = at(self.service, "198.51.100.1")
+        fresh = 0
+        owner_ok = owner_tries = 0
+        for tick in range(97 * 4):
+            guesser = at(self.service, f"10.{fresh // 256}.{fresh % 256}.1")
+            reply = login(guesser, "alice", "wrong")
+            if outcome(reply) == "bad_credentials":
+                fresh += 1
+            if tick % 8 == 0:
+                owner_tries += 1
+                owner_ok += outcome(login(owner, *ALICE)) == "ok"
+            self.clock.advance(0.25)
+        self.assertGreater(fresh, 5)
+        self.assertEqual((owner_ok, owner_tries), (49, 49))
+
+    def test_owner_who_mistypes_under_attack(self) -> None:
+        """
+        An address that has logged into the username is trusted: a typo
+        there while the username is attacked does not bring its brake on.
+        """
+        owner = at(self.service, "198.51.100.1")
+        owner.login(ALICE)
+        owner.ok(9)
+        for i in range(8):
+            login(at(self.service, f"203.0.113.{i}"), "alice", "wrong")
+        self.assertEqual(outcome(login(owner, "alice", "typo")), "bad_credentials")
+        self.assertEqual(outcome(login(owner, *ALICE)), "ok")
+
+    def evaluated(self, addresses: int, usernames: int, seconds: float = 900) -> int:
+        """
+        How many wrong passwords are evaluated (not refused as
+        C{rate_limited}) in C{seconds} when C{addresses} guess
+        C{usernames} in turn, each retrying exactly when allowed.
+        """
+        self.setUp()
+        guessers = [at(self.service, f"203.0.113.{i}") for i in range(addresses)]
+        # When each may try next, and when it last tried (the longest
+        # waiting goes first among those ready).
+        ready = [0.0] * addresses
+        used = [-1] * addresses
+        count = 0
+        turn = 0
+        while True:
+            i = min(range(addresses), key=lambda a: (ready[a], used[a]))
+            if ready[i] >= seconds:
+                return count
+            self.clock.advance(max(0.0, START + ready[i] - self.clock.seconds()))
+            reply = login(guessers[i], f"user_{turn % usernames}", "wrong")
+            used[i] = turn
+            turn += 1
+            if reply["ok"]:
+                raise AssertionError(reply)
+            if reply["error"]["code"] == "bad_credentials":
+                count += 1
+            else:
+                ready[i] = self.clock.seconds() - START + reply["error"]["retry_after"]
+
+    def test_one_address_gets_no_more_guesses(self) -> None:
+        """
+        One address guessing one username gets exactly the guesses it got
+        before the username-wide brake changed: 5 free, then waits of 1, 2,
+        4, ... 256 seconds, then 300: 15 in 15 minutes.
+        """
+        self.assertEqual(self.evaluated(addresses=1, usernames=1), 15)
+
+    def test_one_address_many_usernames(self) -> None:
+        """
+        Spreading over usernames does not help one address either.
+        """
+        self.assertEqual(self.evaluated(addresses=1, usernames=50), 15)
+
+    def test_many_addresses_one_username(self) -> None:
+        """
+        Many addresses on one username: each new address gets its one guess
+        past the username's brake, then waits for the brake like the others.
+        Ten get 15 in 15 minutes, as one does; 30 get their 30 first
+        guesses, then the brake (at its ceiling of 5 minutes by then) lets
+        one through at 300 s and one at 600 s; 60 get 60 + 2.
+        """
+        counts = {n: self.evaluated(addresses=n, usernames=1) for n in (10, 30, 60)}
+        self.assertEqual(counts, {10: 15, 30: 32, 60: 62})
+
+
+@frozen
+class CountingHasher(ScryptHasher):
+    """
+    The real hasher, counting the passwords it hashes.
+    """
+
+    hashed: list[str] = field(factory=list)
+
+    def hash(self, password: str) -> str:
+        self.hashed.append(password)
+        return super().hash(password)
+
+
+class MemoryTests(SynchronousTestCase):
+    """
+    The throttle's tables are bounded in count and bytes whatever the
+    usernames sent.
+    """
+
+    def test_impossible_usernames_are_not_kept(self) -> None:
+        """
+        200 failed logins with 60,000-character usernames, from 200
+        addresses, through the protocol: they are answered like any other
+        failure, and keep under 1 MB (a username that breaks the rule is
+        never a key: only its address is counted).
+        """
+        clock = Clock()
+        clock.advance(START)
+        service = make_service(clock=clock)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            client = at(service, f"10.0.{i}.1")
+            self.assertEqual(outcome(login(client, "a" * 60_000 + str(i), "wrong")), "bad_credentials")
+            client.disconnect()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        self.assertLess(grown, 1_000_000)
+        self.assertEqual(len(service.throttle), 200)  # type: ignore[arg-type]
+
+    def test_bounded_count_and_bytes(self) -> None:
+        """
+        200,000 failures, each for another username from one of 1,000
+        addresses in 100 seconds: the table never holds more than its
+        maximum, and takes at most some 300 bytes a record (about 27 MB
+        for 100,000; under 40 MB asserted).
+        """
+        clock = Clock()
+        clock.advance(START)
+        throttle = LoginThrottle(clock)
+        from vendepass.throttle import MAX_ENTRIES
+
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        most = 0
+        for i in range(200_000):
+            throttle.failed(f"user_{i}", f"10.0.{i % 1000 // 250}.{i % 250}")
+            clock.advance(0.0005)
+            if i % 1000 == 0:
+                most = max(most, len(throttle))
+        grown = tracemalloc.get_traced_memory()[0] - before
+        self.assertLessEqual(max(most, len(throttle)), MAX_ENTRIES)
+        self.assertEqual(len(throttle), MAX_ENTRIES)
+        self.assertLess(grown, 40_000_000)
+        self.assertLess(grown / MAX_ENTRIES, 400)
+
+    def test_forgotten_by_age(self) -> None:
+        """
+        Records are swept as they age, not only when the table is full:
+        after 15 minutes without failures, one more failure leaves only
+        its own records.
+        """
+        clock = Clock()
+        clock.advance(START)
+        throttle = LoginThrottle(clock)
+        for i in range(5000):
+            throttle.failed(f"user_{i}", f"10.0.{i // 250}.{i % 250}")
+        self.assertEqual(len(throttle), 3 * 5000)
+        clock.advance(901)
+        throttle.failed("bob", "10.9.9.9")
+        self.assertEqual(len(throttle), 3)
+
+
+class RegistrationLimitTests(SynchronousTestCase):
+    """
+    Registering answers C{username_taken}, so it tells which names exist:
+    registrations are limited per address, taken names counting like new
+    accounts, and a taken name is refused before any password is hashed.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.service = make_service(clock=self.clock)
+
+    def register(self, client: LineClient, username: str) -> dict[str, Any]:
+        return client.request(10, {"username": username, "password": "a-good-password"})
+
+    def test_limited_per_address(self) -> None:
+        prober = at(self.service, "203.0.113.9")
+        answers = [outcome(self.register(prober, name)) for name in ["alice", "bob"] * 5 + [f"new_{i}" for i in range(10)]]
+        self.assertEqual(answers, ["username_taken"] * 10 + ["ok"] * 10)
+        limited = self.register(prober, "carol")["error"]
+        self.assertEqual((limited["code"], limited["retry_after"]), ("rate_limited", 3600))
+        self.assertEqual(outcome(self.register(prober, "alice")), "rate_limited")
+        # Another address is not limited; this one is again after the hour.
+        self.assertEqual(outcome(self.register(at(self.service, "198.51.100.1"), "carol")), "ok")
+        self.clock.advance(3600)
+        self.assertEqual(outcome(self.register(prober, "dave")), "ok")
+
+    def test_malformed_requests_do_not_count(self) -> None:
+        """
+        A refusal for the request's form tells nothing and costs nothing:
+        it does not use up the address's registrations.
+        """
+        prober = at(self.service, "203.0.113.9")
+        for _ in range(30):
+            self.assertEqual(outcome(self.register(prober, "No Such Name")), "invalid_request")
+        self.assertEqual(outcome(self.register(prober, "carol")), "ok")
+
+    def test_taken_name_costs_no_hash(self) -> None:
+        hasher = CountingHasher(n=FAST_HASHER.n, r=FAST_HASHER.r, p=FAST_HASHER.p)
+        self.service._hasher = hasher
+        client = at(self.service, "203.0.113.9")
+        self.assertEqual(outcome(self.register(client, "alice")), "username_taken")
+        self.assertEqual(hasher.hashed, [])
+        self.assertEqual(outcome(self.register(client, "carol")), "ok")
+        self.assertEqual(hasher.hashed, ["a-good-password"])
