@@ -22,6 +22,7 @@ from vendepass.errors import FixturesError
 from vendepass.fixtures import BUNDLED, Fixtures, load
 from vendepass.service import DEFAULT_HOLD_SECONDS, DEFAULT_SALES_WINDOW_DAYS
 from vendepass.store import IStore
+from vendepass.throttle import DEFAULT_REGISTRATIONS_PER_HOUR, RegistrationThrottle
 
 DEFAULT_LISTEN = "tcp:65432"
 # A burst of thousands of customers connecting at once must not overflow the
@@ -81,6 +82,10 @@ class Options(usage.Options):
         ["max-connections-per-ip", None, 50, "How many connections one address may have open at once.", int],
         ["max-held-seats", None, 9, "How many seats one customer may hold at once.", int],
         ["max-legs", None, 3, "How many flights one itinerary may have.", int],
+        [
+            "max-registrations-per-ip", None, DEFAULT_REGISTRATIONS_PER_HOUR,
+            "How many registrations (taken names included) one address may try per hour (0: no limit).", int,
+        ],
         [
             "backlog", None, DEFAULT_BACKLOG,
             "Listen backlog of tcp, tcp6 and ssl endpoints (also behind haproxy:) that do not set"
@@ -148,6 +153,8 @@ class Options(usage.Options):
             raise usage.UsageError("--max-held-seats must be between 1 and 1000")
         if not 1 <= self["max-legs"] <= 6:
             raise usage.UsageError("--max-legs must be between 1 and 6")
+        if self["max-registrations-per-ip"] < 0:
+            raise usage.UsageError("--max-registrations-per-ip must be 0 (no limit) or more")
         if not 1 <= self["db-connections"] <= 64:
             raise usage.UsageError("--db-connections must be between 1 and 64")
         from vendepass.store.postgres import is_postgres_url
@@ -352,6 +359,7 @@ def makeService(options: Options) -> IService:
         hold_seconds=options["hold-seconds"],
         sales_window_days=options["sales-window"],
         max_legs=options["max-legs"],
+        registrations=RegistrationThrottle(reactor, options["max-registrations-per-ip"]),  # type: ignore[arg-type]
     )
     service.log_sales = bool(options["log-requests"])
     top = MultiService()

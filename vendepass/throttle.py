@@ -74,7 +74,8 @@ class _Table:
     def touch(self, key: bytes, now: float, move: bool = True) -> _Record:
         """
         The live record for C{key} (a new one if none), marked as used now
-        (or, with C{move} false, left where it is: its age is its start).
+        (or, with C{move} false, left where it is: its age is its start);
+        then the table is swept.
         """
         record = self.get(key, now)
         if record is None:
@@ -96,9 +97,9 @@ class _Table:
         added, amortised.
         """
         records = self._records
-        while records:
-            if now - next(iter(records.values())).last <= self.max_age and len(records) <= self.max_entries:
-                break
+        while len(records) > self.max_entries:
+            records.popitem(last=False)
+        while records and now - next(iter(records.values())).last > self.max_age:
             records.popitem(last=False)
 
 
