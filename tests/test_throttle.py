@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from attrs import field, frozen
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
@@ -169,6 +171,50 @@ class LockoutTests(SynchronousTestCase):
         """
         counts = {n: self.evaluated(addresses=n, usernames=1) for n in (10, 30, 60)}
         self.assertEqual(counts, {10: 15, 30: 32, 60: 62})
+
+
+# One step of a throttle's life: who fails or succeeds, and how long until
+# the next step.
+STEPS = st.lists(
+    st.tuples(
+        st.booleans(),
+        st.sampled_from(["alice", "bob", "carol_9", None]),
+        st.integers(0, 7),
+        st.sampled_from([0.0, 0.5, 2.0, 40.0, 400.0]),
+    ),
+    max_size=120,
+)
+
+
+class ThrottlePropertyTests(SynchronousTestCase):
+    @given(STEPS, st.integers(1, 12))
+    @settings(max_examples=200)
+    def test_clean_address_and_bound(self, steps: list[tuple[bool, str | None, int, float]], most: int) -> None:
+        """
+        Whatever fails or succeeds from addresses 0 to 7, an address that
+        never failed (8) may try any username at once; an address that
+        never failed for a username waits no longer than its own address
+        record says; and the table never holds more than its maximum.
+        """
+        clock = Clock()
+        clock.advance(START)
+        throttle = LoginThrottle(clock, max_entries=most)
+        failed: set[tuple[str | None, str]] = set()
+        for fails, username, address, advance in steps:
+            peer = f"10.0.0.{address}"
+            if fails or username is None:
+                throttle.failed(username, peer)
+                failed.add((username, peer))
+            else:
+                throttle.succeeded(username, peer)
+            self.assertLessEqual(len(throttle), 2 * most)
+            for name in ["alice", "bob", "carol_9"]:
+                self.assertEqual(throttle.retry_after(name, "10.0.0.8"), 0)
+                for other in range(8):
+                    peer = f"10.0.0.{other}"
+                    if (name, peer) not in failed:
+                        self.assertEqual(throttle.retry_after(name, peer), throttle.retry_after(None, peer))
+            clock.advance(advance)
 
 
 @frozen
