@@ -136,7 +136,7 @@ class TooManyConnections(VendePassError):
 
 class RateLimited(VendePassError):
     code = "rate_limited"
-    default_message = "Too many failed attempts; wait before trying again."
+    default_message = "Too many attempts; wait before trying again."
 
 
 class StorageUnavailable(VendePassError):

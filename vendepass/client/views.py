@@ -254,7 +254,7 @@ def error(texts: Texts, failure: ServerError) -> str:
         "flight_departed": texts("That flight has already departed."),
         "internal_error": texts("The server had a problem; nothing was changed. Please try again."),
         "too_many_holds": texts("You are holding too many seats; buy or release some first."),
-        "rate_limited": texts("Too many failed attempts; wait {seconds} seconds and try again.",
+        "rate_limited": texts("Too many attempts; wait {seconds} seconds and try again.",
                               seconds=d.get("retry_after", "?")),
         "too_many_connections": texts("Too many connections from your computer; close some and try again."),
         "storage_unavailable": texts("The ticket database is busy or unavailable; nothing was changed. Please try again shortly."),
