@@ -8,8 +8,10 @@ over a real loopback connection.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import directlyProvides
 
 from tests.common import ALICE, BIG, BOB, START, TINY, LineClient, make_service
+from tests.test_tls import make_ca, make_server_certificate
 from vendepass.protocol import CLOSE_GRACE_SECONDS, VendePassFactory, VendePassProtocol
 from vendepass.tap import RESERVED_FILES, Options, connection_limit, fit_connection_limit
 
@@ -446,14 +451,22 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(answered, list(range(50)))
 
 
-def half_closing_client(port: int, packet: bytes) -> tuple[list[dict[str, Any]], bool]:
+def half_closing_client(port: int, packet: bytes, tls: bool = False) -> tuple[list[dict[str, Any]], bool]:
     """
-    (In a thread.) Connect, send C{packet}, half-close, and read until the
+    (In a thread.) Connect, send C{packet}, half-close (with C{tls}: the TCP
+    connection under TLS, without TLS's close alert), and read until the
     server closes: C{(messages, closed)}; every wait bounded.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+        sock = plain
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            sock = context.wrap_socket(plain, server_hostname="localhost")
         sock.sendall(packet)
-        sock.shutdown(socket.SHUT_WR)
+        with socket.socket(fileno=os.dup(sock.fileno())) as same:
+            same.shutdown(socket.SHUT_WR)
         received = b""
         for _ in range(1000):
             try:
@@ -464,6 +477,13 @@ def half_closing_client(port: int, packet: bytes) -> tuple[list[dict[str, Any]],
                 return [json.loads(m) for m in received.splitlines()], True
             received += chunk
     return [json.loads(m) for m in received.splitlines()], False
+
+
+PACKET = (
+    b'{"opcode": 1, "id": 1, "data": {"username": "alice", "password": "alice-password"}}\n'
+    + b'{"opcode": 3, "id": 2, "data": {"flights": ["%s"]}}\n' % TINY.encode()
+    + b'{"opcode": 0, "id": 3}'
+)
 
 
 class HalfCloseLoopbackTests(TestCase):
@@ -479,12 +499,34 @@ class HalfCloseLoopbackTests(TestCase):
         factory = VendePassFactory(service, reactor)  # type: ignore[arg-type]
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined, arg-type]
         self.addCleanup(port.stopListening)
-        packet = (
-            b'{"opcode": 1, "id": 1, "data": {"username": "alice", "password": "alice-password"}}\n'
-            + b'{"opcode": 3, "id": 2, "data": {"flights": ["%s"]}}\n' % TINY.encode()
-            + b'{"opcode": 0, "id": 3}'
-        )
-        messages, closed = await deferToThread(half_closing_client, port.getHost().port, packet)  # type: ignore[attr-defined]
+        messages, closed = await deferToThread(half_closing_client, port.getHost().port, PACKET)  # type: ignore[attr-defined]
         self.assertEqual(messages[0]["event"], "welcome")
         self.assertEqual([(m["id"], m["ok"]) for m in messages[1:]], [(1, True), (2, True), (3, True)])
         self.assertTrue(closed)
+
+    async def test_under_tls(self) -> None:
+        """
+        The same with TLS over the half-closed TCP connection: answered,
+        then closed at once (the factory's clock is a Clock never advanced:
+        no abort after the grace period closes it instead).
+        """
+        base = Path(self.mktemp()).resolve()
+        ca_key, ca = make_ca(base / "ca", "VendePass Test CA")
+        key_file, cert_file = make_server_certificate(base, ca_key, ca)
+        service = make_service()
+        self.addCleanup(service.stopService)
+        endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_file}:certKey={cert_file}")
+        factory = VendePassFactory(service, service.clock)
+        port = await endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        messages, closed = await deferToThread(half_closing_client, port.getHost().port, PACKET, True)  # type: ignore[attr-defined]
+        self.assertEqual(messages[0]["event"], "welcome")
+        self.assertEqual([(m["id"], m["ok"]) for m in messages[1:]], [(1, True), (2, True), (3, True)])
+        self.assertTrue(closed)
+        # The server's side is gone too (TLS would wait for the client's
+        # close alert, which never comes), within two seconds.
+        for _ in range(40):
+            if factory.open_connections == 0:
+                break
+            await deferLater(reactor, 0.05)  # type: ignore[arg-type]
+        self.assertEqual(factory.open_connections, 0)

@@ -2008,6 +2008,26 @@ class ProxyProtocolTests(ProtocolTestCase):
         self.assertEqual(refused["error"]["code"], "too_many_connections")
         self.assertTrue(third.transport.disconnecting)
 
+    def test_half_close_through_the_wrapper(self) -> None:
+        """
+        Twisted's PROXY-protocol wrapper passes a half-close on (by
+        adaptation) to the protocol inside: answered, then closed. A
+        protocol that does not take half-closes is not made to.
+        """
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from twisted.internet.protocol import Factory, Protocol
+
+        client = self.proxied(proxy_v2("203.0.113.7"))
+        answers = replies(client.feed(line({"id": 1, "opcode": 0}) + b'{"id": 2, "opcode": 0}'))
+        self.assertEqual([m["id"] for m in answers], [1])
+        half = IHalfCloseableProtocol(client.wrapper, None)
+        assert half is not None
+        half.readConnectionLost()
+        self.assertEqual([m["id"] for m in replies(client.messages())], [2])
+        self.assertTrue(client.transport.disconnecting)
+        other = HAProxyWrappingFactory(Factory.forProtocol(Protocol)).buildProtocol(HAPROXY)
+        self.assertIsNone(IHalfCloseableProtocol(other, None))
+
     def test_plain_listener_keeps_its_peer(self) -> None:
         """
         Without the wrapper nothing changes: the peer read at connection

@@ -28,6 +28,10 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -385,7 +389,18 @@ class VendePassProtocol(LineReceiver):
             self.lineReceived(last)
             return
         self._log.debug("{session} closed its side; closing", session=self.session)
+        if self._producing and self.transport is not None:
+            # Nothing more to produce; and a TLS layer sends its close alert
+            # only once no producer is registered.
+            self._producing = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
         self._close()
+        beneath = getattr(self.transport, "transport", None)
+        if ISSLTransport.providedBy(self.transport) and beneath is not None:
+            # A TCP half-close under TLS, without TLS's own close alert: the
+            # client will not answer ours, for which the TLS layer would
+            # wait. The connection beneath closes once all is sent.
+            beneath.loseConnection()
 
     def _learn_peer(self) -> None:
         """
@@ -716,6 +731,39 @@ OPCODES: dict[int, Opcode] = {
         Opcode(10, "register", False, VendePassProtocol._register),
     ]
 }
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloseThrough:
+    """
+    A TCP half-close, passed on through a wrapper (TLS, the PROXY protocol)
+    to the half-closeable protocol inside.
+    """
+
+    def __init__(self, inner: IHalfCloseableProtocol) -> None:
+        self._inner = inner
+
+    def readConnectionLost(self) -> None:
+        self._inner.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self._inner.writeConnectionLost()
+
+
+def _half_close_through(wrapper: ProtocolWrapper) -> _HalfCloseThrough | None:
+    """
+    Twisted's TCP transport asks its protocol for L{IHalfCloseableProtocol}
+    by adaptation; its TLS and PROXY-protocol wrappers do not provide it, so
+    a half-close would close the whole connection, answers unsent. Adapted
+    here, a wrapper passes it on, but only to a protocol (or a further
+    wrapper) that takes it: any other protocol is closed as before.
+    """
+    inner = IHalfCloseableProtocol(wrapper.wrappedProtocol, None)
+    return None if inner is None else _HalfCloseThrough(inner)
+
+
+registerAdapter(_half_close_through, TLSMemoryBIOProtocol, IHalfCloseableProtocol)
+registerAdapter(_half_close_through, HAProxyProtocolWrapper, IHalfCloseableProtocol)
 
 
 class VendePassFactory(Factory):
