@@ -530,3 +530,45 @@ class HalfCloseLoopbackTests(TestCase):
                 break
             await deferLater(reactor, 0.05)  # type: ignore[arg-type]
         self.assertEqual(factory.open_connections, 0)
+
+
+def crowd(port: int, count: int) -> tuple[list[str], list[bool]]:
+    """
+    (In a thread.) Open C{count} connections one after the other, reading
+    each one's first line; then ping on every one that was welcomed.
+    C{(first events or error codes, whether each welcomed one answered)}.
+    """
+    sockets: list[socket.socket] = []
+    firsts: list[str] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sockets.append(sock)
+            first = json.loads(sock.makefile("rb").readline())
+            firsts.append(first.get("event") or first["error"]["code"])
+        answered = []
+        for sock, first_seen in zip(sockets, firsts):
+            if first_seen != "welcome":
+                continue
+            sock.sendall(b'{"opcode": 0, "id": "p"}\n')
+            answered.append(json.loads(sock.makefile("rb").readline())["ok"])
+        return firsts, answered
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class GlobalConnectionLimitLoopbackTests(TestCase):
+    async def test_refused_past_the_limit(self) -> None:
+        """
+        Over real loopback connections, max 20: the 21st to 25th get
+        too_many_connections; the 20 are all still served.
+        """
+        service = make_service()
+        self.addCleanup(service.stopService)
+        factory = VendePassFactory(service, service.clock, max_connections=20)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined, arg-type]
+        self.addCleanup(port.stopListening)
+        firsts, answered = await deferToThread(crowd, port.getHost().port, 25)  # type: ignore[attr-defined]
+        self.assertEqual(firsts, ["welcome"] * 20 + ["too_many_connections"] * 5)
+        self.assertEqual(answered, [True] * 20)
