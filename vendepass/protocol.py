@@ -28,9 +28,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -529,7 +527,7 @@ class VendePassProtocol(LineReceiver):
         except UnicodeDecodeError:
             raise MalformedJSON("The line is not valid UTF-8.")
         except ValueError as e:
-            # Our own words: Python's name its internals (line and column,
+            # Our own words: Python's words name its internals (line and column,
             # "use sys.set_int_max_str_digits()").
             raise MalformedJSON(_json_error(e))
         except RecursionError:
@@ -753,8 +751,9 @@ class _HalfCloseThrough:
 def _half_close_through(wrapper: ProtocolWrapper) -> _HalfCloseThrough | None:
     """
     Twisted's TCP transport asks its protocol for L{IHalfCloseableProtocol}
-    by adaptation; its TLS and PROXY-protocol wrappers do not provide it, so
-    a half-close would close the whole connection, answers unsent. Adapted
+    by adaptation; its protocol wrappers (TLS, the PROXY protocol of
+    C{haproxy:} listeners: both L{ProtocolWrapper}s) do not provide it, so a
+    half-close would close the whole connection, answers unsent. Adapted
     here, a wrapper passes it on, but only to a protocol (or a further
     wrapper) that takes it: any other protocol is closed as before.
     """
@@ -762,8 +761,7 @@ def _half_close_through(wrapper: ProtocolWrapper) -> _HalfCloseThrough | None:
     return None if inner is None else _HalfCloseThrough(inner)
 
 
-registerAdapter(_half_close_through, TLSMemoryBIOProtocol, IHalfCloseableProtocol)
-registerAdapter(_half_close_through, HAProxyProtocolWrapper, IHalfCloseableProtocol)
+registerAdapter(_half_close_through, ProtocolWrapper, IHalfCloseableProtocol)
 
 
 class VendePassFactory(Factory):
@@ -813,10 +811,7 @@ class VendePassFactory(Factory):
         protocol.factory = self
         protocol.log_requests = self.log_requests
         if self.open_connections >= self.max_connections:
-            self._log.warn(
-                "refused a connection from {host}: {count} connections open, the most allowed",
-                host=host, count=self.open_connections,
-            )
+            self._log.info("refused a connection from {host}: the server has too many", host=host)
             protocol.refusal = TooManyConnections(
                 "The server has as many connections as it may have; try again later."
             )
@@ -829,6 +824,11 @@ class VendePassFactory(Factory):
             self.open_per_address[host] = self.open_per_address.get(host, 0) + 1
             self.open_connections += 1
             protocol._counted_host = host
+            if self.open_connections == self.max_connections:
+                self._log.warn(
+                    "{count} connections open, the most allowed (--max-connections): refusing new ones",
+                    count=self.open_connections,
+                )
         return protocol
 
     def disconnected(self, host: str) -> None:
