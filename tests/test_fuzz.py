@@ -458,6 +458,94 @@ class ChunkingTests(FuzzTestCase):
             conversation.stop()
 
 
+# -- hostile input: the errors stay ours, small and documented (issue 16 item 5) -----
+
+# What of Python must never reach a customer: its exception messages, their
+# advice ("use sys.set_int_max_str_digits()"), json's positions, class names.
+PYTHON_INTERNALS = re.compile(
+    r"sys\.|Traceback|int_max_str_digits|Exceeds the limit|[A-Za-z]+(Error|Exception)\b"
+    r"|line \d+ column \d+|\(char \d+\)|File \"|object at 0x|<class "
+)
+# What the error object of any reply may weigh (the id is the client's own):
+# 64 characters echoed in the message and in a field, each at worst an
+# escape of some 11 bytes in the message ("\\U000e0001") and 6 in the field.
+HOSTILE_ERROR_BYTES = 1500
+
+digits = st.integers(1, 9).map(str)
+huge_integers = st.builds(
+    lambda sign, first, n: sign + first + "7" * n, st.sampled_from(["", "-"]), digits, st.integers(4290, 20_000)
+)
+hostile_values = st.one_of(
+    huge_integers,
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e99999", "1" + "0" * 5000 + ".5", "-0", "1E-99999"]),
+    # Deep nesting, closed or not.
+    st.builds(lambda n, closed: "[" * n + ("]" * n if closed else ""), st.integers(500, 20_000), st.booleans()),
+    st.builds(lambda n: '{"a":' * n + "1" + "}" * n, st.integers(500, 10_000)),
+    # Long text of every kind, and lone surrogates.
+    st.builds(lambda c, n: json.dumps(c * n), st.sampled_from(["V", "\u2708", "\\", '"', "\n", "\x00"]), st.integers(60, 20_000)),
+    st.sampled_from(['"\\ud800"', '"\\udfff\\ud800"', '"\\u00"', '"\\x41"', '"abc', "tru", "nul", "01", "1.", ".5", "+1"]),
+    # Lists of long flight ids, seats.
+    st.builds(lambda n, k: json.dumps(["F" * n] * k), st.integers(60, 5000), st.integers(1, 3)),
+)
+invalid_utf8 = st.sampled_from([b"\xff", b"\xfe\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xc0\xaf"])
+
+
+@st.composite
+def hostile_lines(draw: st.DrawFn) -> bytes:
+    """
+    A line with a hostile value somewhere: in a field of an opcode's data,
+    as the id, the opcode, the data or the whole line; or a request with
+    invalid UTF-8 spliced in, or cut short.
+    """
+    opcode = draw(st.integers(0, 10))
+    name = draw(st.sampled_from(FIELDS.get(opcode) or ALL_FIELDS))
+    value = draw(hostile_values)
+    where = draw(st.sampled_from(["field", "field", "field", "id", "opcode", "data", "line", "utf8", "cut"]))
+    template = {"id": "h", "opcode": opcode, "data": {name: "@@"}}
+    if where == "id":
+        template = {"id": "@@", "opcode": opcode}
+    elif where == "opcode":
+        template = {"id": "h", "opcode": "@@"}
+    elif where == "data":
+        template = {"id": "h", "opcode": opcode, "data": "@@"}
+    raw = json.dumps(template).replace('"@@"', value).encode()
+    if where == "line":
+        raw = value.encode()
+    elif where == "utf8":
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(invalid_utf8) + raw[at:]
+    elif where == "cut":
+        raw = raw[: draw(st.integers(0, max(0, len(raw) - 1)))]
+    return raw[: MAX_LINE_BYTES - 2].replace(b"\n", b"")
+
+
+class HostileInputTests(FuzzTestCase):
+    """
+    (e) Huge integers, deep nesting, invalid UTF-8, NaN and Infinity, huge
+    floats, long text anywhere: every reply carries a documented code, a
+    message of ours (nothing of Python's internals) and an error object of
+    bounded size, whatever the request held.
+    """
+
+    @settings(max_examples=300)
+    @given(lines=st.lists(hostile_lines(), min_size=1, max_size=3), logged_in=st.booleans())
+    def test_errors_are_ours(self, lines: list[bytes], logged_in: bool) -> None:
+        conversation = Conversation(logged_in, objects=False)
+        try:
+            replies = conversation.feed(b"".join(raw + b"\n" for raw in lines))
+            self.checkReplies(replies, lines)
+            for reply in replies:
+                if reply["ok"]:
+                    continue
+                message = reply["error"]["message"]
+                self.assertIsNone(PYTHON_INTERNALS.search(message), message[:300])
+                size = len(json.dumps(reply["error"], ensure_ascii=False).encode())
+                self.assertLess(size, HOSTILE_ERROR_BYTES, str(reply)[:300])
+            self.assertStillServing(conversation)
+        finally:
+            conversation.stop()
+
+
 # -- 10,000 lines through one connection ---------------------------------------------
 
 SEED = 1234

@@ -713,8 +713,7 @@ class RequestErrorTests(ProtocolTestCase):
     def test_bad_json(self) -> None:
         client = self.connect()
         [reply] = send(client, b'{"opcode": 0,\n')
-        message = "The line is not valid JSON: Expecting property name enclosed in double quotes"
-        message += ": line 1 column 14 (char 13)."
+        message = "The line is not valid JSON: a member name in double quotes was expected at character 14."
         self.assertEqual(reply, refusal(None, None, error("malformed_json", message)))
         self.assertOpen(client)
 
@@ -2009,6 +2008,26 @@ class ProxyProtocolTests(ProtocolTestCase):
         self.assertEqual(refused["error"]["code"], "too_many_connections")
         self.assertTrue(third.transport.disconnecting)
 
+    def test_half_close_through_the_wrapper(self) -> None:
+        """
+        Twisted's PROXY-protocol wrapper passes a half-close on (by
+        adaptation) to the protocol inside: answered, then closed. A
+        protocol that does not take half-closes is not made to.
+        """
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from twisted.internet.protocol import Factory, Protocol
+
+        client = self.proxied(proxy_v2("203.0.113.7"))
+        answers = replies(client.feed(line({"id": 1, "opcode": 0}) + b'{"id": 2, "opcode": 0}'))
+        self.assertEqual([m["id"] for m in answers], [1])
+        half = IHalfCloseableProtocol(client.wrapper, None)
+        assert half is not None
+        half.readConnectionLost()
+        self.assertEqual([m["id"] for m in replies(client.messages())], [2])
+        self.assertTrue(client.transport.disconnecting)
+        other = HAProxyWrappingFactory(Factory.forProtocol(Protocol)).buildProtocol(HAPROXY)
+        self.assertIsNone(IHalfCloseableProtocol(other, None))
+
     def test_plain_listener_keeps_its_peer(self) -> None:
         """
         Without the wrapper nothing changes: the peer read at connection
@@ -2023,3 +2042,203 @@ class ProxyProtocolTests(ProtocolTestCase):
         plain.login(BOB)
         assert plain.protocol.session is not None
         self.assertEqual(plain.protocol.session.peer, "192.168.1.1")  # StringTransport's peer
+
+
+# -- issue 16 item 5: half-close, bounded echoes, our own error messages ---------
+
+
+class HalfCloseTests(ProtocolTestCase):
+    """
+    A client that sends its requests and then closes its sending side (a TCP
+    half-close, C{nc -N}, C{shutdown(SHUT_WR)}) gets every answer, then the
+    server closes. The transport calls C{readConnectionLost} (not
+    C{connectionLost}) because the protocol provides IHalfCloseableProtocol.
+    """
+
+    def test_provides_half_close(self) -> None:
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        self.assertTrue(IHalfCloseableProtocol.providedBy(self.connect().protocol))
+
+    def test_answers_then_closes(self) -> None:
+        client = self.connect()
+        answers = send(client, line({"id": 1, "opcode": 0}) + line({"id": 2, "opcode": 1, "data": ALICE_LOGIN}))
+        self.assertEqual([a["id"] for a in answers], [1, 2])
+        self.assertFalse(client.transport.disconnecting)
+        client.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_pending_requests_answered_first(self) -> None:
+        """
+        A buy waiting for the store when the client half-closes is answered,
+        and so are the requests queued behind it; only then is the
+        connection closed.
+        """
+        client = self.connect(ALICE)
+        stalled = self.stall("buy")
+        packet = line({"id": "b", "opcode": 3, "data": {"flights": [TINY]}}) + line({"id": "p", "opcode": 0})
+        self.assertEqual(send(client, packet), [])
+        client.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        self.assertFalse(client.transport.disconnecting)
+        stalled.proceed()
+        answers = client.messages()
+        self.assertEqual([(a["id"], a["ok"]) for a in answers], [("b", True), ("p", True)])
+        self.assertEqual(answers[0]["data"]["ticket"]["legs"], [ticket_leg(TINY, "1A")])
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_partial_last_line_is_a_line(self) -> None:
+        """
+        A last line without its newline is handled as a line: nothing more
+        can come to finish it.
+        """
+        client = self.connect()
+        answers = send(client, line({"id": 1, "opcode": 0}) + b'{"id": "last", "opcode": 0}')
+        self.assertEqual([a["id"] for a in answers], [1])
+        client.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        [answer] = replies(client.messages())
+        self.assertEqual((answer["id"], answer["ok"]), ("last", True))
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_nothing_sent(self) -> None:
+        client = self.connect()
+        client.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        self.assertEqual(client.messages(), [])
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_client_not_reading(self) -> None:
+        """
+        A client that half-closes but does not read: its requests wait for
+        the send buffer to drain, are answered, and then it is closed.
+        """
+        client = self.connect()
+        client.request(0)
+        client.protocol.pauseProducing()  # the send buffer is full
+        send(client, b"".join(line({"id": i, "opcode": 0}) for i in range(3)))
+        client.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        self.assertFalse(client.transport.disconnecting)
+        client.protocol.resumeProducing()
+        self.assertEqual([a["id"] for a in replies(client.messages())], [0, 1, 2])
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_holds_released_after_close(self) -> None:
+        """
+        The session lives until the answers are out: a hold answered after
+        the half-close is released when the connection is then lost.
+        """
+        client = self.connect(ALICE)
+        send(client, line({"id": "h", "opcode": 6, "data": {"flights": [TINY]}}))
+        client.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        client.protocol.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(seat_statuses(self.connect(), TINY)["1A"], ("free", False))
+
+
+# The internals of Python that must never reach a customer.
+INTERNALS = re.compile(
+    r"sys\.|Traceback|int_max_str_digits|Exceeds the limit|[A-Za-z]+(Error|Exception)\b|line \d+ column \d+"
+    r"|\(char \d+\)|File \"|0x[0-9a-f]{6,}"
+)
+
+
+class ErrorMessageTests(ProtocolTestCase):
+    """
+    Error messages are ours: no text of a Python exception reaches the wire.
+    """
+
+    def assertOwnMessage(self, reply: JSON, code: str) -> str:
+        self.assertEqual(reply["error"]["code"], code)
+        message: str = reply["error"]["message"]
+        self.assertIsNone(INTERNALS.search(message), message)
+        return message
+
+    def test_bad_json_position(self) -> None:
+        client = self.connect()
+        [reply] = send(client, b'{"opcode": 0,\n')
+        message = self.assertOwnMessage(reply, "malformed_json")
+        self.assertEqual(message, "The line is not valid JSON: a member name in double quotes was expected at character 14.")
+
+    def test_huge_integer(self) -> None:
+        """
+        Python refuses to read integers of more than 4,300 digits with a
+        message about sys.set_int_max_str_digits().
+        """
+        client = self.connect(ALICE)
+        for raw in [
+            b'{"id": 1, "opcode": 2, "data": {"limit": ' + b"9" * 5000 + b"}}",
+            b'{"id": 1, "opcode": ' + b"1" * 4301 + b"}",
+            b"-" + b"7" * 20000,
+        ]:
+            [reply] = send(client, raw + b"\n")
+            message = self.assertOwnMessage(reply, "malformed_json")
+            self.assertEqual(message, "The line is not valid JSON: a number has more than 4300 digits.")
+        self.assertOpen(client)
+
+    def test_other_syntax_errors(self) -> None:
+        client = self.connect()
+        for raw in [b"{", b'{"a": 1,}', b'{"a" 1}', b'{"a": "x', b'{"a": "\\q"}', b'{"a": "\x01"}', b"{} {}", b"nul"]:
+            [reply] = send(client, raw + b"\n")
+            self.assertOwnMessage(reply, "malformed_json")
+
+    def test_huge_opcode_not_echoed(self) -> None:
+        """
+        An unknown opcode of thousands of digits is named shortened in the
+        message, and not repeated in the error's C{opcode} field.
+        """
+        client = self.connect()
+        opcode = int("9" * 4000)
+        [reply] = send(client, line({"id": 1, "opcode": opcode}))
+        self.assertOwnMessage(reply, "unknown_opcode")
+        self.assertNotIn("opcode", reply["error"], str(reply)[:300])
+        self.assertLess(len(json.dumps(reply["error"])), 300, str(reply)[:300])
+        [reply] = send(client, line({"id": 1, "opcode": 11}))
+        self.assertEqual(reply["error"], error("unknown_opcode", "Unknown opcode 11.", opcode=11))
+
+
+# What the error of a reply may weigh, whatever the request held.
+ERROR_BYTES = 600
+
+
+class EchoTests(ProtocolTestCase):
+    """
+    What a request held is echoed in errors shortened to at most 64
+    characters (the last an ellipsis), in the message and in the fields.
+    """
+
+    LONG = "V" * 60_000
+
+    def assertSmall(self, client: LineClient, opcode: int, data: JSON, code: str) -> JSON:
+        raw = line({"id": 1, "opcode": opcode, "data": data})
+        client.protocol.dataReceived(raw)
+        written = client.transport.value()
+        [reply] = replies(client.messages())
+        self.assertEqual(reply["error"]["code"], code)
+        self.assertLess(len(json.dumps(reply["error"], ensure_ascii=False).encode()), ERROR_BYTES, str(reply)[:300])
+        self.assertLess(len(written), ERROR_BYTES + 40)
+        return dict(reply["error"])
+
+    def test_unknown_flight(self) -> None:
+        client = self.connect(ALICE)
+        short = "V" * 63 + "…"
+        cases: list[tuple[int, JSON]] = [(8, {"flight": self.LONG}), (6, {"flights": [self.LONG]}), (3, {"flights": [self.LONG]})]
+        for opcode, data in cases:
+            refused = self.assertSmall(client, opcode, data, "unknown_flight")
+            self.assertEqual(refused, error("unknown_flight", f"Unknown flight {short!r}.", flight=short))
+
+    def test_every_echo(self) -> None:
+        client = self.connect(ALICE)
+        long = self.LONG
+        self.assertSmall(client, 6, {"flights": [TINY], "seats": [long]}, "unknown_seat")
+        self.assertSmall(client, 7, {"hold_id": long}, "hold_not_found")
+        self.assertSmall(client, 3, {"hold_id": long}, "hold_not_found")
+        self.assertSmall(client, 5, {"ticket_id": long}, "ticket_not_found")
+        self.assertSmall(client, 2, {"origin": long, "destination": "MAO"}, "unknown_airport")
+        self.assertSmall(client, 2, {"origin": "SSA", "destination": long}, "unknown_airport")
+        self.assertSmall(client, 10, {"username": long, "password": "x" * 20}, "invalid_request")
+
+    def test_short_values_whole(self) -> None:
+        """
+        64 characters are echoed whole.
+        """
+        client = self.connect(ALICE)
+        flight = "V" * 64
+        refused = self.assertSmall(client, 8, {"flight": flight}, "unknown_flight")
+        self.assertEqual(refused, error("unknown_flight", f"Unknown flight {flight!r}.", flight=flight))

@@ -10,6 +10,23 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+# Text a customer sent is echoed in errors (messages and fields) with at
+# most this many characters.
+ECHO_CHARACTERS = 64
+
+
+def echo(value: str) -> str:
+    """
+    C{value}, sent by a customer, as an error may repeat it: whole if it
+    has at most L{ECHO_CHARACTERS} characters, else its beginning and an
+    ellipsis, L{ECHO_CHARACTERS} characters in all. Every echo of a
+    customer's text in an error goes through here, so that no answer to a
+    request grows with what the request held.
+    """
+    if len(value) <= ECHO_CHARACTERS:
+        return value
+    return value[: ECHO_CHARACTERS - 1] + "\u2026"
+
 
 class VendePassError(Exception):
     """
@@ -30,7 +47,9 @@ class VendePassError(Exception):
 
     def to_wire(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
-        error.update(self.details)
+        # A field naming what the request held (a flight, a seat, a hold id)
+        # is echoed shortened.
+        error.update((k, echo(v) if isinstance(v, str) else v) for k, v in self.details.items())
         return error
 
 

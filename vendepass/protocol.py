@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import date
 from typing import Any, Awaitable, Callable
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -34,6 +44,7 @@ from vendepass.errors import (
     TooManyConnections,
     UnknownOpcode,
     VendePassError,
+    echo,
 )
 from vendepass.model import Ticket, iso_utc
 from vendepass.service import MAX_SEARCH_LIMIT, SEARCH_LIMIT, ReservationService, Session
@@ -50,6 +61,9 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # what is left to send) is aborted.
 CLOSE_GRACE_SECONDS = 5.0
 DEFAULT_MAX_CONNECTIONS_PER_IP = 50
+# Connections open at once over all addresses (see tap.fit_connection_limit
+# for how it is kept below the limit on open files).
+DEFAULT_MAX_CONNECTIONS = 10_000
 
 Handler = Callable[["VendePassProtocol", dict[str, Any]], Awaitable[dict[str, Any]]]  # a coroutine or a Deferred
 
@@ -110,6 +124,36 @@ def _encode(message: dict[str, Any]) -> bytes:
         return json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
 
 
+# What json's messages say, in our words.
+_JSON_REASONS = {
+    "Expecting value": "a value was expected",
+    "Expecting property name enclosed in double quotes": "a member name in double quotes was expected",
+    "Expecting ':' delimiter": "':' was expected",
+    "Expecting ',' delimiter": "',' was expected",
+    "Unterminated string starting at": "a string does not end",
+    "Invalid control character at": "a string holds a control character",
+    "Invalid \\escape": "a string holds an invalid escape",
+    "Invalid \\uXXXX escape": "a string holds an invalid escape",
+    "Extra data": "more follows the value",
+    "Illegal trailing comma before end of object": "a comma ends an object",
+    "Illegal trailing comma before end of array": "a comma ends a list",
+}
+
+
+def _json_error(error: ValueError) -> str:
+    """
+    Why a line is not JSON, in a sentence of ours, never Python's.
+    """
+    if isinstance(error, json.JSONDecodeError):
+        reason = _JSON_REASONS.get(error.msg, "the text is not JSON")
+        return f"The line is not valid JSON: {reason} at character {error.pos + 1}."
+    # json.loads raises a plain ValueError for an integer longer than
+    # Python's limit on converting digits (sys.get_int_max_str_digits()).
+    return f"The line is not valid JSON: a number has more than {_MAX_DIGITS} digits."
+
+
+_MAX_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)() or 4300
+
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -157,7 +201,7 @@ class Opcode:
     handler: Handler
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class VendePassProtocol(LineReceiver):
     """
     One customer connection.
@@ -167,6 +211,10 @@ class VendePassProtocol(LineReceiver):
     TLS a close alert. A connection still open L{CLOSE_GRACE_SECONDS} later
     is aborted. On a TLS transport, a connection whose handshake has not
     finished within C{handshake_timeout} seconds is aborted.
+
+    A client that closes its sending side (a TCP half-close) gets the answers
+    to everything it sent, a last line without its newline included, and
+    then the connection is closed (L{IHalfCloseableProtocol}).
     """
 
     delimiter = b"\n"
@@ -190,6 +238,8 @@ class VendePassProtocol(LineReceiver):
         self._closed = False
         # ...and the transport has called connectionLost.
         self._lost = False
+        # The client has closed its sending side: nothing more to read.
+        self._read_closed = False
         self._handshake_call: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         # Requests are handled one at a time (answers in order): while one
@@ -287,7 +337,9 @@ class VendePassProtocol(LineReceiver):
         if self._closed or self.transport is None or getattr(self.transport, "disconnecting", False):
             return
         stop_socket = self._write_blocked or (self._busy and len(self._buffer) > READ_AHEAD)
-        if stop_socket != self._transport_paused:
+        # (Once the client has closed its side, reading the socket again
+        # would only find its end again.)
+        if stop_socket != self._transport_paused and not self._read_closed:
             self._transport_paused = stop_socket
             if stop_socket:
                 self.transport.pauseProducing()  # type: ignore[attr-defined]
@@ -300,6 +352,53 @@ class VendePassProtocol(LineReceiver):
             self.paused = False
             # Handle the lines that arrived meanwhile.
             self.dataReceived(b"")
+        self._finish_reading()
+
+    def readConnectionLost(self) -> None:
+        """
+        The client closed its sending side (L{IHalfCloseableProtocol}): answer
+        what it sent, then close.
+        """
+        if not self._read_closed:
+            self._read_closed = True
+            self._update_reading()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our sending side is closed (L{IHalfCloseableProtocol}): never by us
+        alone, as this protocol only closes whole connections.
+        """
+
+    def _finish_reading(self) -> None:
+        """
+        After the client closed its side: once every request it sent is
+        answered, close. A last line without its newline is a line.
+        """
+        if not self._read_closed or self._closed or self._busy or self.paused:
+            return
+        if self.delimiter in self._buffer:
+            # Whole lines still to handle: dataReceived does, and this is
+            # called again after each one's answer.
+            if not self._busyReceiving:
+                self.dataReceived(b"")
+            return
+        if self._buffer:
+            last, self._buffer = self._buffer, b""
+            self.lineReceived(last)
+            return
+        self._log.debug("{session} closed its side; closing", session=self.session)
+        if self._producing and self.transport is not None:
+            # Nothing more to produce; and a TLS layer sends its close alert
+            # only once no producer is registered.
+            self._producing = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self._close()
+        beneath = getattr(self.transport, "transport", None)
+        if ISSLTransport.providedBy(self.transport) and beneath is not None:
+            # A TCP half-close under TLS, without TLS's own close alert: the
+            # client will not answer ours, for which the TLS layer would
+            # wait. The connection beneath closes once all is sent.
+            beneath.loseConnection()
 
     def _learn_peer(self) -> None:
         """
@@ -428,7 +527,9 @@ class VendePassProtocol(LineReceiver):
         except UnicodeDecodeError:
             raise MalformedJSON("The line is not valid UTF-8.")
         except ValueError as e:
-            raise MalformedJSON(f"The line is not valid JSON: {e}.")
+            # Our own words: Python's words name its internals (line and column,
+            # "use sys.set_int_max_str_digits()").
+            raise MalformedJSON(_json_error(e))
         except RecursionError:
             raise MalformedJSON("The line is not valid JSON: nested too deeply.")
         if not isinstance(message, dict):
@@ -445,7 +546,9 @@ class VendePassProtocol(LineReceiver):
             raise InvalidRequest("Field 'opcode' must be an integer.", field="opcode")
         entry = OPCODES.get(request["opcode"])
         if entry is None:
-            raise UnknownOpcode(f"Unknown opcode {opcode}.", opcode=opcode)
+            named = echo(str(opcode))
+            # The field only for an opcode that fits (whole) in an echo.
+            raise UnknownOpcode(f"Unknown opcode {named}.", **({"opcode": opcode} if named == str(opcode) else {}))
         request["name"] = entry.name
         data = message.get("data")
         if data is None:
@@ -629,6 +732,39 @@ OPCODES: dict[int, Opcode] = {
 }
 
 
+@implementer(IHalfCloseableProtocol)
+class _HalfCloseThrough:
+    """
+    A TCP half-close, passed on through a wrapper (TLS, the PROXY protocol)
+    to the half-closeable protocol inside.
+    """
+
+    def __init__(self, inner: IHalfCloseableProtocol) -> None:
+        self._inner = inner
+
+    def readConnectionLost(self) -> None:
+        self._inner.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self._inner.writeConnectionLost()
+
+
+def _half_close_through(wrapper: ProtocolWrapper) -> _HalfCloseThrough | None:
+    """
+    Twisted's TCP transport asks its protocol for L{IHalfCloseableProtocol}
+    by adaptation; its protocol wrappers (TLS, the PROXY protocol of
+    C{haproxy:} listeners: both L{ProtocolWrapper}s) do not provide it, so a
+    half-close would close the whole connection, answers unsent. Adapted
+    here, a wrapper passes it on, but only to a protocol (or a further
+    wrapper) that takes it: any other protocol is closed as before.
+    """
+    inner = IHalfCloseableProtocol(wrapper.wrappedProtocol, None)
+    return None if inner is None else _HalfCloseThrough(inner)
+
+
+registerAdapter(_half_close_through, ProtocolWrapper, IHalfCloseableProtocol)
+
+
 class VendePassFactory(Factory):
     """
     Shared by every connection: the reservation service, the clock, and the
@@ -639,6 +775,9 @@ class VendePassFactory(Factory):
     @ivar handshake_timeout: seconds a TLS connection has to finish its
         handshake before it is aborted (C{None}: no limit).
     @ivar max_connections_per_ip: connections one address may have open at once.
+    @ivar max_connections: connections open at once in all; past it a new
+        connection is refused as one past the per-address limit is.
+    @ivar open_connections: how many are open (refused ones not counted).
     @ivar log_requests: log one (debug) event per request; off by default, as
         at thousands of requests a second the log would cost more than the
         requests (the audit table records every change of seat state anyway).
@@ -655,8 +794,11 @@ class VendePassFactory(Factory):
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
         log_requests: bool = False,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.open_connections = 0
         self.log_requests = log_requests
         self.service = service
         self.clock = clock
@@ -669,17 +811,29 @@ class VendePassFactory(Factory):
         protocol = VendePassProtocol(self.service, self.clock, self.idle_timeout, self.handshake_timeout)
         protocol.factory = self
         protocol.log_requests = self.log_requests
-        if self.open_per_address.get(host, 0) >= self.max_connections_per_ip:
+        if self.open_connections >= self.max_connections:
+            self._log.info("refused a connection from {host}: the server has too many", host=host)
+            protocol.refusal = TooManyConnections(
+                "The server has as many connections as it may have; try again later."
+            )
+        elif self.open_per_address.get(host, 0) >= self.max_connections_per_ip:
             self._log.info("refused a connection from {host}: too many", host=host)
             protocol.refusal = TooManyConnections(
                 f"At most {self.max_connections_per_ip} connections from one address."
             )
         else:
             self.open_per_address[host] = self.open_per_address.get(host, 0) + 1
+            self.open_connections += 1
             protocol._counted_host = host
+            if self.open_connections == self.max_connections:
+                self._log.warn(
+                    "{count} connections open, the most allowed (--max-connections): refusing new ones",
+                    count=self.open_connections,
+                )
         return protocol
 
     def disconnected(self, host: str) -> None:
+        self.open_connections -= 1
         left = self.open_per_address.get(host, 0) - 1
         if left > 0:
             self.open_per_address[host] = left

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from attrs import frozen
 
-from vendepass.errors import FlightDeparted, InvalidItinerary, UnknownFlight
+from vendepass.errors import FlightDeparted, InvalidItinerary, UnknownFlight, echo
 from vendepass.model import Flight, Network, TimetableEntry
 
 MIN_CONNECTION = timedelta(minutes=45)
@@ -54,11 +54,11 @@ def flight_by_id(network: Network, flight_id: str) -> Flight:
     try:
         day = date.fromisoformat(day_text)
     except ValueError:
-        raise UnknownFlight(f"Unknown flight {flight_id!r}.", flight=flight_id)
+        raise UnknownFlight(f"Unknown flight {echo(flight_id)!r}.", flight=flight_id)
     for entry in network.timetable:
         if entry.flight == number and day.isoweekday() in entry.days and day.isoformat() == day_text:
             return _instance(network, entry, day)
-    raise UnknownFlight(f"Unknown flight {flight_id!r}.", flight=flight_id)
+    raise UnknownFlight(f"Unknown flight {echo(flight_id)!r}.", flight=flight_id)
 
 
 @frozen
@@ -111,7 +111,7 @@ class Schedule:
         """
         flight = self.by_id.get(flight_id)
         if flight is None:
-            raise UnknownFlight(f"Unknown flight {flight_id!r}.", flight=flight_id)
+            raise UnknownFlight(f"Unknown flight {echo(flight_id)!r}.", flight=flight_id)
         if flight.departs_ts <= now:
             raise FlightDeparted(f"Flight {flight_id} has already departed.", flight=flight_id)
         return flight

@@ -33,6 +33,7 @@ from vendepass.errors import (
     StorageUnavailable,
     UnknownAirport,
     UsernameTaken,
+    echo,
 )
 from vendepass.fixtures import USERNAME
 from vendepass.model import Airport, Flight, Hold, Itinerary, Network, SeatMap, Ticket
@@ -389,7 +390,7 @@ class ReservationService(Service):
         async def search() -> SearchPage:
             for code in (origin, destination):
                 if code not in self._network.airports:
-                    raise UnknownAirport(f"Unknown airport {code!r}.", airport=code)
+                    raise UnknownAirport(f"Unknown airport {echo(code)!r}.", airport=code)
             if sort not in SORTS:
                 raise InvalidRequest(f"Field 'sort' must be one of {', '.join(SORTS)}.", field="sort")
             if not 0 <= offset <= MAX_CANDIDATES:

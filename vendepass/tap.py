@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import sqlite3
 from typing import Any, Callable
 
@@ -15,11 +16,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from vendepass.errors import FixturesError
 from vendepass.fixtures import BUNDLED, Fixtures, load
+from vendepass.protocol import DEFAULT_MAX_CONNECTIONS
 from vendepass.service import DEFAULT_HOLD_SECONDS, DEFAULT_SALES_WINDOW_DAYS
 from vendepass.store import IStore
 from vendepass.throttle import DEFAULT_REGISTRATIONS_PER_HOUR, RegistrationThrottle
@@ -34,6 +37,56 @@ DEFAULT_MAX_BATCH = 256
 # purchases/s, 4: 688, 8: 803-851, 16: 812 (each transaction is a dozen
 # round trips; more connections keep the server busy while others wait).
 DEFAULT_DB_CONNECTIONS = 8
+# Files kept open for other things than customers' connections (listening
+# sockets, the database and its journals, PostgreSQL connections, logs, the
+# threads' wake-up pipes) and for connections being refused: at most
+# --max-connections connections leave this many below the limit on open
+# files.
+RESERVED_FILES = 256
+_log = Logger()
+
+
+def fit_connection_limit(requested: int, soft: int, hard: int, reserved: int = RESERVED_FILES) -> tuple[int, int]:
+    """
+    How many customer connections fit under a limit on open files of
+    C{soft} (which may be raised up to C{hard}; either may be
+    C{resource.RLIM_INFINITY}), keeping C{reserved} for the rest:
+    C{(connections, soft limit to set)}. C{requested} if it fits once the
+    soft limit is raised as far as needed (or allowed), else fewer.
+    """
+    unlimited = resource.RLIM_INFINITY
+    needed = requested + reserved
+    if soft == unlimited or soft >= needed:
+        return requested, soft
+    target = needed if hard == unlimited else min(hard, needed)
+    # A tiny limit: keep half of it for the rest.
+    keep = min(reserved, target // 2)
+    return max(1, min(requested, target - keep)), target
+
+
+def connection_limit(requested: int) -> int:
+    """
+    C{--max-connections}, fitted to this process's limit on open files
+    (raised if it must and may be): a server that runs out of file
+    descriptors cannot open its database, nor refuse a connection with a
+    reason. Logs a warning when fewer connections fit than asked for.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit, wanted = fit_connection_limit(requested, soft, hard)
+    if wanted != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            limit, wanted = fit_connection_limit(requested, soft, soft)
+        else:
+            _log.info("raised the limit on open files from {soft} to {wanted}", soft=soft, wanted=wanted)
+    if limit < requested:
+        _log.warn(
+            "--max-connections {requested} does not fit under the limit on open files ({files});"
+            " at most {limit} connections will be accepted",
+            requested=requested, files=wanted, limit=limit,
+        )
+    return limit
 
 
 def with_backlog(description: str, backlog: int) -> str:
@@ -80,6 +133,11 @@ class Options(usage.Options):
             " (0: never).", int,
         ],
         ["max-connections-per-ip", None, 50, "How many connections one address may have open at once.", int],
+        [
+            "max-connections", None, DEFAULT_MAX_CONNECTIONS,
+            "How many connections may be open at once in all (lowered at start to fit the limit on open files).",
+            int,
+        ],
         ["max-held-seats", None, 9, "How many seats one customer may hold at once.", int],
         ["max-legs", None, 3, "How many flights one itinerary may have.", int],
         [
@@ -149,6 +207,8 @@ class Options(usage.Options):
             raise usage.UsageError("--handshake-timeout must be 0 (never) or more seconds")
         if self["max-connections-per-ip"] < 1:
             raise usage.UsageError("--max-connections-per-ip must be at least 1")
+        if not 1 <= self["max-connections"] <= 1_000_000:
+            raise usage.UsageError("--max-connections must be between 1 and 1000000")
         if not 1 <= self["max-held-seats"] <= 1000:
             raise usage.UsageError("--max-held-seats must be between 1 and 1000")
         if not 1 <= self["max-legs"] <= 6:
@@ -371,6 +431,7 @@ def makeService(options: Options) -> IService:
         handshake_timeout=options["handshake-timeout"] or None,
         max_connections_per_ip=options["max-connections-per-ip"],
         log_requests=bool(options["log-requests"]),
+        max_connections=connection_limit(options["max-connections"]),
     )
     pending.factory = factory
     for endpoint, port in listening:

@@ -9,7 +9,7 @@ import functools
 import secrets
 from typing import Any, Callable, Iterable
 
-from vendepass.errors import SeatUnavailable, SoldOut, UnknownSeat
+from vendepass.errors import SeatUnavailable, SoldOut, UnknownSeat, echo
 from vendepass.fixtures import Fixtures
 from vendepass.model import (
     Aircraft,
@@ -177,7 +177,7 @@ def first_free_seat(flight: Flight, taken: set[str]) -> str:
 
 def check_seat(flight: Flight, seat: str) -> None:
     if not flight.aircraft.has_seat(seat):
-        raise UnknownSeat(f"Flight {flight.flight_id} has no seat {seat!r}.", flight=flight.flight_id, seat=seat)
+        raise UnknownSeat(f"Flight {flight.flight_id} has no seat {echo(seat)!r}.", flight=flight.flight_id, seat=seat)
 
 
 def seat_taken(flight: Flight, seat: str, sold: object, held_until: float) -> SeatUnavailable:

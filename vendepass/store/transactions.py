@@ -52,6 +52,7 @@ from vendepass.errors import (
     TicketNotFound,
     TooManyHolds,
     UsernameTaken,
+    echo,
 )
 from vendepass.model import Flight, HeldSeat, Hold, Money, Network, SeatState, Ticket, TicketLeg
 from vendepass.schedule import flight_by_id
@@ -312,7 +313,7 @@ class SeatRules:
             f"SELECT username, state, expires_at FROM holds WHERE hold_id = ?{tx.for_update()}", (hold_id,)
         )
         if row is None or row[0] != username or row[1] in ("released", "bought"):
-            raise HoldNotFound(f"No hold {hold_id!r}.", hold_id=hold_id)
+            raise HoldNotFound(f"No hold {echo(hold_id)!r}.", hold_id=hold_id)
         if row[1] == "expired" or row[2] <= tx.now:
             self.end_hold(tx, hold_id, "expired")
             raise HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
@@ -573,7 +574,7 @@ class SeatRules:
             return cancelled
         found = self.find_tickets(tx, "t.ticket_id = ? AND t.username = ?", (ticket_id, username), lock=True)
         if not found:
-            raise TicketNotFound(f"No ticket {ticket_id!r}.", ticket_id=ticket_id)
+            raise TicketNotFound(f"No ticket {echo(ticket_id)!r}.", ticket_id=ticket_id)
         [ticket] = found
         if ticket.status == "cancelled":
             raise AlreadyCancelled(f"Ticket {ticket_id} is already cancelled.", ticket_id=ticket_id)
