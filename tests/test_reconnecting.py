@@ -15,13 +15,16 @@ from io import StringIO
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.trial.unittest import TestCase
 
 from tests.common import ALICE, BIG, TINY, make_service
+from tests.test_client_app import AppTestCase
 from vendepass.client import cli
 from vendepass.client.reconnecting import ReconnectingClient, ServerError
+from vendepass.errors import OutcomeUnknown
 from vendepass.protocol import VendePassFactory, VendePassProtocol
 from vendepass.service import ReservationService
 
@@ -223,3 +226,35 @@ class StorageErrorTests(ServerTestCase):
         )
         self.assertEqual((code, err.getvalue()), (0, ""))
         self.assertEqual(self.rows("SELECT status FROM tickets"), [("cancelled",)])
+
+
+class AppStorageErrorTests(AppTestCase):
+    """
+    The interactive app's purchase, answered C{outcome_unknown} although it
+    was done: the app's client sends it again with the same request_id and
+    shows the one ticket.
+    """
+
+    async def test_buy_done_but_unknown(self) -> None:
+        store = self.service.store
+        real = store.buy_hold
+        unknown = [OutcomeUnknown()]
+
+        def buy_hold(hold_id: str, username: str, request_id: str | None = None) -> Deferred[Any]:
+            requests.append(request_id)
+            done = real(hold_id, username, request_id)
+            if unknown:
+                # Done and committed, but the answer says it is not known.
+                return done.addCallback(lambda _: fail(unknown.pop()))
+            return done
+
+        requests: list[str | None] = []
+        self.patch(store, "buy_hold", buy_hold)
+        app = self.in_process(terminal=False)
+        await self.log_in(app)
+        ticket_id = await self.buy_tiny(app, "2B")
+        [ticket] = self.tickets()
+        self.assertEqual(ticket["ticket_id"], ticket_id)
+        self.assertEqual(len(requests), 2)
+        self.assertIsNotNone(requests[0])
+        self.assertEqual(requests[0], requests[1])
