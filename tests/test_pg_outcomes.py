@@ -24,12 +24,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests import pg
-from tests.common import FAST_HASHER, MINI
+from tests.common import ALICE, FAST_HASHER, MINI, LineClient
 from tests.test_postgres import _day_after_tomorrow, _result
 from vendepass.errors import OutcomeUnknown, SeatUnavailable, StorageUnavailable, VendePassError
 from vendepass.fixtures import load
 from vendepass.model import Ticket
 from vendepass.schedule import flight_by_id
+from vendepass.service import ReservationService
 from vendepass.store import InlineExecutor, LegRequest, ThreadExecutor, postgres
 from vendepass.store.postgres import RECONNECTS, PostgresStore
 
@@ -193,6 +194,25 @@ class UnknownOutcomeTests(FaultTestCase):
         self.faults.append(("COMMIT", "after"))
         self.assertRaises(SeatUnavailable, self.buy, "4A", "r2")
         self.assertEqual(self.faults, [])
+
+    def test_on_the_wire(self) -> None:
+        """
+        The customer sees C{outcome_unknown} on the wire, and with a
+        C{request_id} the ticket.
+        """
+        service = ReservationService(self.store, self.clock, FAST_HASHER, InlineExecutor())
+        service.startService()
+        self.addCleanup(service.stopService)
+        customer = LineClient(service)
+        customer.login(ALICE)
+        flights = [self.flight.flight_id]
+        self.faults.append(("COMMIT", "after"))
+        error = customer.error(3, {"flights": flights, "seats": ["7A"]})
+        self.assertEqual(error["code"], "outcome_unknown")
+        self.faults.append(("COMMIT", "after"))
+        ticket = customer.ok(3, {"flights": flights, "seats": ["7B"], "request_id": "w1"})["ticket"]
+        self.assertEqual(ticket["legs"][0]["seat"], "7B")
+        self.assertEqual((self.faults, self.tickets()), ([], 2))
 
     def test_read_commit_lost(self) -> None:
         """

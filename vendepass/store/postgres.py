@@ -28,6 +28,12 @@ Concurrency, at C{READ COMMITTED}:
     transaction is retried from the start, a few times, and then refused
     with C{storage_unavailable}.
 
+A connection that dies is replaced. What it was doing is done again on the
+new one if its COMMIT had not been sent, or if it has a C{request_id} (it
+then finds its first outcome); otherwise its outcome is unknown, and it is
+refused with C{outcome_unknown}, never with C{storage_unavailable} (which
+says that nothing changed). See L{PostgresStore._job}.
+
 Expired holds are ended by whichever transaction looks at their seats, by
 C{expire_hold}, and by every server's sweep (C{FOR UPDATE SKIP LOCKED}, so
 sweeps share the work). Each such expiry is announced with
