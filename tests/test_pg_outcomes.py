@@ -251,6 +251,14 @@ class LostBeforeCommitTests(FaultTestCase):
         self.assertEqual(self.tickets(), 1)
         self.assertEqual(ticket.legs[0].seat, "6A")
 
+    def test_new_connection_dies(self) -> None:
+        """
+        A new connection that dies before its first transaction is replaced too.
+        """
+        self.faults.append(("SET synchronous_commit", "before"))
+        self.assertEqual(self.buy("6C").legs[0].seat, "6C")
+        self.assertEqual((self.faults, self.store.reconnects, self.tickets()), ([], 1, 1))
+
     def test_refused_changed_nothing(self) -> None:
         self.faults.extend([("INSERT INTO tickets", "before")] * (RECONNECTS + 1))
         error = self.refusal(lambda: self.buy("6B", "r4"))

@@ -381,9 +381,14 @@ class PostgresStore(RulesStore):
             if conn is not None:
                 self._drop_connection()
             conn = connect(self.url)
-            # Durable: a COMMIT returns once it is flushed to disk, whatever
-            # the database's default (an acknowledged purchase is never lost).
-            conn.execute("SET synchronous_commit TO on")
+            try:
+                # Durable: a COMMIT returns once it is flushed to disk, whatever
+                # the database's default (an acknowledged purchase is never lost).
+                conn.execute("SET synchronous_commit TO on")
+            except psycopg.OperationalError as e:
+                # Connected, then lost at once: try another.
+                conn.close()
+                raise _Lost(False, False) from e
             self._local.conn = conn
             self._connections.append(conn)
             self._own_pids.add(conn.info.backend_pid)
