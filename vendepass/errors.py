@@ -169,6 +169,23 @@ class StorageUnavailable(VendePassError):
     default_message = "The ticket database is unavailable right now; nothing was changed. Please try again shortly."
 
 
+class OutcomeUnknown(StorageUnavailable):
+    """
+    The connection to the database was lost at or after the request's
+    COMMIT was sent: it may have been done or not, and the server could not
+    find out. A retry with the same C{request_id} answers its real outcome
+    (done once); a request without one should be checked (C{tickets})
+    before it is tried again. A kind of L{StorageUnavailable} for the
+    server's own retries (releases, expiries), never for the customer.
+    """
+
+    code = "outcome_unknown"
+    default_message = (
+        "The connection to the ticket database was lost while this request was being saved: it may or may not"
+        " have been done. Retry with the same request_id to learn its outcome (or check your tickets)."
+    )
+
+
 class SessionClosed(VendePassError):
     """
     The connection that asked for this is gone: its work is undone.

@@ -6,9 +6,11 @@ A client that survives a dropped connection.
     ticket = await client.buy(flights=["VP2301-2026-12-01"])
 
 When the connection drops while a call is in flight, the client reconnects,
-logs in again and resends the call. Every changing call carries a
-C{request_id} chosen before its first attempt, so the server answers a resent
-purchase or cancellation with the first outcome and never does it twice
+logs in again and resends the call; when the server answers
+C{storage_unavailable} or C{outcome_unknown}, it waits and resends it too.
+Every changing call carries a C{request_id} chosen before its first attempt
+and kept for every resend, so the server answers a resent purchase or
+cancellation with the first outcome and never does it twice
 (docs/protocol.md, "Safe retries").
 """
 
@@ -34,6 +36,9 @@ from vendepass.client.protocol import (
 T = TypeVar("T")
 
 RETRYABLE = (ConnectionLost, net_error.ConnectError, net_error.DNSLookupError, net_error.ConnectionClosed)
+# The server's answers that a resend (with the same request_id) may change:
+# nothing was done, or whether it was is unknown.
+RETRYABLE_CODES = frozenset({"storage_unavailable", "outcome_unknown"})
 
 
 class ReconnectingClient:
@@ -60,6 +65,8 @@ class ReconnectingClient:
         self.backoff = backoff
         self.protocol: VendePassClientProtocol | None = None
         self.reconnections = 0
+        # Calls sent again because the server could not say they were done.
+        self.resends = 0
         self._credentials: tuple[str, str] | None = None
 
     @property
@@ -77,10 +84,18 @@ class ReconnectingClient:
         assert self.protocol is not None
         return self.protocol
 
-    async def _call(self, call: Callable[[VendePassClientProtocol], Awaitable[T]], after_drop: Callable[[], Awaitable[T]] | None = None) -> T:
+    async def _call(
+        self,
+        call: Callable[[VendePassClientProtocol], Awaitable[T]],
+        after_drop: Callable[[], Awaitable[T]] | None = None,
+        on_drop: Callable[[], None] | None = None,
+        codes: frozenset[str] = RETRYABLE_CODES,
+    ) -> T:
         """
-        Run C{call} on a live connection, reconnecting and retrying when it drops.
-        C{after_drop}, if given, is what to do instead once a drop happened.
+        Run C{call} on a live connection, reconnecting and retrying when it
+        drops, and retrying on the same connection when the server answers
+        one of C{codes}. C{after_drop}, if given, is what to do instead once
+        a drop happened; C{on_drop}, what to do when one happens.
         """
         dropped = False
         for attempt in range(self.attempts):
@@ -95,8 +110,14 @@ class ReconnectingClient:
                 if attempt + 1 == self.attempts:
                     raise
                 self.reconnections += 1
-                clock: IReactorTime = self.reactor  # type: ignore[assignment]
-                await deferLater(clock, self.backoff * 2**attempt)
+                if on_drop is not None:
+                    on_drop()
+            except ServerError as e:
+                if e.code not in codes or attempt + 1 == self.attempts:
+                    raise
+                self.resends += 1
+            clock: IReactorTime = self.reactor  # type: ignore[assignment]
+            await deferLater(clock, self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -120,7 +141,9 @@ class ReconnectingClient:
         return self._run(login())
 
     def register(self, username: str, password: str) -> Deferred[str]:
-        return self._run(self._call(lambda p: p.register(username, password)))
+        # Registration has no request_id: after outcome_unknown, a resend
+        # could only say that the (maybe new) username is taken.
+        return self._run(self._call(lambda p: p.register(username, password), codes=frozenset({"storage_unavailable"})))
 
     def logout(self) -> Deferred[dict[str, Any]]:
         self._credentials = None
@@ -142,9 +165,14 @@ class ReconnectingClient:
         return self._run(self._call(lambda p: p.tickets()))
 
     def hold(self, flights: list[str], seats: list[str | None] | None = None) -> Deferred[dict[str, Any]]:
-        # A hold lives as long as its connection: after a drop the server has
-        # released it anyway, so the retry asks for a new hold.
-        return self._run(self._call(lambda p: p.hold(flights, seats, new_request_id())))
+        key = [new_request_id()]
+
+        def renew() -> None:
+            # A hold lives as long as its connection: after a drop the server
+            # has released it anyway, so the retry asks for a new hold.
+            key[0] = new_request_id()
+
+        return self._run(self._call(lambda p: p.hold(flights, seats, key[0]), on_drop=renew))
 
     def release(self, hold_id: str) -> Deferred[dict[str, Any]]:
         request_id = new_request_id()

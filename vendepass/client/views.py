@@ -258,6 +258,9 @@ def error(texts: Texts, failure: ServerError) -> str:
                               seconds=d.get("retry_after", "?")),
         "too_many_connections": texts("Too many connections from your computer; close some and try again."),
         "storage_unavailable": texts("The ticket database is busy or unavailable; nothing was changed. Please try again shortly."),
+        "outcome_unknown": texts(
+            "The ticket database could not confirm whether this was done. Check your tickets before trying again."
+        ),
         "line_too_long": texts("The request was too long."),
     }
     if failure.code == "seat_unavailable":

@@ -28,6 +28,12 @@ Concurrency, at C{READ COMMITTED}:
     transaction is retried from the start, a few times, and then refused
     with C{storage_unavailable}.
 
+A connection that dies is replaced. What it was doing is done again on the
+new one if its COMMIT had not been sent, or if it has a C{request_id} (it
+then finds its first outcome); otherwise its outcome is unknown, and it is
+refused with C{outcome_unknown}, never with C{storage_unavailable} (which
+says that nothing changed). See L{PostgresStore._job}.
+
 Expired holds are ended by whichever transaction looks at their seats, by
 C{expire_hold}, and by every server's sweep (C{FOR UPDATE SKIP LOCKED}, so
 sweeps share the work). Each such expiry is announced with
@@ -53,7 +59,7 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from vendepass.errors import StorageUnavailable, VendePassError
+from vendepass.errors import OutcomeUnknown, StorageUnavailable, VendePassError
 from vendepass.fixtures import Fixtures
 from vendepass.model import Network
 from vendepass.store import IExecutor, IStore, schema
@@ -67,6 +73,9 @@ EXPIRED_CHANNEL = "vendepass_expired"
 # How many times a transaction that lost a race (serialization failure,
 # deadlock, unique violation) is tried again before the request is refused.
 RETRIES = 8
+# How many times a transaction whose connection died is tried again on a
+# new one before the request is refused.
+RECONNECTS = 3
 # Advisory lock keys: the first of the two 32-bit halves says what is locked.
 _SCHEMA_LOCK = (0x56500000, 0)
 _FLIGHT_LOCK = 0x56500001
@@ -157,18 +166,29 @@ class PostgresTx(Tx):
     def __init__(self, cur: psycopg.Cursor[Any], now: float) -> None:
         super().__init__(now)
         self.cur = cur
+        # Whether a statement changed rows: if not, a lost COMMIT lost nothing.
+        self.wrote = False
+        # Whether the transaction is a request with a request_id: done again,
+        # it finds its first outcome (replay), so it may be run again when
+        # whether its COMMIT happened is unknown.
+        self.replayable = False
+
+    def _statement(self, sql: str) -> str:
+        if not self.wrote and not sql.startswith("SELECT"):
+            self.wrote = True
+        return _pg(sql)
 
     def execute(self, sql: str, args: Iterable[Any] = ()) -> psycopg.Cursor[Any]:
-        return self.cur.execute(_pg(sql), args)  # type: ignore[call-overload]
+        return self.cur.execute(self._statement(sql), args)  # type: ignore[call-overload]
 
     def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
-        self.cur.executemany(_pg(sql), rows)  # type: ignore[arg-type]
+        self.cur.executemany(self._statement(sql), rows)  # type: ignore[arg-type]
 
     def one(self, sql: str, args: Iterable[Any] = ()) -> Any:
-        return self.cur.execute(_pg(sql), args).fetchone()  # type: ignore[call-overload]
+        return self.cur.execute(self._statement(sql), args).fetchone()  # type: ignore[call-overload]
 
     def all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
-        return self.cur.execute(_pg(sql), args).fetchall()  # type: ignore[call-overload]
+        return self.cur.execute(self._statement(sql), args).fetchall()  # type: ignore[call-overload]
 
     def for_update(self, table: str | None = None) -> str:
         return " FOR UPDATE" if table is None else f" FOR UPDATE OF {table}"
@@ -181,6 +201,7 @@ class PostgresTx(Tx):
         return hold_id
 
     def lock_request(self, username: str, request_id: str) -> None:
+        self.replayable = True
         self.execute("SELECT pg_advisory_xact_lock(?, ?)", (_REQUEST_LOCK, _lock_key(f"{username}/{request_id}")))
 
     def lock_user(self, username: str) -> None:
@@ -191,6 +212,19 @@ class PostgresTx(Tx):
         # turns, and claims of several never deadlock.
         for key in sorted({_lock_key(f) for f in flight_ids}):
             self.execute("SELECT pg_advisory_xact_lock(?, ?)", (_FLIGHT_LOCK, key))
+
+
+class _Lost(Exception):
+    """
+    An attempt's connection died. C{committing}: at or after its COMMIT was
+    sent (its outcome is unknown); else nothing of it was committed.
+    C{replayable}: it is a request with a C{request_id}.
+    """
+
+    def __init__(self, committing: bool, replayable: bool) -> None:
+        super().__init__(committing, replayable)
+        self.committing = committing
+        self.replayable = replayable
 
 
 def _statements(script: str) -> list[str]:
@@ -289,6 +323,8 @@ class PostgresStore(RulesStore):
         self._listener: threading.Thread | None = None
         self._stopping = threading.Event()
         self.retries = 0
+        # Attempts run again on a new connection because theirs had died.
+        self.reconnects = 0
 
     @classmethod
     def open(
@@ -341,11 +377,18 @@ class PostgresStore(RulesStore):
         This thread's connection (each executor thread has its own).
         """
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                self._drop_connection()
             conn = connect(self.url)
-            # Durable: a COMMIT returns once it is flushed to disk, whatever
-            # the database's default (an acknowledged purchase is never lost).
-            conn.execute("SET synchronous_commit TO on")
+            try:
+                # Durable: a COMMIT returns once it is flushed to disk, whatever
+                # the database's default (an acknowledged purchase is never lost).
+                conn.execute("SET synchronous_commit TO on")
+            except psycopg.OperationalError as e:
+                # Connected, then lost at once: try another.
+                conn.close()
+                raise _Lost(False, False) from e
             self._local.conn = conn
             self._connections.append(conn)
             self._own_pids.add(conn.info.backend_pid)
@@ -367,50 +410,87 @@ class PostgresStore(RulesStore):
         the start when it lost a race; fire with its outcome once committed.
         Reads run the same way (L{_read}): at C{READ COMMITTED} a read-only
         transaction costs nothing more.
+
+        A connection that turns out dead (PostgreSQL restarted, its backend
+        terminated) is replaced, and what it was doing is judged by when it
+        died (see L{_job}).
         """
         ended: list[tuple[str, str]] = []
-
-        def job() -> T:
-            for attempt in range(RETRIES + 1):
-                try:
-                    return self._attempt(work, ended)
-                except (pgerrors.SerializationFailure, pgerrors.DeadlockDetected, pgerrors.UniqueViolation) as e:
-                    if attempt == RETRIES:
-                        self._log.warn("gave up after {n} conflicting attempts: {error}", n=attempt + 1, error=e)
-                        raise StorageUnavailable() from e
-                    self.retries += 1
-                    # A short random pause, so two rivals do not meet again.
-                    time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-                except psycopg.OperationalError as e:
-                    # The connection is gone or the server refuses: if a
-                    # COMMIT was under way its outcome is unknown, so do not
-                    # do it again (a request_id makes the client's retry safe).
-                    self._log.error("storage unavailable: {error}", error=str(e))
-                    self._drop_connection()
-                    raise StorageUnavailable() from e
-            raise AssertionError("unreachable")
 
         def report(outcome: Any) -> Any:
             self._report(ended)
             return outcome
 
-        return self._executor.submit(job).addBoth(report)
+        return self._executor.submit(lambda: self._job(work, ended)).addBoth(report)
 
     _read = _write
+
+    def _job(self, work: Callable[[Tx], T], ended: list[tuple[str, str]]) -> T:
+        """
+        Run C{work} until it is done or refused:
+          - lost a race: again from the start, up to L{RETRIES} times;
+          - the connection died before COMMIT was sent: nothing was
+            committed, so again on a new connection, up to L{RECONNECTS}
+            times (after a backend is killed, the next request on each
+            pooled connection finds it dead: that costs no request);
+          - the connection died at or after COMMIT was sent: its outcome is
+            unknown. A request with a C{request_id} is run again on a new
+            connection, where it finds its first outcome if that committed
+            (replay) and is done now if it did not; any other is refused
+            with L{OutcomeUnknown}, never with L{StorageUnavailable}, which
+            says that nothing was changed.
+        """
+        conflicts = reconnects = 0
+        unknown = False  # whether an earlier attempt's COMMIT may have happened
+
+        def give_up() -> StorageUnavailable:
+            return OutcomeUnknown() if unknown else StorageUnavailable()
+
+        while True:
+            try:
+                return self._attempt(work, ended)
+            except (pgerrors.SerializationFailure, pgerrors.DeadlockDetected, pgerrors.UniqueViolation) as e:
+                if conflicts == RETRIES:
+                    self._log.warn("gave up after {n} conflicting attempts: {error}", n=conflicts + 1, error=e)
+                    raise give_up() from e
+                conflicts += 1
+                self.retries += 1
+                # A short random pause, so two rivals do not meet again.
+                time.sleep(random.uniform(0, 0.002 * conflicts))
+            except _Lost as lost:
+                error = lost.__cause__
+                if lost.committing:
+                    if not lost.replayable:
+                        self._log.error("connection lost during COMMIT, outcome unknown: {error}", error=str(error))
+                        raise OutcomeUnknown() from error
+                    unknown = True
+                if reconnects == RECONNECTS:
+                    self._log.error("storage unavailable: {error}", error=str(error))
+                    raise give_up() from error
+                reconnects += 1
+                self.reconnects += 1
+            except psycopg.OperationalError as e:
+                # No connection could be made, or the server refused the
+                # statement or the COMMIT (then it rolled the transaction back).
+                self._log.error("storage unavailable: {error}", error=str(e))
+                self._drop_connection()
+                raise give_up() from e
 
     def _attempt(self, work: Callable[[Tx], T], ended: list[tuple[str, str]]) -> T:
         conn = self._connection()
         refusal: VendePassError | None = None
+        committing = False
+        tx: PostgresTx | None = None
         with conn.cursor() as cur:
-            if self._clock is None:
-                # One round trip: BEGIN, and the transaction's time.
-                cur.execute("BEGIN; SELECT extract(epoch FROM now())::float8")
-                cur.nextset()
-                now = cur.fetchone()[0]  # type: ignore[index]
-            else:
-                cur.execute("BEGIN")
-                now = self._clock.seconds()
             try:
+                if self._clock is None:
+                    # One round trip: BEGIN, and the transaction's time.
+                    cur.execute("BEGIN; SELECT extract(epoch FROM now())::float8")
+                    cur.nextset()
+                    now = cur.fetchone()[0]  # type: ignore[index]
+                else:
+                    cur.execute("BEGIN")
+                    now = self._clock.seconds()
                 tx = self.transaction_class(cur, now)
                 try:
                     result = work(tx)
@@ -420,18 +500,34 @@ class PostgresStore(RulesStore):
                     refusal = e
                 for hold_id, session_id in tx.ended:
                     tx.execute("SELECT pg_notify(?, ?)", (EXPIRED_CHANNEL, f"{hold_id} {session_id}"))
+                committing = True
                 cur.execute("COMMIT")
+            except psycopg.OperationalError as e:
+                if not (conn.closed or conn.broken):
+                    self._rollback(conn, cur)
+                    raise
+                # The connection is dead: its transaction ended with it, or
+                # (the COMMIT was sent) maybe committed first.
+                self._drop_connection()
+                if not (committing and tx is not None and (refusal is not None or not tx.wrote)):
+                    raise _Lost(committing, tx is not None and tx.replayable) from e
+                # Whether the COMMIT happened changes nothing the customer
+                # is told: a refusal stands (what it did is at most the end
+                # of expired holds), and so does what a read read.
             except BaseException:
-                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                    try:
-                        cur.execute("ROLLBACK")
-                    except psycopg.Error:
-                        self._drop_connection()
+                self._rollback(conn, cur)
                 raise
         ended.extend(tx.ended)
         if refusal is not None:
             raise refusal
         return result
+
+    def _rollback(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> None:
+        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+            try:
+                cur.execute("ROLLBACK")
+            except psycopg.Error:
+                self._drop_connection()
 
     def _listen(self) -> None:
         """
