@@ -606,7 +606,7 @@ class BuyTests(ClientTestCase):
         self.assertEqual(picked["price"], brl("749.50"))
         chosen = self.result(conn, conn.client.buy(flights=[TINY, BIG], seats=["2A", None]))
         self.assertEqual(chosen["legs"], [leg(TINY, "2A"), leg(BIG, "1A")])
-        self.assertEqual(self.result(conn, conn.client.tickets()), [picked, chosen])
+        self.assertEqual(self.result(conn, conn.client.tickets()), [chosen, picked])
 
     def test_request_id_passes_through(self) -> None:
         conn = self.connect(ALICE)

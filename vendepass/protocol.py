@@ -620,10 +620,11 @@ class VendePassProtocol(LineReceiver):
                 raise InvalidRequest("Field 'cursor' must be a 'next_cursor' from an earlier answer.", field="cursor")
         active_only = _field(data, "active_only", bool, required=False) or False
         page = await self.service.tickets(self.session, TICKETS_LIMIT if limit is None else limit, after, active_only)
-        return {
-            "tickets": [wire.ticket(t) for t in page.tickets],
-            "next_cursor": None if page.after is None else wire.ticket_cursor(page.after),
-        }
+        answer: dict[str, Any] = {"tickets": [wire.ticket(t) for t in page.tickets]}
+        if page.after is not None:
+            # Only when more follow: a history of one page answers as before.
+            answer["next_cursor"] = wire.ticket_cursor(page.after)
+        return answer
 
     async def _cancel(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None
