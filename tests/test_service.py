@@ -693,8 +693,9 @@ class AccountTests(ServiceTestMixin, SynchronousTestCase):
 
 class PurchaseCapTests(ServiceTestMixin, SynchronousTestCase):
     """
-    One customer cannot take a flight's seats in a burst: purchase requests
-    per customer per minute, and seats per customer per flight.
+    One customer cannot take a flight's seats in a burst (purchase requests
+    per customer per minute, seats per customer per flight), nor crowd
+    others out with reads of their tickets.
     """
 
     def setUp(self) -> None:
@@ -730,6 +731,35 @@ class PurchaseCapTests(ServiceTestMixin, SynchronousTestCase):
         self.clock.advance(120)
         self.ok(self.service.sweep())
         self.assertEqual(self.service._purchases, {})
+
+    def test_ticket_reads_take_turns(self) -> None:
+        """
+        One customer's C{tickets} reads on several connections run one at
+        a time; another customer's do not wait for them.
+        """
+        started: list[tuple[str, Deferred[Any]]] = []
+        real = self.service.store.ticket_page
+
+        def page(username: str, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            started.append((username, d))
+            return d
+
+        self.patch(self.service.store, "ticket_page", page)
+        first, _ = self.session(ALICE)
+        second, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        reads = [self.service.tickets(first), self.service.tickets(second), self.service.tickets(bob)]
+        self.assertEqual([u for u, _ in started], ["alice", "bob"])
+        answer = self.ok(real("alice", 1))
+        started[0][1].callback(answer)
+        self.assertEqual([u for u, _ in started], ["alice", "bob", "alice"])
+        self.assertIs(self.ok(reads[0]), answer)
+        started[2][1].callback(answer)
+        started[1][1].callback(answer)
+        self.assertIs(self.ok(reads[1]), answer)
+        self.assertIs(self.ok(reads[2]), answer)
+        self.assertEqual(self.service._ticket_reads, {})
 
     def test_seats_per_flight(self) -> None:
         """

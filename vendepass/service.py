@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -183,6 +183,8 @@ class ReservationService(Service):
         self.max_purchases_per_minute = max_purchases_per_minute
         # Per customer: when their purchase requests of the last window came.
         self._purchases: dict[str, deque[float]] = {}
+        # Per customer reading their tickets now: their reads take turns.
+        self._ticket_reads: dict[str, DeferredLock] = {}
         self._hasher = hasher
         self._cpu = cpu
         self._network: Network = store.network()
@@ -663,13 +665,24 @@ class ReservationService(Service):
         A page of at most C{limit} (1 to L{MAX_TICKETS_LIMIT}) of the
         customer's tickets, newest first, after the key C{after} of the
         previous page.
+
+        One customer's reads take turns, whatever connections they come
+        on: a customer asking on many connections at once gets one read's
+        share of the store and the reactor, not one per connection.
         """
 
         async def tickets() -> TicketPage:
             username = self._user(session)
             if not 1 <= limit <= MAX_TICKETS_LIMIT:
                 raise InvalidRequest(f"Field 'limit' must be between 1 and {MAX_TICKETS_LIMIT}.", field="limit")
-            return await self.store.ticket_page(username, limit, after, active_only)
+            turn = self._ticket_reads.setdefault(username, DeferredLock())
+            await turn.acquire()
+            try:
+                return await self.store.ticket_page(username, limit, after, active_only)
+            finally:
+                turn.release()
+                if not turn.locked and not turn.waiting:
+                    del self._ticket_reads[username]
 
         return _run(tickets())
 
