@@ -848,8 +848,10 @@ class PostgresStoreTests(StoreContractMixin, SynchronousTestCase):
     """
 
     def make_store(self, clock: Clock) -> IStore:
+        # Reads on an executor of their own, as in production.
         store = PostgresStore.open(
-            pg.fresh_url(self), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=clock
+            pg.fresh_url(self), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=clock,
+            read_executor=InlineExecutor(),
         )
         store.start()
         self.addCleanup(store.stop)
