@@ -663,6 +663,27 @@ class BuyTests(ClientTestCase):
         other = self.connect(ALICE)
         self.assertEqual(self.result(other, other.client.tickets()), [cancelled])
 
+    def test_tickets_follow_cursors(self) -> None:
+        """
+        C{tickets()} follows the server's cursors (pages of 200) and lists
+        every ticket, newest first; C{active_only} leaves out cancelled
+        ones; C{tickets_page} is one answer, with its C{next_cursor}.
+        """
+        conn = self.connect(ALICE)
+        bought = []
+        for _ in range(203):
+            ticket = self.result(conn, conn.client.buy(flights=[BIG]))
+            self.result(conn, conn.client.cancel(ticket["ticket_id"]))
+            bought.append(ticket["ticket_id"])
+        active = self.result(conn, conn.client.buy(flights=[BIG]))["ticket_id"]
+        listed = self.result(conn, conn.client.tickets())
+        self.assertEqual([t["ticket_id"] for t in listed], [active, *bought[::-1]])
+        self.assertEqual([t["ticket_id"] for t in self.result(conn, conn.client.tickets(active_only=True))], [active])
+        page = self.result(conn, conn.client.tickets_page(limit=2))
+        self.assertEqual([t["ticket_id"] for t in page["tickets"]], [active, bought[-1]])
+        page = self.result(conn, conn.client.tickets_page(limit=2, cursor=page["next_cursor"]))
+        self.assertEqual([t["ticket_id"] for t in page["tickets"]], bought[-2:-4:-1])
+
     def test_cancel_refused(self) -> None:
         alice = self.connect(ALICE)
         bob = self.connect(BOB)
