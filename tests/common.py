@@ -8,16 +8,19 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from vendepass.fixtures import load
 from vendepass.passwords import ScryptHasher
 from vendepass.protocol import VendePassFactory, VendePassProtocol
 from vendepass.service import DEFAULT_SALES_WINDOW_DAYS, ReservationService
-from vendepass.store import InlineExecutor
+from vendepass.store import IExecutor, InlineExecutor
 from vendepass.store.sqlite import SQLiteStore
 
 HERE = Path(__file__).resolve().parent
@@ -169,3 +172,33 @@ FLIGHTS: dict[str, dict[str, Any]] = {
         "price": brl("749.50"),
     },
 }
+
+
+@implementer(IExecutor)
+class QueueExecutor:
+    """
+    Runs nothing until the test says so: C{run_next} runs the oldest job.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def submit(self, job: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run_next(self) -> None:
+        job, d = self.jobs.pop(0)
+        try:
+            result = job()
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass

@@ -167,7 +167,7 @@ class Matrix(SynchronousTestCase):
         self.bob_tickets = self.bob.ok(4)["tickets"]
         self.assertEqual(
             [t["ticket_id"] for t in self.alice_tickets],
-            [self.alice_from_hold, self.alice_active, self.alice_cancelled],
+            [self.alice_cancelled, self.alice_active, self.alice_from_hold],  # newest first
         )
         self.assertEqual([t["ticket_id"] for t in self.bob_tickets], [self.bob_active])
         self.problems: list[str] = []
@@ -404,7 +404,7 @@ class TicketIdTests(Matrix):
         self.check_same("bob cancel alice's departed ticket", ask(self.bob, 5, {"ticket_id": early}), early, missing, MISSING_TICKET)
         self.assertNoProblems()
         self.assertEqual(
-            [t["status"] for t in self.alice.ok(4)["tickets"]], ["active", "active", "cancelled", "active"]
+            [t["status"] for t in self.alice.ok(4)["tickets"]], ["active", "cancelled", "active", "active"]
         )
         self.assertEqual(self.bob.ok(4)["tickets"], self.bob_tickets)
 
@@ -508,7 +508,7 @@ class TicketListTests(Matrix):
         self.assertEqual(reply["error"]["code"], "hold_not_found")
         ticket = self.bob.ok(3, {"flights": [BIG], "seats": ["4A"], "username": "alice"})["ticket"]
         self.truth[BIG]["4A"] = ("sold", "bob")
-        self.bob_tickets = [*self.bob_tickets, ticket]
+        self.bob_tickets = [ticket, *self.bob_tickets]
         self.check_untouched("naming alice")
         self.assertNoProblems()
 
@@ -541,7 +541,7 @@ class RequestIdTests(Matrix):
         bob_hold = self.bob.ok(6, {"flights": [BIG], "seats": ["7B"], "request_id": "k-hold"})["hold"]
         self.assertNotEqual(bob_hold["hold_id"], alice_hold["hold_id"])
         self.truth[BIG].update({"7A": ("sold", "bob"), "7B": ("held", "bob")})
-        self.bob_tickets = [*self.bob_tickets, bob_ticket]
+        self.bob_tickets = [bob_ticket, *self.bob_tickets]
         for opcode, data, reference in [
             (5, {"ticket_id": MISSING_TICKET, "request_id": "k-cancel"}, {"ticket_id": MISSING_TICKET}),
             (5, {"ticket_id": self.alice_active, "request_id": "k-cancel"}, {"ticket_id": MISSING_TICKET}),

@@ -34,7 +34,7 @@ from vendepass.client.app import App, Console
 from vendepass.client.i18n import Texts
 from vendepass.service import ReservationService
 
-from tests.common import ALICE, BOB, START, TINY, TOMORROW, LineClient, make_service
+from tests.common import ALICE, BIG, BOB, START, TINY, TOMORROW, LineClient, make_service
 from tests.test_client_cli import LiveServer, clock, core, serve, stop_listening
 
 JSON = dict[str, Any]
@@ -543,6 +543,31 @@ class PurchaseTests(AppTestCase):
         await app.expect("You have no active tickets.")
         await app.expect("Choose: ")
         await self.quit(app)
+
+    async def test_long_history(self) -> None:
+        """
+        With more tickets than a page, "My tickets" shows the most recent
+        page and says how to see every one; the cancel list has every
+        active ticket, and only those, however many were cancelled.
+        """
+        alice = self.customer(ALICE)
+        bought = [alice.ok(BUY, {"flights": [BIG]})["ticket"]["ticket_id"] for _ in range(55)]
+        for ticket_id in bought[1:-2]:
+            alice.ok(5, {"ticket_id": ticket_id})
+        screen = self.in_process(terminal=False)
+        await self.log_in(screen)
+        screen.send("2")
+        listed = await screen.expect("Choose: ")
+        self.assertIn("These are your most recent tickets; vendepass-client tickets --all lists every one.", listed)
+        self.assertIn(bought[-1], listed)
+        self.assertNotIn(bought[0], listed)
+        screen.send("3")
+        listed = await screen.expect("Ticket to cancel (empty to go back): ")
+        self.assertEqual([t for t in bought if t in listed], [bought[0], bought[-2], bought[-1]])
+        screen.send("")
+        await screen.expect("Choose: ")
+        screen.send("0")
+        self.assertEqual(await screen.end(), 0, screen.transcript("exit code"))
 
 
 class FrictionTests(AppTestCase):

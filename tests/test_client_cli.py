@@ -712,7 +712,8 @@ class TicketsTests(CLITestCase):
 
         run = await self.as_alice("--json", "tickets")
         self.assertOK(run)
-        self.assertEqual(run.json(), {"tickets": [first, second]})
+        # Newest first.
+        self.assertEqual(run.json(), {"tickets": [second, first]})
 
         run = await self.as_alice("tickets")
         self.assertOK(run)
@@ -721,10 +722,44 @@ class TicketsTests(CLITestCase):
         self.assertEqual(
             [row.split() for row in rows],
             [
-                [first["ticket_id"], "active", "SSA", ">", "REC", TOMORROW, "08:00", "2B", "R$", "250.00"],
                 [second["ticket_id"], "active", "SSA", ">", "REC", ">", "MAO", TOMORROW, "08:00", "1A,", "3C", "R$", "849.90"],
+                [first["ticket_id"], "active", "SSA", ">", "REC", TOMORROW, "08:00", "2B", "R$", "250.00"],
             ],
         )
+
+    async def test_pages(self) -> None:
+        """
+        C{tickets} shows one page (C{--limit}) and says how to see the
+        next (C{--cursor}) or every one (C{--all}); C{--active} leaves out
+        cancelled tickets.
+        """
+        bought = []
+        for seat in ("1A", "1B", "2A"):
+            bought.append((await self.as_alice("--json", "buy", TINY, "--seat", seat)).json()["ticket"]["ticket_id"])
+        await self.as_alice("cancel", bought[0])
+        newest_first = bought[::-1]
+
+        run = await self.as_alice("tickets", "--limit", "2")
+        self.assertOK(run)
+        *rows, more = run.out.splitlines()[2:]
+        self.assertEqual([row.split()[0] for row in rows], newest_first[:2])
+        page = (await self.as_alice("--json", "tickets", "--limit", "2")).json()
+        cursor = page["next_cursor"]
+        self.assertEqual(more, f"More tickets: add --cursor {cursor} for the next ones, or --all for every one.")
+
+        run = await self.as_alice("--json", "tickets", "--limit", "2", "--cursor", cursor)
+        self.assertEqual([t["ticket_id"] for t in run.json()["tickets"]], newest_first[2:])
+        self.assertNotIn("next_cursor", run.json())
+        run = await self.as_alice("--json", "tickets", "--all")
+        self.assertEqual([t["ticket_id"] for t in run.json()["tickets"]], newest_first)
+        run = await self.as_alice("--json", "tickets", "--all", "--active")
+        self.assertEqual([t["ticket_id"] for t in run.json()["tickets"]], newest_first[:2])
+
+        run = await self.as_alice("tickets", "--all", "--limit", "2")
+        self.assertEqual(run.code, 2, run)
+        run = await self.as_alice("tickets", "--cursor", "nonsense")
+        self.assertEqual(run.code, 1, run)
+        self.assertIn("cursor", run.err)
 
 
 class CancelTests(CLITestCase):

@@ -606,7 +606,7 @@ class BuyTests(ClientTestCase):
         self.assertEqual(picked["price"], brl("749.50"))
         chosen = self.result(conn, conn.client.buy(flights=[TINY, BIG], seats=["2A", None]))
         self.assertEqual(chosen["legs"], [leg(TINY, "2A"), leg(BIG, "1A")])
-        self.assertEqual(self.result(conn, conn.client.tickets()), [picked, chosen])
+        self.assertEqual(self.result(conn, conn.client.tickets()), [chosen, picked])
 
     def test_request_id_passes_through(self) -> None:
         conn = self.connect(ALICE)
@@ -662,6 +662,27 @@ class BuyTests(ClientTestCase):
         # Tickets belong to the user: seen from any connection.
         other = self.connect(ALICE)
         self.assertEqual(self.result(other, other.client.tickets()), [cancelled])
+
+    def test_tickets_follow_cursors(self) -> None:
+        """
+        C{tickets()} follows the server's cursors (pages of 200) and lists
+        every ticket, newest first; C{active_only} leaves out cancelled
+        ones; C{tickets_page} is one answer, with its C{next_cursor}.
+        """
+        conn = self.connect(ALICE)
+        bought = []
+        for _ in range(203):
+            ticket = self.result(conn, conn.client.buy(flights=[BIG]))
+            self.result(conn, conn.client.cancel(ticket["ticket_id"]))
+            bought.append(ticket["ticket_id"])
+        active = self.result(conn, conn.client.buy(flights=[BIG]))["ticket_id"]
+        listed = self.result(conn, conn.client.tickets())
+        self.assertEqual([t["ticket_id"] for t in listed], [active, *bought[::-1]])
+        self.assertEqual([t["ticket_id"] for t in self.result(conn, conn.client.tickets(active_only=True))], [active])
+        page = self.result(conn, conn.client.tickets_page(limit=2))
+        self.assertEqual([t["ticket_id"] for t in page["tickets"]], [active, bought[-1]])
+        page = self.result(conn, conn.client.tickets_page(limit=2, cursor=page["next_cursor"]))
+        self.assertEqual([t["ticket_id"] for t in page["tickets"]], bought[-2:-4:-1])
 
     def test_cancel_refused(self) -> None:
         alice = self.connect(ALICE)

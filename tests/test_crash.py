@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-from tests.test_end_to_end import DEADLINE, Connection, ServerProcess, ServerTestCase
+from tests.test_end_to_end import DEADLINE, UNCAPPED, Connection, ServerProcess, ServerTestCase
 
 WORKERS = 4
 DEFAULT_CYCLES = 10
@@ -337,7 +337,7 @@ def verify(server: ServerProcess, sessions: dict[str, Connection], ledger: Ledge
     pending = {(p.user, p.flight, p.seat): p for p in unknown}
     active_seats: dict[tuple[str, str], str] = {}
     for username, connection in sessions.items():
-        tickets = connection.call(4)["tickets"]
+        tickets = connection.every_ticket()
         listed = {t["ticket_id"]: t for t in tickets}
         if len(listed) != len(tickets):
             problems.append(f"{username}: a ticket id is listed twice")
@@ -400,7 +400,7 @@ class KillNineTests(ServerTestCase):
         print(f"\n[T5] kill -9 durability: seed {seed} (VENDEPASS_CRASH_SEED={seed} replays it), {cycles} cycles")
         started = time.monotonic()
 
-        server = self.start()
+        server = self.start(*UNCAPPED)
         setup = Connection(server.port)
         try:
             pool = SeatPool(seat_layouts(setup))
@@ -460,7 +460,7 @@ class KillNineTests(ServerTestCase):
             if not acknowledged:
                 problems.append("no purchase was acknowledged in this cycle: the harness proves nothing")
 
-            server = self.start()
+            server = self.start(*UNCAPPED)
             last = cycle == cycles
             listed = self.sign_in(server, everyone if last else users, register=False)
             problems.extend(verify(server, listed, ledger, unknown))

@@ -35,7 +35,7 @@ from typing import Iterator
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.test_crash import SeatPool, seat_layouts
-from tests.test_end_to_end import DEADLINE, Connection, ServerProcess, twistd
+from tests.test_end_to_end import DEADLINE, UNCAPPED, Connection, ServerProcess, twistd
 
 PURCHASES = 300
 DATABASE = "vendepass.sqlite3"
@@ -116,7 +116,7 @@ class TracedServer(ServerProcess):
             [
                 strace, "-f", "-tt", "-yy", "-s", "64", "-e", f"trace={TRACED}", "-o", str(trace), "--",
                 *server, "-n", "--logfile=-", "--pidfile=", "vendepass",
-                "--listen", "tcp:0:interface=127.0.0.1", "--db", str(directory / DATABASE),
+                "--listen", "tcp:0:interface=127.0.0.1", "--db", str(directory / DATABASE), *UNCAPPED,
             ],
             cwd=directory,
             stdout=subprocess.PIPE,

@@ -25,6 +25,8 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, TestCase
 
 DEADLINE = 60.0
+# Server options for load tests whose few customers buy flat out: no purchase caps.
+UNCAPPED = ("--max-seats-per-flight", "0", "--max-purchases-per-minute", "0")
 
 
 def twistd() -> list[str]:
@@ -128,6 +130,20 @@ class Connection:
         data = message["data"]
         assert isinstance(data, dict)
         return data
+
+    def every_ticket(self) -> list[dict[str, Any]]:
+        """
+        All the customer's tickets, newest first: every page of C{tickets}.
+        """
+        tickets: list[dict[str, Any]] = []
+        data: dict[str, Any] = {"limit": 200}
+        for _ in range(1000):
+            page = self.call(4, data)
+            tickets += page["tickets"]
+            if page.get("next_cursor") is None:
+                return tickets
+            data = {"limit": 200, "cursor": page["next_cursor"]}
+        raise AssertionError("more than 1,000 pages of tickets")
 
     def close(self) -> None:
         self.file.close()

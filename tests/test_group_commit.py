@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.common import BIG, FAST_HASHER, MINI, START, TINY
+from tests.common import BIG, FAST_HASHER, MINI, START, TINY, QueueExecutor
 from tests.test_storage_faults import FaultyConnection
 from tests.test_store import SQLiteMemoryStoreTests
 from vendepass.errors import HoldExpired, SeatUnavailable, StorageUnavailable
@@ -26,36 +26,6 @@ from vendepass.store import IExecutor, IStore, InlineExecutor, LegRequest
 from vendepass.store.sqlite import SQLiteStore
 
 T = TypeVar("T")
-
-
-@implementer(IExecutor)
-class QueueExecutor:
-    """
-    Runs nothing until the test says so: C{run_next} runs the oldest job.
-    """
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def submit(self, job: Callable[[], T]) -> Deferred[T]:
-        d: Deferred[T] = Deferred()
-        self.jobs.append((job, d))
-        return d
-
-    def run_next(self) -> None:
-        job, d = self.jobs.pop(0)
-        try:
-            result = job()
-        except BaseException:
-            d.errback(Failure())
-        else:
-            d.callback(result)
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
 
 class SQLiteGroupCommitStoreTests(SQLiteMemoryStoreTests):

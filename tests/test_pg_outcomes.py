@@ -278,12 +278,15 @@ class ThreadedTestCase(TestCase):
     """
 
     CONNECTIONS = 4
+    READERS = 2
 
     def setUp(self) -> None:
         self.url = pg.fresh_url(self)
         self.store = PostgresStore.open(
             self.url, ThreadExecutor(reactor, threads=self.CONNECTIONS),  # type: ignore[arg-type]
             lambda: load(MINI), FAST_HASHER.hash,
+            # Reads on threads and connections of their own, as in production.
+            read_executor=ThreadExecutor(reactor, threads=self.READERS),  # type: ignore[arg-type]
         )
         self.store.start()
         self.addCleanup(self.store.stop)
@@ -300,20 +303,23 @@ class PoolTests(ThreadedTestCase):
         # One transaction on every thread at once: each has its connection.
         barrier = threading.Barrier(self.CONNECTIONS)
         await gatherResults([self.store._write(lambda tx: barrier.wait(10)) for _ in range(self.CONNECTIONS)])
+        readers = threading.Barrier(self.READERS)
+        await gatherResults([self.store._read(lambda tx: readers.wait(10)) for _ in range(self.READERS)])
         pids = [conn.info.backend_pid for conn in self.store._connections]
-        self.assertEqual(len(set(pids)), self.CONNECTIONS)
-        self.assertEqual(_terminate(self.url, pids), self.CONNECTIONS)
+        self.assertEqual(len(set(pids)), self.CONNECTIONS + self.READERS)
+        self.assertEqual(_terminate(self.url, pids), self.CONNECTIONS + self.READERS)
         for round in range(3):
             calls: list[Deferred[Any]] = [
                 self.store.tickets("alice"),
                 self.store.seats(self.flight),
+                self.store.password_hash("alice"),
                 self.store.buy("alice", [LegRequest(self.flight, None)], uuid.uuid4().hex),
                 self.store.buy("bob", [LegRequest(self.flight, None)]),
             ]
             results = await DeferredList(calls, consumeErrors=True)
             failed = [r.getErrorMessage() for ok, r in results if not ok]
             self.assertEqual(failed, [], f"round {round}")
-        self.assertGreaterEqual(self.store.reconnects, 1)
+        self.assertGreaterEqual(self.store.reconnects, self.CONNECTIONS + self.READERS)
         self.assertEqual(_count(self.url, "SELECT COUNT(*) FROM tickets"), 6)
 
 

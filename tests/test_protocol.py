@@ -637,17 +637,84 @@ class BuyingTests(ProtocolTestCase):
         first = buy(client, [TINY])
         self.clock.advance(1)
         second = buy(client, [TINY, BIG])
-        self.assertEqual(client.ok(4), {"tickets": [first, second]})
+        # Newest first.
+        self.assertEqual(client.ok(4), {"tickets": [second, first]})
         # Only one's own tickets.
         self.assertEqual(self.connect(BOB).ok(4), {"tickets": []})
 
     def test_tickets_same_instant_in_purchase_order(self) -> None:
         """
-        Tickets bought in the same clock tick are listed in the order they were bought.
+        Tickets bought in the same clock tick are listed newest first: in
+        the reverse of the order they were bought.
         """
         client = self.connect(ALICE)
         bought = [buy(client, [BIG])["ticket_id"] for _ in range(8)]
-        self.assertEqual([t["ticket_id"] for t in client.ok(4)["tickets"]], bought)
+        self.assertEqual([t["ticket_id"] for t in client.ok(4)["tickets"]], bought[::-1])
+
+    def test_tickets_in_pages(self) -> None:
+        """
+        C{tickets} answers a page of at most C{limit} tickets (default 50),
+        newest first, with a C{next_cursor} while more follow; following
+        the cursors lists every ticket once. A client that sends no
+        C{limit} gets the first page and the cursor.
+        """
+        client = self.connect(ALICE)
+        bought = []
+        for i in range(53):
+            bought.append(buy(client, [BIG])["ticket_id"])
+            self.clock.advance(0.5 * (i % 2))
+        newest_first = bought[::-1]
+        old_client = client.ok(4)
+        self.assertEqual([t["ticket_id"] for t in old_client["tickets"]], newest_first[:50])
+        self.assertIsInstance(old_client["next_cursor"], str)
+        rest = client.ok(4, {"cursor": old_client["next_cursor"]})
+        self.assertEqual(rest, {"tickets": rest["tickets"]})  # the last page: no cursor
+        self.assertEqual([t["ticket_id"] for t in rest["tickets"]], newest_first[50:])
+        listed, cursor = [], None
+        for _ in range(20):
+            page = client.ok(4, {"limit": 7} if cursor is None else {"limit": 7, "cursor": cursor})
+            self.assertLessEqual(len(page["tickets"]), 7)
+            listed += [t["ticket_id"] for t in page["tickets"]]
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                break
+        self.assertEqual(listed, newest_first)
+        # Another customer's cursor shows only one's own tickets.
+        self.assertEqual(self.connect(BOB).ok(4, {"cursor": old_client["next_cursor"]}), {"tickets": []})
+
+    def test_tickets_active_only(self) -> None:
+        client = self.connect(ALICE)
+        first = buy(client, [BIG])
+        self.clock.advance(1)
+        second = buy(client, [BIG])
+        client.ok(5, {"ticket_id": second["ticket_id"]})
+        self.assertEqual(client.ok(4, {"active_only": True}), {"tickets": [first]})
+        self.assertEqual([t["status"] for t in client.ok(4, {"active_only": False})["tickets"]], ["cancelled", "active"])
+
+    def test_tickets_refuses_bad_paging(self) -> None:
+        """
+        A C{limit} outside 1 to 200, a cursor that no answer gave, or a
+        field of the wrong type is refused with C{invalid_request} naming
+        the field.
+        """
+        client = self.connect(ALICE)
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"limit": 0}, "limit"),
+            ({"limit": 201}, "limit"),
+            ({"limit": "5"}, "limit"),
+            ({"limit": True}, "limit"),
+            ({"cursor": "not a cursor"}, "cursor"),
+            ({"cursor": "t1." + "A" * 97}, "cursor"),
+            ({"cursor": "t1.bmFuIDE"}, "cursor"),  # "nan 1"
+            ({"cursor": "t1.MS41IC0z"}, "cursor"),  # "1.5 -3"
+            ({"cursor": 12}, "cursor"),
+            ({"active_only": "yes"}, "active_only"),
+        ]
+        for data, field in cases:
+            reply = client.request(4, data)
+            self.assertFalse(reply["ok"], data)
+            self.assertEqual((reply["error"]["code"], reply["error"]["field"]), ("invalid_request", field), data)
+        self.assertEqual(client.ok(4, {"limit": 200}), {"tickets": []})
 
     def test_cancel(self) -> None:
         client = self.connect(ALICE)
@@ -1417,10 +1484,10 @@ class InternalErrorTests(ProtocolTestCase):
     def test_store_fails(self) -> None:
         client = self.connect(ALICE)
 
-        def broken(username: str) -> Deferred[Any]:
+        def broken(username: str, *args: Any) -> Deferred[Any]:
             return fail(RuntimeError("disk on fire"))
 
-        self.patch(self.service.store, "tickets", broken)
+        self.patch(self.service.store, "ticket_page", broken)
         self.assertRefused(client, 4, None, INTERNAL_ERROR)
         [event] = self.failures()
         self.assertEqual((event["opcode"], event["name"]), (4, "tickets"))
@@ -1509,7 +1576,7 @@ class FramingTests(ProtocolTestCase):
         early one waits on the store.
         """
         client = self.connect(ALICE)
-        stalled = self.stall("tickets")
+        stalled = self.stall("ticket_page")
         packet = b"".join(
             [
                 line({"id": "t", "opcode": 4}),
@@ -1534,7 +1601,7 @@ class FramingTests(ProtocolTestCase):
         answered, and then every waiting request is answered in order.
         """
         client = self.connect(ALICE)
-        stalled = self.stall("tickets")
+        stalled = self.stall("ticket_page")
         send(client, line({"id": "t", "opcode": 4}))
         self.assertEqual(client.transport.producerState, "producing")
         pings = [line({"id": i, "opcode": 0}) for i in range(READ_AHEAD // 20)]
@@ -1553,7 +1620,7 @@ class FramingTests(ProtocolTestCase):
         refused as too long and the connection closed.
         """
         client = self.connect(ALICE)
-        stalled = self.stall("tickets")
+        stalled = self.stall("ticket_page")
         send(client, line({"id": "t", "opcode": 4}))
         send(client, b"x" * (MAX_LINE_BYTES + 10))
         self.assertEqual(client.transport.producerState, "paused")

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from tests.common import ALICE, BIG, BOB, DIRECT, FAST_HASHER, MINI, NO_SUCH_DAY, START, TINY, make_service
 from vendepass.errors import (
+    PurchaseLimit,
     AlreadyCancelled,
     BadCredentials,
     FlightDeparted,
@@ -254,7 +255,7 @@ class HoldLifecycleTests(ServiceTestMixin, SynchronousTestCase):
         self.clock.advance(60)
         error = self.refused(self.service.buy(session, hold_id=hold.hold_id), HoldExpired)
         self.assertEqual(error.details, {"hold_id": hold.hold_id})
-        self.assertEqual(self.ok(self.service.tickets(session)), [])
+        self.assertEqual(list(self.ok(self.service.tickets(session)).tickets), [])
         self.assertEqual(self.seats(TINY), {})
         self.assertEqual(self.seats(BIG), {})
 
@@ -281,7 +282,7 @@ class HoldLifecycleTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(ticket.bought_at, START + 30)
         self.assertEqual(session.holds, set())
         self.assertEqual(self.seats(TINY), {"1B": ("sold", "alice")})
-        self.assertEqual(self.ok(self.service.tickets(session)), [ticket])
+        self.assertEqual(list(self.ok(self.service.tickets(session)).tickets), [ticket])
         # The hold's timer is gone: no expiry event, the seat stays sold.
         self.clock.advance(120)
         self.assertEqual(events.events, [])
@@ -295,7 +296,7 @@ class HoldLifecycleTests(ServiceTestMixin, SynchronousTestCase):
         self.refused(self.service.buy(bob, hold_id=hold.hold_id), HoldNotFound)
         self.refused(self.service.release(bob, hold.hold_id), HoldNotFound)
         self.assertEqual(self.seats(TINY), {"1A": ("held", "alice")})
-        self.assertEqual(self.ok(self.service.tickets(bob)), [])
+        self.assertEqual(list(self.ok(self.service.tickets(bob)).tickets), [])
 
     def test_buy_own_hold_from_another_session(self) -> None:
         """
@@ -690,6 +691,94 @@ class AccountTests(ServiceTestMixin, SynchronousTestCase):
         self.refused(self.service.release(session, "H0"), NotLoggedIn)
 
 
+class PurchaseCapTests(ServiceTestMixin, SynchronousTestCase):
+    """
+    One customer cannot take a flight's seats in a burst (purchase requests
+    per customer per minute, seats per customer per flight), nor crowd
+    others out with reads of their tickets.
+    """
+
+    def setUp(self) -> None:
+        self.use(make_service())
+
+    def test_purchases_per_minute(self) -> None:
+        """
+        Past C{max_purchases_per_minute} purchase requests (one step or of
+        a hold, granted or refused) in any 60 s, a customer's next is
+        refused with C{purchase_limit} and when to try again, and buys
+        nothing; other customers are not slowed; the window slides.
+        """
+        self.service.max_purchases_per_minute = 3
+        alice, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        self.ok(self.service.buy(alice, flight_ids=[BIG]))
+        self.clock.advance(10)
+        hold = self.ok(self.service.hold(alice, [BIG]))
+        self.ok(self.service.buy(alice, hold_id=hold.hold_id))
+        self.clock.advance(10)
+        # A refused purchase counts too (1A is taken).
+        self.refused(self.service.buy(alice, flight_ids=[BIG], seats=["1A"]), SeatUnavailable)
+        refused = self.refused(self.service.buy(alice, flight_ids=[BIG]), PurchaseLimit)
+        self.assertEqual(refused.details, {"limit": 3, "retry_after": 40})
+        self.assertEqual(refused.code, "purchase_limit")
+        self.assertEqual(len(self.ok(self.service.tickets(alice)).tickets), 2)
+        self.ok(self.service.buy(bob, flight_ids=[BIG]))
+        self.clock.advance(39)
+        self.refused(self.service.buy(alice, flight_ids=[BIG]), PurchaseLimit)
+        self.clock.advance(1)  # the first purchase is 60 s old
+        self.ok(self.service.buy(alice, flight_ids=[BIG]))
+        # The table forgets customers with no purchase in the last minute.
+        self.clock.advance(120)
+        self.ok(self.service.sweep())
+        self.assertEqual(self.service._purchases, {})
+
+    def test_ticket_reads_take_turns(self) -> None:
+        """
+        One customer's C{tickets} reads on several connections run one at
+        a time; another customer's do not wait for them.
+        """
+        started: list[tuple[str, Deferred[Any]]] = []
+        real = self.service.store.ticket_page
+
+        def page(username: str, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            started.append((username, d))
+            return d
+
+        self.patch(self.service.store, "ticket_page", page)
+        first, _ = self.session(ALICE)
+        second, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        reads = [self.service.tickets(first), self.service.tickets(second), self.service.tickets(bob)]
+        self.assertEqual([u for u, _ in started], ["alice", "bob"])
+        answer = self.ok(real("alice", 1))
+        started[0][1].callback(answer)
+        self.assertEqual([u for u, _ in started], ["alice", "bob", "alice"])
+        self.assertIs(self.ok(reads[0]), answer)
+        started[2][1].callback(answer)
+        started[1][1].callback(answer)
+        self.assertIs(self.ok(reads[1]), answer)
+        self.assertIs(self.ok(reads[2]), answer)
+        self.assertEqual(self.service._ticket_reads, {})
+
+    def test_seats_per_flight(self) -> None:
+        """
+        The seats one customer may have on a flight (held or bought) are
+        capped: one account cannot buy a whole flight in one-step
+        purchases, while other customers still can buy.
+        """
+        self.service.store.max_seats_per_flight = 9  # type: ignore[attr-defined]
+        alice, _ = self.session(ALICE)
+        bob, _ = self.session(BOB)
+        for _ in range(9):
+            self.ok(self.service.buy(alice, flight_ids=[BIG]))
+        refused = self.refused(self.service.buy(alice, flight_ids=[BIG]), PurchaseLimit)
+        self.assertEqual(refused.details, {"limit": 9, "flight": BIG})
+        self.refused(self.service.hold(alice, [BIG]), PurchaseLimit)
+        self.ok(self.service.buy(bob, flight_ids=[BIG]))
+        self.assertEqual(len(self.ok(self.service.tickets(alice)).tickets), 9)
+
+
 class FlightRulesTests(ServiceTestMixin, SynchronousTestCase):
     """
     Which flights can be sold: the sales window, departures, itineraries.
@@ -725,7 +814,7 @@ class FlightRulesTests(ServiceTestMixin, SynchronousTestCase):
         error = self.refused(self.service.buy(bob, flight_ids=[TINY], seats=["1A\n"]), UnknownSeat)
         self.assertEqual(error.details, {"flight": TINY, "seat": "1A\n"})
         self.refused(self.service.hold(bob, [TINY], ["2B\n"]), UnknownSeat)
-        self.assertEqual(self.ok(self.service.tickets(bob)), [])
+        self.assertEqual(list(self.ok(self.service.tickets(bob)).tickets), [])
         flight = self.service.schedule().by_id[TINY]
         self.assertEqual(self.ok(self.service.store.free_seats([flight])), {TINY: 3})
 
@@ -791,7 +880,7 @@ class FlightRulesTests(ServiceTestMixin, SynchronousTestCase):
         hold = self.ok(self.service.hold(session, [TINY, BIG]))
         self.clock.advance(TINY_DEPARTS - self.clock.seconds())
         self.refused(self.service.buy(session, hold_id=hold.hold_id), FlightDeparted)
-        self.assertEqual(self.ok(self.service.tickets(session)), [])
+        self.assertEqual(list(self.ok(self.service.tickets(session)).tickets), [])
 
     def test_cancel(self) -> None:
         alice, _ = self.session(ALICE)
@@ -803,7 +892,7 @@ class FlightRulesTests(ServiceTestMixin, SynchronousTestCase):
         self.assertEqual(cancelled.status, "cancelled")
         self.assertEqual(self.seats(TINY), {})
         self.refused(self.service.cancel(alice, ticket.ticket_id), AlreadyCancelled)
-        self.assertEqual(self.ok(self.service.tickets(alice)), [cancelled])
+        self.assertEqual(list(self.ok(self.service.tickets(alice)).tickets), [cancelled])
         self.ok(self.service.hold(bob, [TINY, BIG], ["1A", "1A"]))
 
     def test_cancel_after_departure(self) -> None:
@@ -812,16 +901,16 @@ class FlightRulesTests(ServiceTestMixin, SynchronousTestCase):
         self.clock.advance(TINY_DEPARTS - self.clock.seconds())
         error = self.refused(self.service.cancel(session, ticket.ticket_id), FlightDeparted)
         self.assertEqual(error.details, {"ticket_id": ticket.ticket_id})
-        self.assertEqual([t.status for t in self.ok(self.service.tickets(session))], ["active"])
+        self.assertEqual([t.status for t in list(self.ok(self.service.tickets(session)).tickets)], ["active"])
 
     def test_tickets_across_sessions(self) -> None:
         first, _ = self.session()
         ticket = self.ok(self.service.buy(first, flight_ids=[DIRECT]))
         self.ok(self.service.close_session(first))
         second, _ = self.session()
-        self.assertEqual(self.ok(self.service.tickets(second)), [ticket])
+        self.assertEqual(list(self.ok(self.service.tickets(second)).tickets), [ticket])
         bob, _ = self.session(BOB)
-        self.assertEqual(self.ok(self.service.tickets(bob)), [])
+        self.assertEqual(list(self.ok(self.service.tickets(bob)).tickets), [])
 
 
 # A network with a hub (REC) for the search tests. On any day:

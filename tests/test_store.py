@@ -20,12 +20,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.common import ALICE, BIG, BOB, DIRECT, FAST_HASHER, MINI, START, TINY
+from tests.common import ALICE, BIG, BOB, DIRECT, FAST_HASHER, MINI, START, TINY, QueueExecutor
 from vendepass.errors import (
     AlreadyCancelled,
     FlightDeparted,
     HoldExpired,
     HoldNotFound,
+    PurchaseLimit,
     SeatUnavailable,
     SessionClosed,
     SoldOut,
@@ -34,9 +35,9 @@ from vendepass.errors import (
     UsernameTaken,
 )
 from vendepass.fixtures import Fixtures, load
-from vendepass.model import Flight, Hold, Money, SeatState, Ticket, iso_utc
+from vendepass.model import Flight, Hold, Money, SeatState, Ticket, TicketPage, iso_utc
 from vendepass.schedule import flight_by_id
-from vendepass.store import IStore, InlineExecutor, LegRequest
+from vendepass.store import IExecutor, IStore, InlineExecutor, LegRequest
 from vendepass.store.postgres import PostgresStore
 from vendepass.store.sqlite import SQLiteStore
 from tests import pg
@@ -560,6 +561,86 @@ class StoreContractMixin:
         self.assertEqual([t.username for t in self.ok(self.store.tickets("bob"))], ["bob"])
         self.assertEqual(self.ok(self.store.tickets("nobody")), [])
 
+    def pages(self, username: str, limit: int, active_only: bool = False) -> list[list[Ticket]]:
+        """
+        Every page of C{username}'s tickets, following each page's C{after}
+        (at most 100 pages).
+        """
+        pages: list[list[Ticket]] = []
+        after = None
+        for _ in range(100):
+            page = self.ok(self.store.ticket_page(username, limit, after, active_only))
+            self.assertIsInstance(page, TicketPage)
+            pages.append(list(page.tickets))
+            if page.after is None:
+                return pages
+            after = page.after
+        raise AssertionError("more than 100 pages")
+
+    def test_ticket_pages(self) -> None:
+        """
+        A customer's tickets come in pages of at most C{limit}, newest
+        first (purchase time, then order of sale: tickets bought at the same
+        time are neither lost nor repeated between pages), each naming where
+        the next starts; the last names none.
+        """
+        bought = []
+        for i in range(7):
+            bought.append(self.ok(self.buy("alice", (self.big, None))))
+            if i % 3 == 2:
+                self.clock.advance(1)  # some share a purchase time, some do not
+        self.ok(self.buy("bob", (self.big, None)))
+        newest_first = list(reversed(self.ok(self.store.tickets("alice"))))
+        self.assertEqual([t.ticket_id for t in newest_first], [t.ticket_id for t in reversed(bought)])
+        for limit in (1, 2, 3, 7, 50):
+            pages = self.pages("alice", limit)
+            self.assertEqual([t for page in pages for t in page], newest_first, f"limit {limit}")
+            self.assertTrue(all(1 <= len(page) <= limit for page in pages), f"limit {limit}: {pages}")
+            self.assertEqual(len(pages), -(-7 // limit))
+        self.assertEqual(self.ok(self.store.ticket_page("nobody", 10)), TicketPage(()))
+
+    def test_ticket_page_active_only(self) -> None:
+        """
+        With C{active_only}, a page has only the active tickets, newest
+        first; cancelled ones are skipped, however many.
+        """
+        tickets = []
+        for _ in range(6):
+            tickets.append(self.ok(self.buy("alice", (self.big, None))))
+            self.clock.advance(1)
+        for ticket in tickets[1::2]:
+            self.ok(self.store.cancel(ticket.ticket_id, "alice"))
+        pages = self.pages("alice", 2, active_only=True)
+        self.assertEqual([t for page in pages for t in page], list(reversed(tickets[0::2])))
+        self.assertEqual([len(page) for page in pages], [2, 1])
+        everything = [t for page in self.pages("alice", 4) for t in page]
+        self.assertEqual([t.status for t in everything], ["cancelled", "active"] * 3)
+
+    def test_seats_per_flight(self) -> None:
+        """
+        With C{max_seats_per_flight}, a customer's held and bought seats on
+        one flight stay within it: a hold or purchase that would pass it is
+        refused (all legs of it), naming the limit and the flight; other
+        customers and other flights are not affected; a cancelled ticket or
+        an expired hold no longer counts.
+        """
+        self.store.max_seats_per_flight = 3  # type: ignore[attr-defined]
+        self.ok(self.hold("alice", (self.big, "1A"), seconds=30))
+        first = self.ok(self.buy("alice", (self.big, None)))
+        self.ok(self.buy("alice", (self.big, None)))
+        refused = self.refused(self.buy("alice", (self.big, None)), PurchaseLimit)
+        self.assertEqual(refused.details, {"limit": 3, "flight": BIG})
+        self.refused(self.hold("alice", (self.big, None)), PurchaseLimit)
+        self.refused(self.buy("alice", (self.tiny, None), (self.big, None)), PurchaseLimit)
+        self.assertEqual(self.taken(self.tiny), {})
+        self.ok(self.buy("bob", (self.big, None)))
+        self.ok(self.buy("alice", (self.tiny, None)))
+        self.ok(self.store.cancel(first.ticket_id, "alice"))
+        self.ok(self.buy("alice", (self.big, None)))
+        self.refused(self.buy("alice", (self.big, None)), PurchaseLimit)
+        self.clock.advance(31)  # the hold of 1A is over
+        self.ok(self.buy("alice", (self.big, None)))
+
     # -- cancelling ---------------------------------------------------------
 
     def test_cancel(self) -> None:
@@ -733,9 +814,16 @@ class StoreContractMixin:
             self.assertEqual(self.successResultOf(store.free_seats([flight])), {TINY: 4 - len(current())})
 
 
-def _open(path: str, clock: Clock, fixtures: Callable[[], Fixtures] | None = None) -> SQLiteStore:
+def _open(
+    path: str,
+    clock: Clock,
+    fixtures: Callable[[], Fixtures] | None = None,
+    executor: IExecutor | None = None,
+    read_executor: IExecutor | None = None,
+) -> SQLiteStore:
     store = SQLiteStore.open(
-        path, clock, InlineExecutor(), fixtures or (lambda: load(MINI)), FAST_HASHER.hash
+        path, clock, executor or InlineExecutor(), fixtures or (lambda: load(MINI)), FAST_HASHER.hash,
+        read_executor=read_executor,
     )
     store.start()
     return store
@@ -760,8 +848,10 @@ class PostgresStoreTests(StoreContractMixin, SynchronousTestCase):
     """
 
     def make_store(self, clock: Clock) -> IStore:
+        # Reads on an executor of their own, as in production.
         store = PostgresStore.open(
-            pg.fresh_url(self), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=clock
+            pg.fresh_url(self), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=clock,
+            read_executor=InlineExecutor(),
         )
         store.start()
         self.addCleanup(store.stop)
@@ -771,14 +861,15 @@ class PostgresStoreTests(StoreContractMixin, SynchronousTestCase):
 class SQLiteFileStoreTests(StoreContractMixin, SynchronousTestCase):
     """
     The SQLite store in a file, and what only a file can do: outlive the
-    store that wrote it.
+    store that wrote it, and be read on a second connection beside the writer.
     """
 
     def make_store(self, clock: Clock) -> IStore:
         directory = Path(self.mktemp())
         directory.mkdir()
         self.path = str(directory / "vendepass.sqlite3")
-        store = _open(self.path, clock)
+        # Reads on a connection of their own, as in production.
+        store = _open(self.path, clock, read_executor=InlineExecutor())
         self.addCleanup(self._stop, store)
         return store
 
@@ -793,10 +884,38 @@ class SQLiteFileStoreTests(StoreContractMixin, SynchronousTestCase):
         Close the store (as the end of a run does) and open its file again.
         """
         self.store.stop()
-        store = _open(self.path, self.clock, fixtures)
+        store = _open(self.path, self.clock, fixtures, read_executor=InlineExecutor())
         self.addCleanup(self._stop, store)
         self.store = store
         return store
+
+    def test_reads_beside_the_writer(self) -> None:
+        """
+        With a read executor, reads (tickets, seat maps, password hashes)
+        run on the read connection: answered while every write waits in
+        the writer's queue, or while a write transaction is open, and
+        seeing exactly what is committed.
+        """
+        ticket = self.ok(self.buy("alice", (self.tiny, "1A")))
+        self.store.stop()
+        writer = QueueExecutor()
+        store = _open(self.path, self.clock, executor=writer, read_executor=InlineExecutor())
+        self.addCleanup(self._stop, store)
+        queued = store.buy("alice", [LegRequest(self.big, "2B")])
+        self.assertNoResult(queued)
+        self.assertEqual(self.ok(store.ticket_page("alice", 10)).tickets, (ticket,))
+        self.assertEqual(
+            {s.seat for s in self.ok(store.seats(self.tiny)) if s.status != "free"}, {"1A"}
+        )
+        self.assertIsNotNone(self.ok(store.password_hash("alice")))
+        writer.run_next()
+        bought = self.ok(queued)
+        self.assertEqual(self.ok(store.ticket_page("alice", 10)).tickets, (bought, ticket))
+        # A write transaction left open does not stop a read either.
+        store._db.execute("BEGIN IMMEDIATE")
+        store._db.execute("UPDATE tickets SET status = 'cancelled' WHERE ticket_id = ?", (ticket.ticket_id,))
+        self.assertEqual([t.status for t in self.ok(store.ticket_page("alice", 10)).tickets], ["active", "active"])
+        store._db.execute("ROLLBACK")
 
     def test_ticket_survives_reopen(self) -> None:
         ticket = self.ok(self.buy("alice", (self.tiny, "1A"), (self.big, "2B")))
@@ -931,8 +1050,12 @@ class ShippedMigrationTests(SynchronousTestCase):
             "0f1fcefb81e32dd259332da6f67bd6fd9b5b84da7a43170870e4b304cd3f91a8",
             "1b9ff2f7c3ea72e97617cc8e154917ee7f8c31258f9a3aff02382dd5aaef6119",
             "45a19617cf352209754ad61be3cda892db120abdd265d28bc7f8b27a9a26a087",
+            "57bcb6e40b1d1759b864aff33ae1b6f0b0232d7721812fae87802eb7d91aee15",
         ],
-        "postgres": ["3f43835c81291776b4bf8c6a64698a13c38b04520641fb49dc0ee1a1bf8cbd69"],
+        "postgres": [
+            "3f43835c81291776b4bf8c6a64698a13c38b04520641fb49dc0ee1a1bf8cbd69",
+            "c74e6817742628f6053a097ce13e8f0e04a881d34aad4bd6029faca5e0a05c78",
+        ],
     }
 
     def test_unchanged(self) -> None:

@@ -113,6 +113,18 @@ class OptionsTests(SynchronousTestCase):
         for bad in ("0", "10001", "lots"):
             self.assertRaises(UsageError, self.parse, "--max-batch", bad)
 
+    def test_purchase_caps(self) -> None:
+        """
+        --max-seats-per-flight (default 9) and --max-purchases-per-minute
+        (default 120): 0 or more.
+        """
+        self.assertEqual(self.parse()["max-seats-per-flight"], 9)
+        self.assertEqual(self.parse()["max-purchases-per-minute"], 120)
+        for option in ("--max-seats-per-flight", "--max-purchases-per-minute"):
+            self.assertEqual(self.parse(option, "0")[option[2:]], 0)
+            for bad in ("-1", "lots"):
+                self.assertRaises(UsageError, self.parse, option, bad)
+
     def test_bad_listen(self) -> None:
         """
         An endpoint string that does not parse is a usage error, not a traceback.
@@ -209,6 +221,23 @@ class MakeServiceTests(TestCase):
         self.assertTrue(db.exists())
         self.assertEqual(reservations[0].store.max_batch, 256)  # type: ignore[attr-defined]
         reservations[0].store.stop()
+
+    def test_purchase_caps(self) -> None:
+        """
+        --max-seats-per-flight and --max-purchases-per-minute reach the
+        store and the service; 0 is no limit.
+        """
+        db = Path(self.mktemp()).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        for args, seats, purchases in [((), 9, 120), (("--max-seats-per-flight", "0", "--max-purchases-per-minute", "5"), None, 5)]:
+            options = Options()
+            options.parseOptions(["--db", str(db), "--fixtures", str(MINI), "--listen", "tcp:0:interface=127.0.0.1", *args])
+            top = makeService(options)
+            [service] = [s for s in top if isinstance(s, ReservationService)]  # type: ignore[attr-defined]
+            self.assertEqual(service.store.max_seats_per_flight, seats)  # type: ignore[attr-defined]
+            self.assertEqual(service.max_purchases_per_minute, purchases)
+            service.store.stop()
+            self.endpoints(top)
 
     def test_haproxy_listener(self) -> None:
         """

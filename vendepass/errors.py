@@ -148,6 +148,16 @@ class TooManyHolds(VendePassError):
     default_message = "You are holding too many seats; buy or release some first."
 
 
+class PurchaseLimit(VendePassError):
+    """
+    A customer passed a purchase cap: seats on one flight (C{limit},
+    C{flight}), or purchases in a time window (C{limit}, C{retry_after}).
+    """
+
+    code = "purchase_limit"
+    default_message = "You have reached a purchase limit."
+
+
 class TooManyConnections(VendePassError):
     code = "too_many_connections"
     default_message = "Too many connections from your address."

@@ -224,6 +224,19 @@ class Ticket:
 
 
 @frozen
+class TicketPage:
+    """
+    One page of a customer's tickets, newest first.
+
+    @ivar after: where the next page starts (the C{(bought_at, order)} key
+        of this page's last ticket), or C{None} if this is the last page.
+    """
+
+    tickets: tuple[Ticket, ...]
+    after: tuple[float, int] | None = None
+
+
+@frozen
 class SeatState:
     """
     @ivar status: C{"free"}, C{"held"} or C{"sold"}.

@@ -47,7 +47,14 @@ from vendepass.errors import (
     echo,
 )
 from vendepass.model import Ticket, iso_utc
-from vendepass.service import MAX_SEARCH_LIMIT, SEARCH_LIMIT, ReservationService, Session
+from vendepass.service import (
+    MAX_SEARCH_LIMIT,
+    MAX_TICKETS_LIMIT,
+    SEARCH_LIMIT,
+    TICKETS_LIMIT,
+    ReservationService,
+    Session,
+)
 
 MAX_LINE_BYTES = 64 * 1024
 # While a request is in flight, at most this much of what follows is read
@@ -705,7 +712,23 @@ class VendePassProtocol(LineReceiver):
 
     async def _tickets(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None
-        return {"tickets": [wire.ticket(t) for t in await self.service.tickets(self.session)]}
+        limit = _field(data, "limit", int, required=False)
+        if limit is not None and not 1 <= limit <= MAX_TICKETS_LIMIT:
+            raise InvalidRequest(f"Field 'limit' must be between 1 and {MAX_TICKETS_LIMIT}.", field="limit")
+        cursor = _field(data, "cursor", str, required=False)
+        after = None
+        if cursor is not None:
+            try:
+                after = wire.parse_ticket_cursor(cursor)
+            except ValueError:
+                raise InvalidRequest("Field 'cursor' must be a 'next_cursor' from an earlier answer.", field="cursor")
+        active_only = _field(data, "active_only", bool, required=False) or False
+        page = await self.service.tickets(self.session, TICKETS_LIMIT if limit is None else limit, after, active_only)
+        answer: dict[str, Any] = {"tickets": [wire.ticket(t) for t in page.tickets]}
+        if page.after is not None:
+            # Only when more follow: a history of one page answers as before.
+            answer["next_cursor"] = wire.ticket_cursor(page.after)
+        return answer
 
     async def _cancel(self, data: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None

@@ -12,13 +12,14 @@ import bisect
 import itertools
 import math
 import secrets
+from collections import deque
 from datetime import date, datetime, time, timezone
 from typing import Any, Callable, Coroutine, Sequence, TypeVar
 from zoneinfo import ZoneInfo
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -28,6 +29,7 @@ from vendepass.errors import (
     BadCredentials,
     InvalidRequest,
     NotLoggedIn,
+    PurchaseLimit,
     RateLimited,
     SessionClosed,
     StorageUnavailable,
@@ -36,7 +38,7 @@ from vendepass.errors import (
     echo,
 )
 from vendepass.fixtures import USERNAME
-from vendepass.model import Airport, Flight, Hold, Itinerary, Network, SeatMap, Ticket
+from vendepass.model import Airport, Flight, Hold, Itinerary, Network, SeatMap, Ticket, TicketPage
 from vendepass.passwords import ScryptHasher
 from vendepass.schedule import Schedule
 from vendepass.store import IExecutor, IStore, LegRequest
@@ -61,6 +63,11 @@ SORTS = ("departure", "price", "duration")
 # How many answers (of at most SEARCH_LIMIT itineraries) are kept for reuse.
 ANSWERS_CACHED = 1024
 SWEEP_SECONDS = 60.0
+# A page of a customer's tickets: how many by default, and at most.
+TICKETS_LIMIT = 50
+MAX_TICKETS_LIMIT = 200
+# The window of the per-customer purchase rate (max_purchases_per_minute).
+PURCHASE_WINDOW_SECONDS = 60.0
 RELEASE_ATTEMPTS = 5
 # When a hold's timer finds it still active (the store's time runs a little
 # behind), how soon it looks again.
@@ -156,11 +163,17 @@ class ReservationService(Service):
         max_legs: int = MAX_LEGS,
         throttle: LoginThrottle | None = None,
         registrations: RegistrationThrottle | None = None,
+        max_purchases_per_minute: int | None = None,
     ) -> None:
         """
         @param cpu: where password hashing runs (never the reactor thread).
         @param throttle: slows down repeated failed logins.
         @param registrations: limits registrations per address.
+        @param max_purchases_per_minute: how many purchase requests (one
+            step or of a hold, granted or refused) one customer may make
+            in any 60 seconds on this server; C{None}: no limit. (Seats per
+            customer per flight are capped in the store's transaction, so
+            that cap holds across servers: L{SeatRules.max_seats_per_flight}.)
         """
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
         self.registrations = registrations if registrations is not None else RegistrationThrottle(clock)
@@ -172,6 +185,11 @@ class ReservationService(Service):
         self.hold_seconds = hold_seconds
         self.sales_window_days = sales_window_days
         self.max_legs = max_legs
+        self.max_purchases_per_minute = max_purchases_per_minute
+        # Per customer: when their purchase requests of the last window came.
+        self._purchases: dict[str, deque[float]] = {}
+        # Per customer reading their tickets now: their reads take turns.
+        self._ticket_reads: dict[str, DeferredLock] = {}
         self._hasher = hasher
         self._cpu = cpu
         self._network: Network = store.network()
@@ -602,6 +620,7 @@ class ReservationService(Service):
 
         try:
             username = self._user(session)
+            self._count_purchase(username)
             if hold_id is not None:
                 bought = self.store.buy_hold(hold_id, username, request_id)
                 bought.addCallback(self._bought_hold, hold_id)
@@ -615,6 +634,43 @@ class ReservationService(Service):
         # No coroutine: this is every purchase's path.
         return bought
 
+    def _count_purchase(self, username: str) -> None:
+        """
+        Count a purchase request of C{username}, or refuse it with
+        L{PurchaseLimit} (and when to try again) if they made
+        C{max_purchases_per_minute} in the last window already.
+
+        Kept in this server's memory: buying is free, so the cap is a brake
+        on churn (a history grown by buy and cancel, a flight's seats taken
+        in a burst), not an accounting; several servers each apply it, and
+        the seats one customer may have on a flight are capped in the
+        store across all of them.
+        """
+        limit = self.max_purchases_per_minute
+        if limit is None:
+            return
+        now = self.clock.seconds()
+        times = self._purchases.setdefault(username, deque())
+        while times and times[0] <= now - PURCHASE_WINDOW_SECONDS:
+            times.popleft()
+        if len(times) >= limit:
+            retry_after = max(1, math.ceil(times[0] + PURCHASE_WINDOW_SECONDS - now))
+            raise PurchaseLimit(
+                f"You may make at most {limit} purchases a minute; try again in {retry_after} s.",
+                limit=limit,
+                retry_after=retry_after,
+            )
+        times.append(now)
+
+    def _forget_purchases(self) -> None:
+        """
+        Drop the customers with no purchase in the last window (at each
+        sweep): the table holds only recent buyers.
+        """
+        old = self.clock.seconds() - PURCHASE_WINDOW_SECONDS
+        for username in [u for u, times in self._purchases.items() if not times or times[-1] <= old]:
+            del self._purchases[username]
+
     def _bought_hold(self, ticket: Ticket, hold_id: str) -> Ticket:
         self._forget(hold_id)
         return ticket
@@ -624,9 +680,35 @@ class ReservationService(Service):
                        [(leg.flight_id, leg.seat) for leg in ticket.legs])
         return ticket
 
-    def tickets(self, session: Session) -> Deferred[list[Ticket]]:
-        async def tickets() -> list[Ticket]:
-            return await self.store.tickets(self._user(session))
+    def tickets(
+        self,
+        session: Session,
+        limit: int = TICKETS_LIMIT,
+        after: tuple[float, int] | None = None,
+        active_only: bool = False,
+    ) -> Deferred[TicketPage]:
+        """
+        A page of at most C{limit} (1 to L{MAX_TICKETS_LIMIT}) of the
+        customer's tickets, newest first, after the key C{after} of the
+        previous page.
+
+        One customer's reads take turns, whatever connections they come
+        on: a customer asking on many connections at once gets one read's
+        share of the store and the reactor, not one per connection.
+        """
+
+        async def tickets() -> TicketPage:
+            username = self._user(session)
+            if not 1 <= limit <= MAX_TICKETS_LIMIT:
+                raise InvalidRequest(f"Field 'limit' must be between 1 and {MAX_TICKETS_LIMIT}.", field="limit")
+            turn = self._ticket_reads.setdefault(username, DeferredLock())
+            await turn.acquire()
+            try:
+                return await self.store.ticket_page(username, limit, after, active_only)
+            finally:
+                turn.release()
+                if not turn.locked and not turn.waiting:
+                    del self._ticket_reads[username]
 
         return _run(tickets())
 
@@ -696,6 +778,7 @@ class ReservationService(Service):
         End every hold whose time is up, whatever its timer did, and tell
         their connections.
         """
+        self._forget_purchases()
 
         def done(expired: list[tuple[str, str]]) -> None:
             for hold_id, session_id in expired:

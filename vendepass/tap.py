@@ -139,6 +139,14 @@ class Options(usage.Options):
             int,
         ],
         ["max-held-seats", None, 9, "How many seats one customer may hold at once.", int],
+        [
+            "max-seats-per-flight", None, 9,
+            "How many seats (held or bought) one customer may have on one flight (0: no limit).", int,
+        ],
+        [
+            "max-purchases-per-minute", None, 120,
+            "How many purchase requests one customer may make in any 60 seconds, on each server (0: no limit).", int,
+        ],
         ["max-legs", None, 3, "How many flights one itinerary may have.", int],
         [
             "max-registrations-per-ip", None, DEFAULT_REGISTRATIONS_PER_HOUR,
@@ -211,6 +219,10 @@ class Options(usage.Options):
             raise usage.UsageError("--max-connections must be between 1 and 1000000")
         if not 1 <= self["max-held-seats"] <= 1000:
             raise usage.UsageError("--max-held-seats must be between 1 and 1000")
+        if not 0 <= self["max-seats-per-flight"] <= 10000:
+            raise usage.UsageError("--max-seats-per-flight must be between 0 (no limit) and 10000")
+        if not 0 <= self["max-purchases-per-minute"] <= 1_000_000:
+            raise usage.UsageError("--max-purchases-per-minute must be between 0 (no limit) and 1000000")
         if not 1 <= self["max-legs"] <= 6:
             raise usage.UsageError("--max-legs must be between 1 and 6")
         if self["max-registrations-per-ip"] < 0:
@@ -243,7 +255,7 @@ def _open_sqlite(options: Options, fixtures: Callable[[], Fixtures], hash_passwo
     from vendepass.store.sqlite import SQLiteStore
 
     try:
-        return SQLiteStore.open(
+        store = SQLiteStore.open(
             options["db"],
             reactor,  # type: ignore[arg-type]
             ThreadExecutor(reactor, "vendepass-db"),  # type: ignore[arg-type]
@@ -251,7 +263,11 @@ def _open_sqlite(options: Options, fixtures: Callable[[], Fixtures], hash_passwo
             hash_password,
             max_held_seats=options["max-held-seats"],
             max_batch=options["max-batch"],
+            # Reads beside the writer, never in its queue.
+            read_executor=ThreadExecutor(reactor, "vendepass-db-read"),  # type: ignore[arg-type]
         )
+        store.max_seats_per_flight = options["max-seats-per-flight"] or None
+        return store
     except (sqlite3.Error, OSError, RuntimeError, FixturesError) as e:
         raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
 
@@ -264,14 +280,18 @@ def _open_postgres(options: Options, fixtures: Callable[[], Fixtures], hash_pass
     from vendepass.store.postgres import PostgresStore
 
     try:
-        return PostgresStore.open(
+        store = PostgresStore.open(
             options["db"],
             ThreadExecutor(reactor, "vendepass-pg", threads=options["db-connections"]),  # type: ignore[arg-type]
             fixtures,
             hash_password,
             reactor=reactor,  # type: ignore[arg-type]
             max_held_seats=options["max-held-seats"],
+            # Reads on connections of their own: never on the writers' threads.
+            read_executor=ThreadExecutor(reactor, "vendepass-pg-read", threads=2),  # type: ignore[arg-type]
         )
+        store.max_seats_per_flight = options["max-seats-per-flight"] or None
+        return store
     except (psycopg.Error, RuntimeError, FixturesError) as e:
         # The URL may hold a password: say where, not how.
         raise SystemExit(f"vendepass: cannot open the PostgreSQL database: {e}")
@@ -420,6 +440,7 @@ def makeService(options: Options) -> IService:
         sales_window_days=options["sales-window"],
         max_legs=options["max-legs"],
         registrations=RegistrationThrottle(reactor, options["max-registrations-per-ip"]),  # type: ignore[arg-type]
+        max_purchases_per_minute=options["max-purchases-per-minute"] or None,
     )
     service.log_sales = bool(options["log-requests"])
     top = MultiService()

@@ -4,8 +4,12 @@ How the values of VendePass look on the wire (protocol v1, docs/protocol.md).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
+import math
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
 from vendepass.model import Flight, Hold, Itinerary, Money, SeatMap, Ticket, TicketLeg, iso_utc
@@ -178,6 +182,40 @@ def ticket(value: Ticket) -> dict[str, Any]:
         "bought_at": iso_utc(value.bought_at),
         "cancelled_at": None if value.cancelled_at is None else iso_utc(value.cancelled_at),
     }
+
+
+_CURSOR = re.compile(r"t1\.[A-Za-z0-9_-]{1,96}")
+
+
+def ticket_cursor(after: tuple[float, int]) -> str:
+    """
+    The opaque C{next_cursor} of a page of tickets: where the next page starts.
+    """
+    bought_at, order = after
+    text = f"{bought_at!r} {order}".encode("ascii")
+    return "t1." + base64.urlsafe_b64encode(text).decode("ascii").rstrip("=")
+
+
+def parse_ticket_cursor(cursor: str) -> tuple[float, int]:
+    """
+    The key a L{ticket_cursor} stands for.
+
+    @raise ValueError: if C{cursor} is not one.
+    """
+    if not _CURSOR.fullmatch(cursor):
+        raise ValueError(cursor)
+    body = cursor[3:]
+    try:
+        text = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError(cursor)
+    bought_at_text, _, order_text = text.partition(" ")
+    if not order_text.isdigit() or len(order_text) > 19:
+        raise ValueError(cursor)
+    bought_at = float(bought_at_text)
+    if not math.isfinite(bought_at):
+        raise ValueError(cursor)
+    return bought_at, int(order_text)
 
 
 def seatmap(value: SeatMap, username: str | None) -> RawJSON:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from attrs import frozen
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.utils import getProcessOutputAndValue
 
 from vendepass.bench.common import OP_SEATMAP, OP_TICKETS
@@ -76,6 +76,25 @@ async def seat_maps(customers: Sequence[Customer], flights: Iterable[str]) -> di
     return dict(zip(wanted, answers))
 
 
+async def _every_ticket(customer: Customer) -> Message:
+    """
+    The customer's C{tickets} answer with every page's tickets (or the
+    first refusal): the cursors followed, at most 1,000 pages.
+    """
+    tickets: list[Message] = []
+    data: Message = {"limit": 200}
+    for _ in range(1000):
+        answer = await customer.call(OP_TICKETS, data)
+        if not answer.get("ok"):
+            return answer
+        tickets += answer["data"]["tickets"]
+        cursor = answer["data"].get("next_cursor")
+        if cursor is None:
+            break
+        data = {"limit": 200, "cursor": cursor}
+    return {"ok": True, "data": {"tickets": tickets}}
+
+
 async def check_invariants(
     reactor: Any,
     customers: Sequence[Customer],
@@ -93,7 +112,7 @@ async def check_invariants(
     results = []
     listed: dict[str, list[Message]] = {}
     logged_in = [c for c in customers if c.username is not None]
-    answers = await gatherResults([c.call(OP_TICKETS) for c in logged_in])
+    answers: list[Message] = await gatherResults([Deferred.fromCoroutine(_every_ticket(c)) for c in logged_in])
     problems = []
     for customer, answer in zip(logged_in, answers):
         assert customer.username is not None

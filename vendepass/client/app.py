@@ -453,7 +453,10 @@ class App:
             if choice == "1":
                 await self.search()
             elif choice == "2":
-                self.say(views.tickets(self._, await self.api.tickets()))
+                page = await self.api.tickets_page()
+                self.say(views.tickets(self._, page["tickets"]))
+                if page.get("next_cursor"):
+                    self.say(self._("These are your most recent tickets; vendepass-client tickets --all lists every one."))
             elif choice == "3":
                 await self.cancel()
             elif choice == "4":
@@ -634,7 +637,7 @@ class App:
         return False
 
     async def cancel(self) -> None:
-        active = [t for t in await self.api.tickets() if t["status"] == "active"]
+        active = await self.api.tickets(active_only=True)
         if not active:
             self.say(self._("You have no active tickets."))
             return

@@ -130,7 +130,11 @@ def parser(texts: Texts, environ: Mapping[str, str] | None = None, stream: TextI
         "--seat", action="append", dest="seats", help=texts("seat for each flight, in order (default: any)")
     )
 
-    commands.add_parser("tickets", help=texts("list my tickets"))
+    tickets = commands.add_parser("tickets", help=texts("list my tickets, newest first"))
+    tickets.add_argument("--limit", type=int, help=texts("how many tickets to show (the server's default: 50; at most 200)"))
+    tickets.add_argument("--cursor", help=texts("show the tickets after an earlier answer's cursor"))
+    tickets.add_argument("--all", action="store_true", help=texts("show every ticket, page after page"))
+    tickets.add_argument("--active", action="store_true", help=texts("only active tickets"))
 
     cancel = commands.add_parser("cancel", help=texts("cancel a ticket"))
     cancel.add_argument("ticket_id", help=texts("the ticket's booking code"))
@@ -280,8 +284,20 @@ async def _command(
         ticket = await client.buy(flights=flights, seats=seats, request_id=os.urandom(8).hex())
         show({"ticket": ticket}, views.ticket(texts, ticket))
     elif args.command == "tickets":
-        found = await client.tickets()
-        show({"tickets": found}, views.tickets(texts, found))
+        if args.all:
+            if args.limit is not None or args.cursor is not None:
+                raise UsageProblem(texts("--all lists every ticket: give it without --limit or --cursor."))
+            found = await client.tickets(active_only=args.active)
+            show({"tickets": found}, views.tickets(texts, found))
+            return
+        page = await client.tickets_page(args.limit, args.cursor, args.active or None)
+        text = views.tickets(texts, page["tickets"])
+        if page.get("next_cursor"):
+            text += "\n" + texts(
+                "More tickets: add --cursor {cursor} for the next ones, or --all for every one.",
+                cursor=page["next_cursor"],
+            )
+        show(page, text)
     elif args.command == "cancel":
         ticket = await client.cancel(args.ticket_id.upper(), request_id=os.urandom(8).hex())
         show({"ticket": ticket}, views.ticket(texts, ticket))

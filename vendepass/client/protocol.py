@@ -353,11 +353,47 @@ class VendePassClientProtocol(LineReceiver):
         data = {"hold_id": hold_id, "flights": flights, "seats": seats, "request_id": request_id or new_request_id()}
         return self._get(BUY, "ticket", data)
 
-    def tickets(self) -> Deferred[list[dict[str, Any]]]:
-        return self._get(TICKETS, "tickets")
+    def tickets_page(
+        self, limit: int | None = None, cursor: str | None = None, active_only: bool | None = None
+    ) -> Deferred[dict[str, Any]]:
+        """
+        One page of my tickets, newest first: the server's answer, with
+        C{tickets} and, when more follow, C{next_cursor} (docs/protocol.md).
+        """
+        return self.call(TICKETS, {"limit": limit, "cursor": cursor, "active_only": active_only})
+
+    def tickets(self, active_only: bool = False) -> Deferred[list[dict[str, Any]]]:
+        """
+        All my tickets (only the active ones if C{active_only}), newest
+        first: every page, following the cursors (at most L{MAX_TICKET_PAGES}).
+        """
+        return Deferred.fromCoroutine(every_ticket(self.tickets_page, active_only))
 
     def cancel(self, ticket_id: str, request_id: str | None = None) -> Deferred[dict[str, Any]]:
         return self._get(CANCEL, "ticket", {"ticket_id": ticket_id, "request_id": request_id or new_request_id()})
+
+
+# Following cursors stops after this many pages (of TICKET_PAGE_LIMIT).
+MAX_TICKET_PAGES = 500
+TICKET_PAGE_LIMIT = 200
+
+
+async def every_ticket(
+    page: Callable[[int | None, str | None, bool | None], Deferred[dict[str, Any]]], active_only: bool = False
+) -> list[dict[str, Any]]:
+    """
+    Every ticket C{page(limit, cursor, active_only)} lists, following its
+    cursors, newest first.
+    """
+    found: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(MAX_TICKET_PAGES):
+        answer = await page(TICKET_PAGE_LIMIT, cursor, active_only or None)
+        found += answer["tickets"]
+        cursor = answer.get("next_cursor")
+        if cursor is None:
+            break
+    return found
 
 
 async def connect(

@@ -30,6 +30,7 @@ from vendepass.client.protocol import (
     ServerError,
     VendePassClientProtocol,
     connect,
+    every_ticket,
     new_request_id,
 )
 
@@ -161,8 +162,14 @@ class ReconnectingClient:
     def seatmap(self, flight: str) -> Deferred[dict[str, Any]]:
         return self._run(self._call(lambda p: p.seatmap(flight)))
 
-    def tickets(self) -> Deferred[list[dict[str, Any]]]:
-        return self._run(self._call(lambda p: p.tickets()))
+    def tickets_page(
+        self, limit: int | None = None, cursor: str | None = None, active_only: bool | None = None
+    ) -> Deferred[dict[str, Any]]:
+        return self._run(self._call(lambda p: p.tickets_page(limit, cursor, active_only)))
+
+    def tickets(self, active_only: bool = False) -> Deferred[list[dict[str, Any]]]:
+        # Page by page: a drop costs a page, not the whole list.
+        return Deferred.fromCoroutine(every_ticket(self.tickets_page, active_only))
 
     def hold(self, flights: list[str], seats: list[str | None] | None = None) -> Deferred[dict[str, Any]]:
         key = [new_request_id()]

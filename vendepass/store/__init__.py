@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from vendepass.model import Flight, Hold, Network, SeatState, Ticket
+from vendepass.model import Flight, Hold, Network, SeatState, Ticket, TicketPage
 
 T = TypeVar("T")
 
@@ -191,7 +191,19 @@ class IStore(Interface):
 
     def tickets(username: str) -> Deferred[list[Ticket]]:
         """
-        Every ticket of C{username}, oldest first.
+        Every ticket of C{username}, oldest first (for tools and tests: a
+        customer's request reads a L{ticket_page}).
+        """
+
+    def ticket_page(
+        username: str, limit: int, after: tuple[float, int] | None = None, active_only: bool = False
+    ) -> Deferred[TicketPage]:
+        """
+        At most C{limit} tickets of C{username} (only active ones if
+        C{active_only}), newest first: by purchase time, then order of sale.
+        C{after} is the C{after} of the previous page. A read: it never
+        waits behind purchases (a store with one writer reads on a
+        connection of its own).
         """
 
     def cancel(ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:

@@ -114,9 +114,14 @@ CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
 """
 
+# Version 2: a page of a customer's active tickets reads only those.
+_SCHEMA_2 = """
+CREATE INDEX tickets_user_active ON tickets(username, bought_at, n) WHERE status = 'active';
+"""
+
 # MIGRATIONS[n] takes a database from schema version n to n + 1. Append to
 # it; never edit a migration that has shipped.
-MIGRATIONS: list[str] = [_SCHEMA_1]
+MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -196,6 +201,9 @@ class PostgresTx(Tx):
     def skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
 
+    def index_hint(self, index: str) -> str:
+        return ""
+
     def hold_order(self, holds: str, hold_id: str) -> str:
         # The lock order of holds: by id.
         return hold_id
@@ -247,8 +255,9 @@ def _create(conn: psycopg.Connection[Any], fixtures: Fixtures, hash_password: Ca
     """
     In the caller's transaction: create the schema and load C{fixtures}.
     """
-    for statement in _statements(_SCHEMA_1):
-        conn.execute(statement)  # type: ignore[arg-type]
+    for migration in MIGRATIONS:
+        for statement in _statements(migration):
+            conn.execute(statement)  # type: ignore[arg-type]
     now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0]  # type: ignore[index]
     with conn.cursor() as cur:
         load_fixtures(cur.executemany, fixtures, hash_password, now, mark="%s")  # type: ignore[arg-type]
@@ -302,10 +311,13 @@ class PostgresStore(RulesStore):
         reactor: IReactorThreads | None = None,
         clock: IReactorTime | None = None,
         max_held_seats: int = 9,
+        read_executor: IExecutor | None = None,
     ) -> None:
         """
         @param reactor: where announced expiries are delivered; C{None}: the
             store does not listen for other servers' expiries.
+        @param read_executor: where reads run (see L{_read}); C{None}: with
+            the writes.
         @param clock: C{None} (production): the database's clock is the
             store's time. Tests that drive time with a L{Clock} pass it.
         """
@@ -314,6 +326,7 @@ class PostgresStore(RulesStore):
         self._network = network
         self._currency = network.currency
         self._executor = executor
+        self._read_executor = read_executor
         self._reactor = reactor
         self._clock = clock
         self._local = threading.local()
@@ -336,6 +349,7 @@ class PostgresStore(RulesStore):
         reactor: IReactorThreads | None = None,
         clock: IReactorTime | None = None,
         max_held_seats: int = 9,
+        read_executor: IExecutor | None = None,
     ) -> PostgresStore:
         """
         Open (creating, migrating and loading C{fixtures()} if new) the
@@ -348,11 +362,13 @@ class PostgresStore(RulesStore):
         prepare(url, fixtures, hash_password)
         with connect(url) as conn:
             network = read_network(conn)
-        return cls(url, network, executor, reactor, clock, max_held_seats)
+        return cls(url, network, executor, reactor, clock, max_held_seats, read_executor)
 
     def start(self) -> None:
         self._stopping.clear()
         self._executor.start()
+        if self._read_executor is not None:
+            self._read_executor.start()
         if self._reactor is not None and self._listener is None:
             self._listener = threading.Thread(target=self._listen, name="vendepass-pg-listen", daemon=True)
             self._listener.start()
@@ -360,6 +376,8 @@ class PostgresStore(RulesStore):
     def stop(self) -> None:
         self._stopping.set()
         self._executor.stop()
+        if self._read_executor is not None:
+            self._read_executor.stop()
         if self._listener is not None:
             self._listener.join(timeout=5)
             self._listener = None
@@ -423,7 +441,17 @@ class PostgresStore(RulesStore):
 
         return self._executor.submit(lambda: self._job(work, ended)).addBoth(report)
 
-    _read = _write
+    def _read(self, work: Callable[[Tx], T]) -> Deferred[T]:
+        """
+        Run C{work(tx)}, which only reads, in one transaction: on the read
+        executor if the store has one (its own threads and connections, so
+        a flood of reads never takes the writers' threads), else as a write.
+        At C{READ COMMITTED} a read loses no race; a dead connection is
+        replaced and the read done again on a new one, as a write's (L{_job}).
+        """
+        if self._read_executor is None:
+            return self._write(work)
+        return self._read_executor.submit(lambda: self._job(work, []))
 
     def _job(self, work: Callable[[Tx], T], ended: list[tuple[str, str]]) -> T:
         """

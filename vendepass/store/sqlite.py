@@ -115,7 +115,12 @@ _SCHEMA_5 = """
 CREATE INDEX holds_ended ON holds(ended_at) WHERE state <> 'active';
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_5]
+# Version 6: a page of a customer's active tickets reads only those.
+_SCHEMA_6 = """
+CREATE INDEX tickets_user_active ON tickets(username, bought_at) WHERE status = 'active';
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_5, _SCHEMA_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -146,6 +151,18 @@ def _connect(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=5000")
     # 64 MiB of page cache (the default is 2 MiB): the indexes that every
     # purchase touches stay in memory as the database grows.
+    db.execute("PRAGMA cache_size=-65536")
+    return db
+
+
+def _connect_reader(path: str) -> sqlite3.Connection:
+    """
+    A connection that only reads (C{query_only}): in WAL mode it reads the
+    last committed state beside the writer, without waiting for it.
+    """
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=512)
+    db.execute("PRAGMA query_only=ON")
+    db.execute("PRAGMA busy_timeout=5000")
     db.execute("PRAGMA cache_size=-65536")
     return db
 
@@ -232,6 +249,9 @@ class SQLiteStore(RulesStore):
                 )
         self._network = read_network(db)
         self.rules = self.rules_class(self._network, max_held_seats)
+        # The read connection and its executor (see L{open}), if any.
+        self._reader: sqlite3.Connection | None = None
+        self._read_executor: IExecutor = executor
 
     @classmethod
     def open(
@@ -243,6 +263,7 @@ class SQLiteStore(RulesStore):
         hash_password: Callable[[str], str],
         max_held_seats: int = 9,
         max_batch: int = 1,
+        read_executor: IExecutor | None = None,
     ) -> SQLiteStore:
         """
         Open (creating, migrating and loading C{fixtures()} if new) the
@@ -251,6 +272,12 @@ class SQLiteStore(RulesStore):
 
         C{max_batch} is how many writes may share one transaction (group
         commit); 1 gives every write a transaction of its own.
+
+        With a C{read_executor} (one thread in production), reads (a
+        customer's tickets, seat maps, password hashes) run there on a
+        second connection: WAL lets it read beside the writer, so reads
+        never wait in the writers' queue nor hold it up. (Not for an
+        in-memory database, which a second connection cannot see.)
 
         This blocks: call it before the reactor runs, or from a thread.
         """
@@ -280,6 +307,9 @@ class SQLiteStore(RulesStore):
             db.execute("COMMIT")
             if max_batch > 1:
                 store._availability = store._load_availability()
+            if read_executor is not None and path != ":memory:" and not path.startswith("file:"):
+                store._reader = _connect_reader(path)
+                store._read_executor = read_executor
             return store
         except BaseException:
             db.close()
@@ -287,8 +317,13 @@ class SQLiteStore(RulesStore):
 
     def start(self) -> None:
         self._executor.start()
+        if self._reader is not None:
+            self._read_executor.start()
 
     def stop(self) -> None:
+        if self._reader is not None:
+            self._read_executor.stop()
+            self._reader.close()
         self._executor.stop()
         self._db.close()
 
@@ -481,19 +516,21 @@ class SQLiteStore(RulesStore):
 
         return self._executor.submit(self._guarded(job)).addCallback(answer)
 
-    def _guarded(self, job: Callable[[], T]) -> Callable[[], T]:
+    def _guarded(self, job: Callable[[], T], db: sqlite3.Connection | None = None) -> Callable[[], T]:
         """
         C{job}, with the database's operational failures (disk full, locked,
-        I/O error) turned into L{StorageUnavailable}.
+        I/O error) turned into L{StorageUnavailable}. C{db}: the connection
+        it runs on (the writer's by default).
         """
 
         def guarded() -> T:
+            conn = self._db if db is None else db
             try:
-                if self._db.in_transaction:
+                if conn.in_transaction:
                     # A failed COMMIT can leave a transaction open: end it,
                     # or nothing could ever start again.
                     self._log.warn("rolling back a transaction left open by a failure")
-                    self._db.execute("ROLLBACK")
+                    conn.execute("ROLLBACK")
                 return job()
             except sqlite3.OperationalError as e:
                 self._log.error("storage unavailable: {error}", error=str(e))
@@ -503,11 +540,17 @@ class SQLiteStore(RulesStore):
 
     def _read(self, work: Callable[[Tx], T]) -> Deferred[T]:
         """
-        Run C{work(tx)} in one read transaction (a consistent snapshot).
+        Run C{work(tx)} in one read transaction (a consistent snapshot): on
+        the read connection if the store has one (it sees every committed
+        write, and never waits behind the writer's queue), else on the
+        writer's.
         """
+        if self._reader is not None:
+            db, executor = self._reader, self._read_executor
+        else:
+            db, executor = self._db, self._executor
 
         def job() -> T:
-            db = self._db
             db.execute("BEGIN")
             try:
                 result = work(SQLiteTx(db, self._clock.seconds()))
@@ -517,7 +560,7 @@ class SQLiteStore(RulesStore):
             db.execute("COMMIT")
             return result
 
-        return self._executor.submit(self._guarded(job))
+        return executor.submit(self._guarded(job, db))
 
     # -- free seats ---------------------------------------------------------
 

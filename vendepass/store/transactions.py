@@ -47,6 +47,7 @@ from vendepass.errors import (
     HoldExpired,
     HoldNotFound,
     InvalidRequest,
+    PurchaseLimit,
     SeatUnavailable,
     SessionClosed,
     TicketNotFound,
@@ -54,7 +55,7 @@ from vendepass.errors import (
     UsernameTaken,
     echo,
 )
-from vendepass.model import Flight, HeldSeat, Hold, Money, Network, SeatState, Ticket, TicketLeg
+from vendepass.model import Flight, HeldSeat, Hold, Money, Network, SeatState, Ticket, TicketLeg, TicketPage
 from vendepass.schedule import flight_by_id
 from vendepass.store import LegRequest
 from vendepass.store.common import (
@@ -135,6 +136,13 @@ class Tx:
         """
         return ""
 
+    def index_hint(self, index: str) -> str:
+        """
+        What follows a table's name to have the planner use C{index}
+        (SQLite's planner needs telling; others plan well without).
+        """
+        return f" INDEXED BY {index}"
+
     def lock_request(self, username: str, request_id: str) -> None:
         """
         Take turns with any transaction doing the same request at once.
@@ -205,6 +213,9 @@ class SeatRules:
 
     network: Network
     max_held_seats: int = 9
+    # How many seats (held or bought) one customer may have on one flight;
+    # None: no limit.
+    max_seats_per_flight: int | None = None
     currency: str = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -400,6 +411,33 @@ class SeatRules:
             seats.append(seat)
         return seats
 
+    def check_seats_per_flight(self, tx: Tx, username: str, legs: list[LegRequest]) -> None:
+        """
+        Refuse if C{legs} would give C{username} more than
+        C{max_seats_per_flight} seats (held or in active tickets) on a
+        flight. Runs after L{claim}, which locked the flights (and ended
+        their expired holds): claims of the same flight take turns.
+        """
+        limit = self.max_seats_per_flight
+        if limit is None:
+            return
+        asked: dict[str, int] = {}
+        for leg in legs:
+            asked[leg.flight.flight_id] = asked.get(leg.flight.flight_id, 0) + 1
+        for flight_id, more in sorted(asked.items()):
+            (mine,) = tx.one(
+                "SELECT COUNT(*) FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
+                " LEFT JOIN tickets t ON t.ticket_id = s.ticket_id"
+                " WHERE s.flight_id = ? AND (t.username = ? OR h.username = ? AND h.expires_at > ?)",
+                (flight_id, username, username, tx.now),
+            )
+            if mine + more > limit:
+                raise PurchaseLimit(
+                    f"You may have at most {limit} seats on flight {flight_id} (you have {mine}).",
+                    limit=limit,
+                    flight=flight_id,
+                )
+
     def take(
         self, tx: Tx, legs: list[LegRequest], seats: list[str], hold_id: str | None, ticket_id: str | None
     ) -> None:
@@ -439,6 +477,7 @@ class SeatRules:
                 limit=self.max_held_seats,
             )
         seats = self.claim(tx, legs)
+        self.check_seats_per_flight(tx, username, legs)
         hold_id = hold_code(tx.now)
         expires_at = tx.now + seconds
         price = Money(sum(leg.flight.fare.cents for leg in legs), self.currency)
@@ -502,6 +541,7 @@ class SeatRules:
         if done is not None:
             return self.ticket_as_bought(tx, done)
         seats = self.claim(tx, legs)
+        self.check_seats_per_flight(tx, username, legs)
         ticket_id = self.new_ticket(tx, username, [leg.flight for leg in legs])
         self.take(tx, legs, seats, None, ticket_id)
         chosen = [(leg.flight, seat) for leg, seat in zip(legs, seats)]
@@ -534,6 +574,39 @@ class SeatRules:
 
     def tickets(self, tx: Tx, username: str) -> list[Ticket]:
         return self.find_tickets(tx, "t.username = ?", (username,))
+
+    def ticket_page(
+        self, tx: Tx, username: str, limit: int, after: tuple[float, int] | None = None, active_only: bool = False
+    ) -> TicketPage:
+        """
+        At most C{limit} tickets of C{username}, newest first (by purchase
+        time, then order of sale), starting after the key C{after}: a
+        keyset page that reads about C{limit} rows of an index whatever
+        the customer's history.
+        """
+        order = tx.ticket_order
+        where = "username = ?"
+        args: list[Any] = [username]
+        index = "tickets_user"
+        if active_only:
+            where += " AND status = 'active'"
+            index = "tickets_user_active"
+        if after is not None:
+            where += f" AND (bought_at, {order}) < (?, ?)"
+            args += list(after)
+        keys = tx.all(
+            f"SELECT ticket_id, bought_at, {order} FROM tickets{tx.index_hint(index)} WHERE {where}"
+            f" ORDER BY bought_at DESC, {order} DESC LIMIT ?",
+            (*args, limit + 1),
+        )
+        more = len(keys) > limit
+        keys = keys[:limit]
+        if not keys:
+            return TicketPage(())
+        found = self.find_tickets(tx, f"t.ticket_id IN ({_marks(len(keys))})", tuple(k[0] for k in keys))
+        found.reverse()
+        last = keys[-1]
+        return TicketPage(tuple(found), (last[1], last[2]) if more else None)
 
     def find_tickets(self, tx: Tx, where: str, args: tuple[Any, ...], lock: bool = False) -> list[Ticket]:
         """
@@ -649,6 +722,14 @@ class RulesStore:
     def max_held_seats(self, limit: int) -> None:
         self.rules.max_held_seats = limit
 
+    @property
+    def max_seats_per_flight(self) -> int | None:
+        return self.rules.max_seats_per_flight
+
+    @max_seats_per_flight.setter
+    def max_seats_per_flight(self, limit: int | None) -> None:
+        self.rules.max_seats_per_flight = limit
+
     def watch_expiries(self, callback: Callable[[str, str], None]) -> None:
         self._watchers.append(callback)
 
@@ -701,6 +782,11 @@ class RulesStore:
 
     def tickets(self, username: str) -> Deferred[list[Ticket]]:
         return self._read(lambda tx: self.rules.tickets(tx, username))
+
+    def ticket_page(
+        self, username: str, limit: int, after: tuple[float, int] | None = None, active_only: bool = False
+    ) -> Deferred[TicketPage]:
+        return self._read(lambda tx: self.rules.ticket_page(tx, username, limit, after, active_only))
 
     def cancel(self, ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         return self._write(lambda tx: self.rules.cancel(tx, ticket_id, username, request_id))
