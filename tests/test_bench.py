@@ -64,8 +64,10 @@ class BenchTests(ServerTestCase):
         report: dict[str, Any] = json.loads(result.stdout)
         return report
 
-    def buy(self, server: ServerProcess, *args: str) -> dict[str, Any]:
-        return self.bench("buy", "--connect", f"tcp:127.0.0.1:{server.port}", "-c", str(CUSTOMERS), "--db", self.db, *args)
+    def buy(self, server: ServerProcess, *args: str, expect: int = 0) -> dict[str, Any]:
+        return self.bench(
+            "buy", "--connect", f"tcp:127.0.0.1:{server.port}", "-c", str(CUSTOMERS), "--db", self.db, *args, expect=expect
+        )
 
     def check(self, server: ServerProcess, *args: str, expect: int) -> dict[str, dict[str, Any]]:
         report = self.bench("check", "--connect", f"tcp:127.0.0.1:{server.port}", "-c", str(CUSTOMERS), *args, expect=expect)
@@ -220,6 +222,17 @@ class BenchTests(ServerTestCase):
         server.kill()
         report = self.bench("browse", "--connect", f"tcp:127.0.0.1:{port}", "-c", "2", expect=2)
         self.assertIn("connection_refused", report["error"])
+
+    def test_registration_limit_is_named(self) -> None:
+        """
+        A server that limits registrations per address cannot give the bench
+        its customers: exit code 2, saying which option to set, rather than
+        a figure for fewer customers than asked.
+        """
+        server = self.start("--max-registrations-per-ip", "2")
+        report = self.buy(server, "--count", "10", "--no-ceiling", "--user-prefix", "limited", expect=2)
+        self.assertIn("could not register", report["error"])
+        self.assertIn("--max-registrations-per-ip 0", report["error"])
 
     def test_check_function(self) -> Deferred[None]:
         """

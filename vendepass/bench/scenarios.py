@@ -94,6 +94,14 @@ class Bench:
             raise BenchError(f"cannot connect to {s.connect}: {dict(fleet.connect_errors)}")
         if login:
             customers = await login_all(fleet, customers, s.prefix, s.password)
+            limited = fleet.connect_errors.get("register_rate_limited", 0)
+            if limited:
+                # A figure for fewer customers than asked would mislead.
+                raise BenchError(
+                    f"{limited:,} customers could not register: the server limits registrations per address;"
+                    " run the server under test with --max-registrations-per-ip 0 (and, to measure sales,"
+                    " --max-purchases-per-minute 0 --max-seats-per-flight 0), or reuse accounts made before"
+                )
             if not customers:
                 raise BenchError(f"no customer could log in: {dict(fleet.connect_errors)}")
         return customers, _clock() - started
