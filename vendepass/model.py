@@ -13,6 +13,7 @@ import functools
 import re
 from datetime import datetime, time, timezone
 from decimal import Decimal, InvalidOperation
+from time import gmtime as _gmtime, strftime as _strftime
 
 import attrs
 from attrs import field, frozen
@@ -24,7 +25,9 @@ def iso_utc(ts: float) -> str:
     """
     A POSIX timestamp as ISO 8601 in UTC: C{2026-12-01T10:30:00Z}.
     """
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    # time.strftime over gmtime: half the cost of a datetime's isoformat,
+    # and this runs for every ticket and hold answered.
+    return _strftime("%Y-%m-%dT%H:%M:%SZ", _gmtime(ts))
 
 
 @frozen(order=True)
@@ -160,10 +163,16 @@ class Flight:
     # in every search and every sale.
     departs_ts: float = field(init=False, eq=False, repr=False)
     arrives_ts: float = field(init=False, eq=False, repr=False)
+    # The same as ISO 8601 text, as tickets record them: worked out once,
+    # not at every sale.
+    departure_iso: str = field(init=False, eq=False, repr=False)
+    arrival_iso: str = field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "departs_ts", self.departure.timestamp())
         object.__setattr__(self, "arrives_ts", self.arrival.timestamp())
+        object.__setattr__(self, "departure_iso", self.departure.isoformat())
+        object.__setattr__(self, "arrival_iso", self.arrival.isoformat())
 
 
 @frozen

@@ -30,8 +30,8 @@ def flight(value: Flight) -> dict[str, Any]:
         "number": value.number,
         "origin": value.origin,
         "destination": value.destination,
-        "departure": value.departure.isoformat(),
-        "arrival": value.arrival.isoformat(),
+        "departure": value.departure_iso,
+        "arrival": value.arrival_iso,
         "aircraft": value.aircraft.type,
         "price": money(value.fare),
     }
@@ -47,8 +47,8 @@ def itinerary(value: Itinerary) -> dict[str, Any]:
     return {
         "origin": first.origin,
         "destination": last.destination,
-        "departure": first.departure.isoformat(),
-        "arrival": last.arrival.isoformat(),
+        "departure": first.departure_iso,
+        "arrival": last.arrival_iso,
         "duration_minutes": int((last.arrives_ts - first.departs_ts) // 60),
         "legs": legs,
         "free_seats": min(value.free_seats),
@@ -150,8 +150,8 @@ def hold(value: Hold) -> dict[str, Any]:
                 "seat": leg.seat,
                 "origin": leg.flight.origin,
                 "destination": leg.flight.destination,
-                "departure": leg.flight.departure.isoformat(),
-                "arrival": leg.flight.arrival.isoformat(),
+                "departure": leg.flight.departure_iso,
+                "arrival": leg.flight.arrival_iso,
                 "price": money(leg.flight.fare),
             }
             for leg in value.legs

@@ -183,8 +183,8 @@ def new_ticket_legs(legs: Iterable[tuple[Flight, str]]) -> tuple[TicketLeg, ...]
             number=flight.number,
             origin=flight.origin,
             destination=flight.destination,
-            departure=flight.departure.isoformat(),
-            arrival=flight.arrival.isoformat(),
+            departure=flight.departure_iso,
+            arrival=flight.arrival_iso,
             seat=seat,
             price=flight.fare,
         )
