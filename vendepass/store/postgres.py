@@ -160,6 +160,8 @@ DECLARE
     f TEXT;
     s TEXT;
     k INTEGER;
+    nl INTEGER;
+    places INTEGER[];
     r RECORD;
     mine BIGINT;
     day BIGINT;
@@ -205,16 +207,25 @@ BEGIN
         f := lg->>'flight';
         s := lg->>'seat';
         IF s IS NULL THEN
-            SELECT c.seat INTO s
-                FROM generate_series(1, (lg->>'rows')::int) rw,
-                    generate_series(1, length(lg->>'letters')) lt,
-                    LATERAL (SELECT rw || substr(lg->>'letters', lt, 1) AS seat) c
-                WHERE NOT (f || '/' || c.seat = ANY(names))
-                    AND NOT EXISTS (SELECT 1 FROM seats WHERE flight_id = f AND seat = c.seat)
-                ORDER BY rw, lt LIMIT 1;
-            IF s IS NULL THEN
+            -- The first free seat in seat map order: the taken seats (and
+            -- those this purchase took on the flight) as their places in
+            -- the seat map, sorted; the first place missing is free.
+            nl := length(lg->>'letters');
+            SELECT array_agg(ix ORDER BY ix) INTO places FROM (
+                SELECT (left(st.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(st.seat, 1)) - 1 AS ix
+                    FROM seats st WHERE st.flight_id = f
+                UNION ALL
+                SELECT (left(c.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(c.seat, 1)) - 1
+                    FROM (SELECT substr(nm, length(f) + 2) AS seat FROM unnest(names) nm
+                        WHERE left(nm, length(f) + 1) = f || '/') c
+            ) x;
+            k := coalesce(
+                (SELECT min(g - 1) FROM generate_subscripts(places, 1) g WHERE places[g] <> g - 1),
+                coalesce(array_length(places, 1), 0));
+            IF k >= (lg->>'rows')::int * nl THEN
                 RETURN jsonb_build_object('refused', 'sold_out', 'leg', i, 'ended', ended);
             END IF;
+            s := (k / nl + 1)::text || substr(lg->>'letters', k % nl + 1, 1);
         ELSE
             IF s !~ '^[1-9][0-9]{0,2}[A-Z]$' OR substring(s FROM '^[0-9]+')::int > (lg->>'rows')::int
                 OR strpos(lg->>'letters', right(s, 1)) = 0 THEN
