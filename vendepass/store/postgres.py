@@ -28,6 +28,10 @@ Concurrency, at C{READ COMMITTED}:
     transaction is retried from the start, a few times, and then refused
     with C{storage_unavailable}.
 
+A one-step purchase is one statement, the C{vendepass_buy} function of
+migration 3 (see L{PostgresRules}), sent in autocommit: one round trip, with
+the same locks in the same order inside it.
+
 A connection that dies is replaced. What it was doing is done again on the
 new one if its COMMIT had not been sent, or if it has a C{request_id} (it
 then finds its first outcome); otherwise its outcome is unknown, and it is
