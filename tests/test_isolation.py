@@ -29,13 +29,25 @@ rows or a users row, which the store only ever locks FOR NO KEY UPDATE), so
 they commute with every statement of the other session and each place they
 could take in a permutation gives the same schedule. (The audit insert is a
 step: its sequence number orders the log that C{verify} replays.) So a
-one-step C{buy} is six steps: lock flight, find expired holds, look at seat
-(or pick seat), insert seats, insert audit, commit; with a C{request_id},
-replay first and remember before the commit. Steps are named from their
+C{hold} is steps such as count held, lock flight, find expired holds,
+look at seat (or pick seat), insert seats, insert audit, commit; with a
+C{request_id}, replay first and remember before the commit.
+
+A one-step C{buy} is one statement in production (C{vendepass_buy}, its
+own transaction; see L{PostgresStore._call}), which the database cannot
+interleave with anything finer than its lock waits; the stepped store
+runs it inside a transaction of its own, as two steps: "buy" (the call,
+which takes every lock of the purchase and does every write) and
+"commit" (or "rollback" when the call failed). So two calls that
+overlap wait on each other's locks inside the function, and are seen to
+wait with C{pg_blocking_pids} like any statement.
+L{IsolationTests.test_planted_bug_flight_lock_left_out} installs a
+variant of the function without the flights' locks and checks that the
+last-seat spec catches it. Steps are named from their
 statement (L{label}), and a failed check prints the permutation with those
 names. With the environment variable C{VENDEPASS_ISOLATION_EVERY_STATEMENT}
-set, every statement is a step (4150 permutations, about 70 s, the
-same verdicts).
+set, every statement of the stepped transactions is a step (more
+permutations, the same verdicts; a purchase's call stays one step).
 
 Blocking. As in the isolation tester, when a step does not come back
 because it waits for a lock of the other session (the other's backend pid
@@ -74,20 +86,21 @@ rather than hanging it. Nothing sleeps but the 2 ms polling.
 Permutations per spec (each test checks a lower bound rather than the exact
 count, which changes when the store gains or loses a statement), and with
 every statement a step:
-  - L{IsolationTests.test_two_buyers_one_seat}: 12 (84);
-  - L{IsolationTests.test_two_buyers_last_seat}: 12 (84);
-  - L{IsolationTests.test_buy_while_cancelled}: 126 (a ticket and its legs
-    are one statement);
+  - L{IsolationTests.test_two_buyers_one_seat}: 4 (12 when a purchase was
+    stepped statement by statement);
+  - L{IsolationTests.test_two_buyers_last_seat}: 4 (12), and its planted
+    bug 4, 2 of them caught;
+  - L{IsolationTests.test_buy_while_cancelled}: 21 (126);
   - L{IsolationTests.test_two_holders_one_seat}: 310 (1932);
-  - L{IsolationTests.test_buy_expired_hold_against_buy}: 91;
-  - L{IsolationTests.test_same_request_id_picked_seat}: 18;
-  - L{IsolationTests.test_same_request_id_chosen_seat}: 18 (before the
+  - L{IsolationTests.test_buy_expired_hold_against_buy}: 8 (91);
+  - L{IsolationTests.test_same_request_id_picked_seat}: 4 (18);
+  - L{IsolationTests.test_same_request_id_chosen_seat}: 4 (18; before the
     request's lock, which this test made necessary: 84, 82 of them wrong);
   - L{IsolationTests.test_same_request_id_hold}: 22 (before: 126, 124 wrong);
-  - L{IsolationTests.test_two_buyers_two_flights_crosswise}: 16;
+  - L{IsolationTests.test_two_buyers_two_flights_crosswise}: 4 (16);
   - L{IsolationTests.test_buy_hold_against_release}: 12;
   - L{IsolationTests.test_two_cancels}: 10.
-about 650 permutations in all, about 15 s.
+about 400 permutations in all, about 10 s.
 """
 
 from __future__ import annotations
@@ -114,6 +127,7 @@ from vendepass.fixtures import load
 from vendepass.model import Flight, Hold, Ticket, iso_utc
 from vendepass.schedule import flight_by_id
 from vendepass.store import InlineExecutor, LegRequest
+from vendepass.store import postgres
 from vendepass.store.postgres import PostgresStore, PostgresTx
 from vendepass.store.transactions import Tx
 
@@ -142,6 +156,7 @@ _NAMES = [
     ("SELECT s.ticket_id, h.expires_at", "look at seat"),
     ("string_agg(seat", "pick seat"),
     ("SELECT COUNT(*) FROM holds", "count held"),
+    ("vendepass_buy", "buy"),
 ]
 
 # Statements that are not steps of their own but part of the step before
@@ -276,7 +291,7 @@ class SteppedStore(PostgresStore):
         def stepped(tx: Tx) -> T:
             assert isinstance(tx, SteppedTx)
             tx.session = session
-            session.begin(tx)
+            session.begin(tx.cur.connection.info.backend_pid)
             rolls_back = True
             try:
                 result = work(tx)
@@ -290,6 +305,33 @@ class SteppedStore(PostgresStore):
                 session.end("rollback" if rolls_back else "commit")
 
         return super()._attempt(stepped, ended)
+
+    def _call(self, cur: psycopg.Cursor[Any], sql: str, args: tuple[Any, ...]) -> dict[str, Any]:
+        """
+        A statement that is its own transaction (a one-step purchase's
+        C{vendepass_buy}) is stepped as two steps, inside a transaction of
+        the session's: the call (which takes the function's locks and may
+        wait for the other session's), then its COMMIT (or the ROLLBACK of
+        a failed call).
+        """
+        session = self.session
+        if session is None:
+            return super()._call(cur, sql, args)
+        session.begin(cur.connection.info.backend_pid)
+        cur.execute("BEGIN")
+        try:
+            session.statement(sql)
+            answer = super()._call(cur, sql, args)
+        except BaseException:
+            try:
+                session.end("rollback")
+            finally:
+                if not cur.connection.closed:
+                    cur.execute("ROLLBACK")
+            raise
+        session.end("commit")
+        cur.execute("COMMIT")
+        return answer
 
 
 class _Worker:
@@ -385,11 +427,11 @@ class Session:
 
     # -- on the worker thread -------------------------------------------------
 
-    def begin(self, tx: PostgresTx) -> None:
+    def begin(self, pid: int) -> None:
         with self.scheduler.cv:
             self.attempts += 1
             self.ending = False
-            self.pid = tx.cur.connection.info.backend_pid
+            self.pid = pid
 
     def statement(self, query: str) -> None:
         step = label(query)
@@ -740,8 +782,9 @@ class IsolationTests(SynchronousTestCase):
         """
         Alice and Bob buy seat 1A of TINY at once (one-step C{buy}): in
         every order one gets a ticket for it, the other C{seat_unavailable}.
-        12 permutations: the flight's advisory lock makes the second buyer
-        wait from its "lock flight" step until the first one's commit.
+        4 permutations: the flight's advisory lock, taken inside the first
+        buyer's call, makes the second buyer's call wait until the first
+        one's commit.
         """
         def check(run: Run, _: None) -> None:
             result = self.one_winner(run, "seat_unavailable")
@@ -761,16 +804,19 @@ class IsolationTests(SynchronousTestCase):
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, "1A")),
             check,
         )
-        self.assertClean(runs, at_least=10)
+        self.assertClean(runs, at_least=4)
         winners = {describe(run.outcomes["A"]) == "seat_unavailable" for run in runs}
         self.assertEqual(winners, {True, False}, "each buyer wins in some order")
+        self.assertTrue(any(run.waited() for run in runs), "in some order one call waits for the other's lock")
         self.assertTrue(any(run.waited() for run in runs), "in some order a buyer waits for the other's lock")
 
-    def test_two_buyers_last_seat(self) -> None:
+    def _last_seat(self) -> list[Run]:
         """
         With three of TINY's four seats sold, Alice and Bob each buy a seat
         the server picks (C{LegRequest(flight, None)}): in every order one
-        gets the last seat, the other C{sold_out}. 12 permutations.
+        gets the last seat, the other C{sold_out}, and neither needed a
+        second attempt (the flight's lock made the second buyer wait until
+        the first one's commit, rather than lose a race on the seat's key).
         """
         seats = self.tiny.aircraft.seats()
         last = seats[-1]
@@ -780,6 +826,7 @@ class IsolationTests(SynchronousTestCase):
                 self.ok(self.store.buy(ALICE[0], _legs(self.tiny, seat)))
 
         def check(run: Run, _: None) -> None:
+            run.expect(run.attempts == {"A": 1, "B": 1}, f"attempts: {run.attempts}")
             result = self.one_winner(run, "sold_out")
             if result is None:
                 return
@@ -790,27 +837,53 @@ class IsolationTests(SynchronousTestCase):
             run.expect(len(self.seats()) == len(seats), f"seats: {self.seats()}")
             run.expect(len(self.tickets()) == len(seats), f"tickets: {self.tickets()}")
 
-        runs = self.scheduler.explore(
+        return self.scheduler.explore(
             setup,
             lambda store, _: store.buy(ALICE[0], _legs(self.tiny, None)),
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, None)),
             check,
         )
-        self.assertClean(runs, at_least=10)
+
+    def test_two_buyers_last_seat(self) -> None:
+        """
+        L{_last_seat}: 4 permutations (each purchase is two steps, the
+        call and its commit); in those where the second call starts
+        before the first one's commit, it waits for the flight's lock.
+        """
+        runs = self._last_seat()
+        self.assertClean(runs, at_least=4)
         winners = {describe(run.outcomes["A"]) == "sold_out" for run in runs}
         self.assertEqual(winners, {True, False}, "each buyer wins in some order")
+        self.assertIn("A:buy B:buy B waits A:commit B resumes B:commit", [" ".join(run.trace) for run in runs])
+
+    def test_planted_bug_flight_lock_left_out(self) -> None:
+        """
+        The planted bug: C{vendepass_buy} without the flights' advisory
+        locks, installed in this test's schema. L{_last_seat} catches it:
+        where both calls overlap, the second picks the same last seat (the
+        first one's is not committed), waits on the seat's key instead, and
+        fails with a unique violation once the first commits; only its
+        retry says C{sold_out}.
+        """
+        lock = "    FOREACH k IN ARRAY p_flight_keys LOOP\n        PERFORM pg_advisory_xact_lock(1448083457, k);\n    END LOOP;\n"
+        self.assertIn(lock, postgres.MIGRATIONS[2])
+        self.db.execute(postgres.MIGRATIONS[2].replace(lock, "").replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))
+        runs = self._last_seat()
+        caught = [run for run in runs if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+        self.assertIn("attempts: {'A': 1, 'B': 2}", [problem for run in caught for problem in run.problems])
 
     def test_buy_while_cancelled(self) -> None:
         """
         Alice cancels her ticket for 1A while Bob buys 1A. The cancel always
         succeeds; Bob gets the seat exactly when the cancel had committed by
-        the time he looked at the seat ("look at seat"), and
-        C{seat_unavailable} otherwise (a READ COMMITTED statement sees what
-        was committed when it started); never two active tickets for 1A.
-        210 permutations: nothing here waits for a lock, so every
-        interleaving of the cancel's 6 steps (lock tickets, select
-        ticket_legs, update tickets, delete seats, insert audit, commit) and
-        the buy's 4 (refused) or 6 steps runs.
+        the time his call ("buy") started, and C{seat_unavailable}
+        otherwise (a READ COMMITTED statement, in the function too, sees
+        what was committed when it started); never two active tickets for
+        1A. 21 permutations: nothing here waits for a lock, so every
+        interleaving of the cancel's 5 steps (lock tickets, update
+        tickets, delete seats, insert audit, commit) and the buy's 2 (the
+        call, its commit) runs.
         """
         def setup() -> str:
             return self.ok(self.store.buy(ALICE[0], _legs(self.tiny, "1A"))).ticket_id
@@ -821,7 +894,7 @@ class IsolationTests(SynchronousTestCase):
                 isinstance(cancelled, Ticket) and cancelled.status == "cancelled",
                 f"the cancel: {describe(cancelled)}",
             )
-            committed_first = run.position("A:commit") < run.position("B:look at seat")
+            committed_first = run.position("A:commit") < run.position("B:buy")
             seats = self.seats()
             if committed_first:
                 run.expect(isinstance(bought, Ticket), f"Bob looked after the cancel committed: {describe(bought)}")
@@ -845,7 +918,7 @@ class IsolationTests(SynchronousTestCase):
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, "1A")),
             check,
         )
-        self.assertClean(runs, at_least=120)
+        self.assertClean(runs, at_least=20)
         self.assertEqual(
             {isinstance(run.outcomes["B"], Ticket) for run in runs}, {True, False}, "Bob wins in some orders only"
         )
@@ -886,7 +959,7 @@ class IsolationTests(SynchronousTestCase):
         (C{buy_hold}) while Bob buys 1A. In every order Alice gets
         C{hold_expired} and Bob the seat; the hold is ended exactly once
         (by whichever transaction got to it first; the other one's
-        conditional update finds it ended). 62 permutations.
+        conditional update finds it ended). 8 permutations.
         """
         def setup() -> str:
             hold = self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive))
@@ -913,7 +986,7 @@ class IsolationTests(SynchronousTestCase):
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, "1A")),
             check,
         )
-        self.assertClean(runs, at_least=40)
+        self.assertClean(runs, at_least=6)
         self.assertTrue(any(run.waited() for run in runs), "in some order one waits for the other's hold row")
 
     def _same_request(
@@ -946,24 +1019,24 @@ class IsolationTests(SynchronousTestCase):
     def test_same_request_id_picked_seat(self) -> None:
         """
         The same one-step C{buy} of a seat the server picks, twice at once
-        with one C{request_id}: the second waits on the request's lock (the
-        first statement of its transaction) until the first commits, then
-        replays its ticket. 18 permutations (all the others would need a
+        with one C{request_id}: the second call waits on the request's lock
+        (the first the function takes) until the first commits, then
+        replays its ticket. 4 permutations (all the others would need a
         blocked session to move).
         """
-        self._same_request(lambda store: store.buy(ALICE[0], _legs(self.tiny, None), request_id="r-1"), Ticket, 15)
+        self._same_request(lambda store: store.buy(ALICE[0], _legs(self.tiny, None), request_id="r-1"), Ticket, 4)
 
     def test_same_request_id_chosen_seat(self) -> None:
         """
         The same one-step C{buy} of seat 1A, twice at once with one
-        C{request_id}: one ticket, answered to both. 18 permutations.
+        C{request_id}: one ticket, answered to both. 4 permutations.
 
         Before the request's lock this failed in 82 of 84 permutations:
         when the second transaction read the requests before the first
         committed, it found nothing to replay, then found 1A sold (by this
         very request) and refused with C{seat_unavailable}.
         """
-        self._same_request(lambda store: store.buy(ALICE[0], _legs(self.tiny, "1A"), request_id="r-1"), Ticket, 15)
+        self._same_request(lambda store: store.buy(ALICE[0], _legs(self.tiny, "1A"), request_id="r-1"), Ticket, 4)
 
     def test_same_request_id_hold(self) -> None:
         """
@@ -986,7 +1059,7 @@ class IsolationTests(SynchronousTestCase):
         the legs the other way round: the flights' locks are taken in one
         order whatever the order of the legs, so neither deadlocks; one
         gets both seats, the other C{seat_unavailable} and nothing.
-        18 permutations.
+        4 permutations.
         """
         def check(run: Run, _: None) -> None:
             result = self.one_winner(run, "seat_unavailable")
@@ -1009,7 +1082,7 @@ class IsolationTests(SynchronousTestCase):
             lambda store, _: store.buy(BOB[0], [LegRequest(self.big, "1A"), LegRequest(self.tiny, "1A")]),
             check,
         )
-        self.assertClean(runs, at_least=10)
+        self.assertClean(runs, at_least=4)
         winners = {describe(run.outcomes["A"]) == "seat_unavailable" for run in runs}
         self.assertEqual(winners, {True, False}, "each buyer wins in some order")
 

@@ -8,6 +8,13 @@ just before that statement is sent (nothing of the transaction can commit)
 or, for C{COMMIT}, just after the server has answered it (the transaction
 committed, and the client then finds its connection dead, as if the answer
 had been lost with it).
+
+A one-step purchase is one statement (C{vendepass_buy}, its own
+transaction): it stands for C{BEGIN}, its inserts and C{COMMIT} at once.
+Killed just before it (when the store looks whether its idle connection
+is still alive, without a round trip), nothing of it was done, and the
+store does it on a new connection; killed after its answer came, it
+committed.
 """
 
 from __future__ import annotations
@@ -38,6 +45,14 @@ from vendepass.store.postgres import RECONNECTS, PostgresStore
 # statement is sent, or just after its answer came.
 Fault = tuple[str, str]
 
+# What the one statement of a one-step purchase stands for.
+_BUY_STANDS_FOR = ("BEGIN", "INSERT INTO tickets", "COMMIT")
+
+
+def _is(query: str, fault: Fault) -> bool:
+    prefix, when = fault
+    return query.startswith(prefix) or (query == postgres.BUY_CALL and prefix in _BUY_STANDS_FOR and when == "after")
+
 
 def _terminate(url: str, pids: list[int]) -> int:
     """
@@ -59,7 +74,7 @@ def killing_cursor(url: str, faults: list[Fault]) -> type[psycopg.Cursor[Any]]:
 
     class KillingCursor(psycopg.Cursor[Any]):
         def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-            if faults and isinstance(query, str) and query.startswith(faults[0][0]):
+            if faults and isinstance(query, str) and _is(query, faults[0]):
                 _, when = faults.pop(0)
                 pid = self.connection.info.backend_pid
                 if when == "before":
@@ -99,6 +114,16 @@ class FaultTestCase(TestCase):
             return conn
 
         self.patch(postgres, "connect", connect)
+        alive = postgres._idle_and_alive
+
+        def killed_before_buy(conn: psycopg.Connection[Any]) -> bool:
+            # The store looks just before it sends a one-step purchase.
+            if self.faults and self.faults[0][0] in _BUY_STANDS_FOR and self.faults[0][1] == "before":
+                self.faults.pop(0)
+                _terminate(self.url, [conn.info.backend_pid])
+            return alive(conn)
+
+        self.patch(postgres, "_idle_and_alive", killed_before_buy)
         self.clock = Clock()
         self.clock.advance(time.time())
         self.store = PostgresStore.open(self.url, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash, clock=self.clock)

@@ -345,3 +345,60 @@ class RetryTests(TestCase):
         self.assertEqual(failures[0], 2 + postgres.RETRIES + 1)
         states = {s.seat: s.status for s in _result(self.store.seats(self.flight))}
         self.assertEqual((states["2A"], states["2B"]), ("held", "free"))
+
+
+class RoundTripTests(TestCase):
+    """
+    How many times one request waits for the database: each C{execute} or
+    C{executemany} of the store's cursors is a round trip (psycopg sends an
+    C{executemany} as one pipeline).
+    """
+
+    def setUp(self) -> None:
+        self.url = pg.fresh_url(self)
+        self.calls: list[str] = []
+        calls = self.calls
+
+        class CountingCursor(psycopg.Cursor[Any]):
+            def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+                calls.append(str(query))
+                return super().execute(query, params, **kwargs)
+
+            def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:  # type: ignore[override]
+                calls.append(str(query))
+                super().executemany(query, params_seq, **kwargs)
+
+        real = postgres.connect
+
+        def connect(url: str) -> psycopg.Connection[Any]:
+            conn = real(url)
+            conn.cursor_factory = CountingCursor
+            return conn
+
+        self.patch(postgres, "connect", connect)
+        self.store = PostgresStore.open(self.url, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+        self.addCleanup(self.store.stop)
+        self.flight = flight_by_id(self.store.network(), f"VP200-{_day_after_tomorrow()}")
+        # The connection's own set-up is not the request's.
+        _result(self.store.seats(self.flight))
+
+    def round_trips(self, call: Any) -> int:
+        del self.calls[:]
+        call()
+        return len(self.calls)
+
+    def test_one_step_buy(self) -> None:
+        """
+        A one-step purchase, picked or chosen seat, with or without a
+        C{request_id}, and a refused one: one round trip each (before
+        C{vendepass_buy}: 9, 12 and 5). A replay is two: the call, then
+        reading the ticket it names (before: 5).
+        """
+        buy = self.store.buy
+        self.assertEqual(self.round_trips(lambda: _result(buy("alice", [LegRequest(self.flight, None)]))), 1)
+        self.assertEqual(self.round_trips(lambda: _result(buy("alice", [LegRequest(self.flight, "9C")], "r1"))), 1)
+        self.assertEqual(
+            self.round_trips(lambda: self.assertRaises(SeatUnavailable, _result, buy("bob", [LegRequest(self.flight, "9C")]))),
+            1,
+        )
+        self.assertEqual(self.round_trips(lambda: _result(buy("alice", [LegRequest(self.flight, "9C")], "r1"))), 2)

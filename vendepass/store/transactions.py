@@ -200,6 +200,29 @@ def ticket_leg_rows(ticket_id: str, legs: tuple[TicketLeg, ...]) -> list[tuple[A
     ]
 
 
+# The refusals the rules decide inside a transaction, said once (the
+# PostgreSQL store's purchase function returns which, and its details).
+
+def request_reused(request_id: str, kind: str) -> InvalidRequest:
+    return InvalidRequest(f"request_id {request_id!r} was already used for another operation ({kind}).", field="request_id")
+
+
+def departed(flight: Flight) -> FlightDeparted:
+    return FlightDeparted(f"Flight {flight.flight_id} has already departed.", flight=flight.flight_id)
+
+
+def asked_twice(flight: Flight, seat: str) -> SeatUnavailable:
+    return SeatUnavailable(
+        f"Seat {seat} on flight {flight.flight_id} is asked for twice.", flight=flight.flight_id, seat=seat
+    )
+
+
+def over_limit(limit: int, flight_id: str, mine: int) -> PurchaseLimit:
+    return PurchaseLimit(
+        f"You may have at most {limit} seats on flight {flight_id} (you have {mine}).", limit=limit, flight=flight_id
+    )
+
+
 def _seat_names(seats: Iterable[tuple[str, str]]) -> str:
     return json.dumps([f"{f}/{s}" for f, s in seats])
 
@@ -239,9 +262,7 @@ class SeatRules:
         if row is None:
             return None
         if row[0] != kind:
-            raise InvalidRequest(
-                f"request_id {request_id!r} was already used for another operation ({row[0]}).", field="request_id"
-            )
+            raise request_reused(request_id, row[0])
         return str(row[1])
 
     def remember(self, tx: Tx, username: str, request_id: str | None, kind: str, outcome: str) -> None:
@@ -380,7 +401,7 @@ class SeatRules:
         """
         for leg in legs:
             if leg.flight.departs_ts <= tx.now:
-                raise FlightDeparted(f"Flight {leg.flight.flight_id} has already departed.", flight=leg.flight.flight_id)
+                raise departed(leg.flight)
         flight_ids = [leg.flight.flight_id for leg in legs]
         tx.lock_flights(flight_ids)
         self.end_expired_on(tx, sorted(set(flight_ids)))
@@ -398,9 +419,7 @@ class SeatRules:
                 seat = leg.seat
                 check_seat(flight, seat)
                 if (flight.flight_id, seat) in zip(flight_ids, seats):
-                    raise SeatUnavailable(
-                        f"Seat {seat} on flight {flight.flight_id} is asked for twice.", flight=flight.flight_id, seat=seat
-                    )
+                    raise asked_twice(flight, seat)
                 row = tx.one(
                     "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
                     " WHERE s.flight_id = ? AND s.seat = ?",
@@ -432,11 +451,7 @@ class SeatRules:
                 (flight_id, username, username, tx.now),
             )
             if mine + more > limit:
-                raise PurchaseLimit(
-                    f"You may have at most {limit} seats on flight {flight_id} (you have {mine}).",
-                    limit=limit,
-                    flight=flight_id,
-                )
+                raise over_limit(limit, flight_id, mine)
 
     def take(
         self, tx: Tx, legs: list[LegRequest], seats: list[str], hold_id: str | None, ticket_id: str | None
@@ -558,7 +573,7 @@ class SeatRules:
         for flight_id, seat in tx.all("SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,)):
             flight = flight_by_id(self.network, flight_id)
             if flight.departs_ts <= tx.now:
-                raise FlightDeparted(f"Flight {flight_id} has already departed.", flight=flight_id)
+                raise departed(flight)
             legs.append((flight, seat))
         ticket_id = self.new_ticket(tx, username, [flight for flight, _ in legs])
         # The conditional update: only seats still claimed by this hold.
