@@ -114,7 +114,7 @@ class BenchTests(ServerTestCase):
             "buy", "--connect", f"tcp:127.0.0.1:{first.port}", "--also-connect", f"tcp:127.0.0.1:{second.port}",
             "-c", str(CUSTOMERS), "--db", url, "--count", "30", "--no-ceiling",
         )
-        self.assertEqual(report["measure"]["operations"], 30)
+        self.assertEqual(report["measure"]["operations"], 30, report["measure"])
         self.assertEqual(report["server"]["pid"], first.process.pid)
         self.assertChecksPassed(report, PROTOCOL_CHECKS | {"admin_verify"})
 
@@ -222,6 +222,20 @@ class BenchTests(ServerTestCase):
         server.kill()
         report = self.bench("browse", "--connect", f"tcp:127.0.0.1:{port}", "-c", "2", expect=2)
         self.assertIn("connection_refused", report["error"])
+
+    def test_seats_per_flight_cap(self) -> None:
+        """
+        Against a server that caps one customer's seats on a flight, a
+        customer at the cap buys on another flight instead of asking again
+        flat out: all of C{--count} is bought, every refusal is counted.
+        """
+        server = self.start("--max-seats-per-flight", "2")
+        report = self.buy(server, "-c", "2", "--count", "12", "--no-ceiling", "--user-prefix", "capped")
+        measure = report["measure"]
+        self.assertEqual(measure["operations"], 12, measure)
+        self.assertEqual(set(measure["errors"]) - {"sold_out", "purchase_limit"}, set())
+        self.assertLess(measure["errors"].get("purchase_limit", 0), 100, measure)
+        self.assertChecksPassed(report, PROTOCOL_CHECKS | {"admin_verify"})
 
     def test_registration_limit_is_named(self) -> None:
         """

@@ -231,11 +231,24 @@ class BuyLoop(Loop):
         if answer.get("ok"):
             self.completed += 1
             self.acks.append(Ack.of(customer.username or "", answer["data"]["ticket"]))
-        elif self.recorder.error(answer) in SOLD_OUT:
-            if customer.state in self.live:
-                self.live.remove(customer.state)
-            if self.live:
-                customer.state = self.live[self.rng.randrange(len(self.live))]
+        else:
+            code = self.recorder.error(answer)
+            if code in SOLD_OUT:
+                if customer.state in self.live:
+                    self.live.remove(customer.state)
+                if self.live:
+                    customer.state = self.live[self.rng.randrange(len(self.live))]
+            elif code == "purchase_limit":
+                # This customer may buy no more now: on this flight (it has
+                # as many seats as one customer may), or for a while (its
+                # purchases per minute). A real customer goes elsewhere, or
+                # waits; it does not ask again at once, flat out.
+                retry_after = (answer.get("error") or {}).get("retry_after")
+                if isinstance(retry_after, (int, float)) and not self.stopping:
+                    self.reactor.callLater(max(float(retry_after), 0.1), self.step, customer)
+                    return
+                if self.live:
+                    customer.state = self.live[self.rng.randrange(len(self.live))]
         self.step(customer)
 
 
