@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 import re
-from datetime import datetime, time, timezone
+from datetime import datetime, time
 from decimal import Decimal, InvalidOperation
 from time import gmtime as _gmtime, strftime as _strftime
 

@@ -650,7 +650,9 @@ class ReservationService(Service):
         if limit is None:
             return
         now = self.clock.seconds()
-        times = self._purchases.setdefault(username, deque())
+        times = self._purchases.get(username)
+        if times is None:
+            times = self._purchases[username] = deque()
         while times and times[0] <= now - PURCHASE_WINDOW_SECONDS:
             times.popleft()
         if len(times) >= limit:
@@ -701,7 +703,9 @@ class ReservationService(Service):
             username = self._user(session)
             if not 1 <= limit <= MAX_TICKETS_LIMIT:
                 raise InvalidRequest(f"Field 'limit' must be between 1 and {MAX_TICKETS_LIMIT}.", field="limit")
-            turn = self._ticket_reads.setdefault(username, DeferredLock())
+            turn = self._ticket_reads.get(username)
+            if turn is None:
+                turn = self._ticket_reads[username] = DeferredLock()
             await turn.acquire()
             try:
                 return await self.store.ticket_page(username, limit, after, active_only)

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from vendepass.errors import FixturesError
 from vendepass.fixtures import BUNDLED, Fixtures, load
-from vendepass.protocol import DEFAULT_MAX_CONNECTIONS
+from vendepass.protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, VendePassFactory
 from vendepass.service import DEFAULT_HOLD_SECONDS, DEFAULT_SALES_WINDOW_DAYS
 from vendepass.store import IStore
 from vendepass.throttle import DEFAULT_REGISTRATIONS_PER_HOUR, RegistrationThrottle
@@ -128,7 +128,7 @@ class Options(usage.Options):
         ["sales-window", None, DEFAULT_SALES_WINDOW_DAYS, "How many days ahead flights are sold.", int],
         ["idle-timeout", None, 900, "Close a connection after this many seconds without a request (0: never).", int],
         [
-            "handshake-timeout", None, 10,
+            "handshake-timeout", None, int(DEFAULT_HANDSHAKE_TIMEOUT),
             "Abort a TLS connection that has not finished its handshake this many seconds after connecting"
             " (0: never).", int,
         ],
@@ -351,8 +351,6 @@ class _Pending(Factory):
 
     def logPrefix(self) -> str:
         # What the log's "... starting on PORT" names.
-        from vendepass.protocol import VendePassFactory
-
         return VendePassFactory.__name__
 
 
@@ -406,7 +404,6 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from vendepass.passwords import ScryptHasher
-    from vendepass.protocol import VendePassFactory
     from vendepass.service import ReservationService
     from vendepass.store import ThreadExecutor
     from vendepass.store.postgres import is_postgres_url

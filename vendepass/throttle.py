@@ -144,11 +144,12 @@ class LoginThrottle:
         now = self.clock.seconds()
         records = [self._failures.get(_key("address", address), now)]
         if username is not None:
-            pair = self._failures.get(_key("pair", username, address), now)
+            pair_key = _key("pair", username, address)
+            pair = self._failures.get(pair_key, now)
             records.append(pair)
             # The username-wide brake: only for an address that has failed
             # for this username and never logged into it.
-            if pair is not None and self._trusted.get(_key("pair", username, address), now) is None:
+            if pair is not None and self._trusted.get(pair_key, now) is None:
                 records.append(self._failures.get(_key("user", username), now))
         return max([0.0] + [r.blocked_until - now for r in records if r is not None])
 

@@ -27,6 +27,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from vendepass.bench.common import OP_SEATMAP, OP_TICKETS
 from vendepass.bench.generator import BenchError, Customer, Message, error_code
 from vendepass.bench.report import CheckResult
+from vendepass.client.protocol import TICKET_PAGE_LIMIT
 
 Seat = tuple[str, str]  # (flight id, seat)
 UNAVAILABLE = ("flight_departed", "unknown_flight")
@@ -76,14 +77,18 @@ async def seat_maps(customers: Sequence[Customer], flights: Iterable[str]) -> di
     return dict(zip(wanted, answers))
 
 
+# The pages a check reads of one customer's tickets, at most (200,000 tickets).
+BENCH_TICKET_PAGES = 1000
+
+
 async def _every_ticket(customer: Customer) -> Message:
     """
     The customer's C{tickets} answer with every page's tickets (or the
     first refusal): the cursors followed, at most 1,000 pages.
     """
     tickets: list[Message] = []
-    data: Message = {"limit": 200}
-    for _ in range(1000):
+    data: Message = {"limit": TICKET_PAGE_LIMIT}
+    for _ in range(BENCH_TICKET_PAGES):
         answer = await customer.call(OP_TICKETS, data)
         if not answer.get("ok"):
             return answer
@@ -91,7 +96,7 @@ async def _every_ticket(customer: Customer) -> Message:
         cursor = answer["data"].get("next_cursor")
         if cursor is None:
             break
-        data = {"limit": 200, "cursor": cursor}
+        data = {"limit": TICKET_PAGE_LIMIT, "cursor": cursor}
     return {"ok": True, "data": {"tickets": tickets}}
 
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 import termios
 from collections import deque
+from datetime import date
 from typing import Any, Callable
 
 from twisted.internet import stdio
@@ -499,12 +500,14 @@ class App:
         if destination["code"] == origin["code"]:
             self.say(self._("Origin and destination must differ."))
             return
+        today: date | None = None
         while True:
             day = await self.ask(self._("Date (YYYY-MM-DD, empty for any day): "))
             try:
                 if day:
                     # YYYY-MM-DD, today, tomorrow, +N; DD/MM/AAAA, hoje, amanhã in pt_BR.
-                    today = server_today((await self.api.ping())["time"])
+                    # Today is the server's: asked once, not at every date typed.
+                    today = today or server_today((await self.api.ping())["time"])
                     day = parse_date(day, today, self._.language).isoformat()
                 break
             except BadDate as e:

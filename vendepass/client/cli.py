@@ -197,6 +197,7 @@ def _flights(typed: list[str], day: str | None, now: str, texts: Texts) -> list[
     if day is not None and not any(FLIGHT_NUMBER.fullmatch(t) for t in typed):
         raise UsageProblem(texts("--date goes with flight numbers (e.g. VP2301 --date tomorrow), not full flight ids."))
     flights = []
+    iso: str | None = None  # --date, parsed at its first use
     for text in typed:
         if FLIGHT_NUMBER.fullmatch(text):
             if day is None:
@@ -208,7 +209,8 @@ def _flights(typed: list[str], day: str | None, now: str, texts: Texts) -> list[
                         example=example,
                     )
                 )
-            text = f"{text.upper()}-{_day(day, now, texts).isoformat()}"
+            iso = iso or _day(day, now, texts).isoformat()
+            text = f"{text.upper()}-{iso}"
         flights.append(text)
     return flights
 

@@ -143,12 +143,11 @@ def _certificate_refused(reason: Failure, transport: Any) -> CertificateRefused 
     """
     try:
         from OpenSSL.SSL import Error as TLSError
+        from service_identity import VerificationError
     except ImportError:  # pragma: no cover: no TLS support installed
         return None
     if reason.check(TLSError) and "certificate verify failed" in str(reason.value):
         return CertificateRefused(_untrusted_issuer(transport))
-    from service_identity import VerificationError
-
     if isinstance(reason.value, VerificationError):
         # Trusted, but issued to another name than the one connected to.
         wanted = [str(getattr(error.mismatched_id, "hostname", None) or getattr(error.mismatched_id, "ip", ""))

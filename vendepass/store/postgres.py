@@ -53,7 +53,7 @@ import random
 import select
 import threading
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar, cast
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -305,6 +305,20 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big", signed=True)
 
 
+def _request_key(username: str, request_id: str) -> int:
+    """
+    The advisory lock key of a customer's C{request_id}.
+    """
+    return _lock_key(f"{username}/{request_id}")
+
+
+def _flight_keys(flight_ids: list[str]) -> list[int]:
+    """
+    The advisory lock keys of flights, in the one order every server takes them.
+    """
+    return sorted({_lock_key(f) for f in flight_ids})
+
+
 def is_postgres_url(db: str) -> bool:
     return db.startswith(("postgresql://", "postgres://"))
 
@@ -383,7 +397,7 @@ class PostgresTx(Tx):
 
     def lock_request(self, username: str, request_id: str) -> None:
         self.replayable = True
-        self.execute("SELECT pg_advisory_xact_lock(?, ?)", (_REQUEST_LOCK, _lock_key(f"{username}/{request_id}")))
+        self.execute("SELECT pg_advisory_xact_lock(?, ?)", (_REQUEST_LOCK, _request_key(username, request_id)))
 
     def lock_user(self, username: str) -> None:
         self.execute("SELECT 1 FROM users WHERE username = ? FOR NO KEY UPDATE", (username,))
@@ -391,7 +405,7 @@ class PostgresTx(Tx):
     def lock_flights(self, flight_ids: list[str]) -> None:
         # In one order on every server: claims of the same flight take
         # turns, and claims of several never deadlock.
-        for key in sorted({_lock_key(f) for f in flight_ids}):
+        for key in _flight_keys(flight_ids):
             self.execute("SELECT pg_advisory_xact_lock(?, ?)", (_FLIGHT_LOCK, key))
 
 
@@ -425,8 +439,8 @@ class PostgresRules(SeatRules):
                 "number": leg.flight.number,
                 "origin": leg.flight.origin,
                 "destination": leg.flight.destination,
-                "departure": leg.flight.departure.isoformat(),
-                "arrival": leg.flight.arrival.isoformat(),
+                "departure": leg.flight.departure_iso,
+                "arrival": leg.flight.arrival_iso,
                 "fare": leg.flight.fare.cents,
             }
             for leg in legs
@@ -437,9 +451,9 @@ class PostgresRules(SeatRules):
         return (
             username,
             request_id,
-            None if request_id is None else _lock_key(f"{username}/{request_id}"),
+            None if request_id is None else _request_key(username, request_id),
             now,
-            sorted({_lock_key(leg.flight.flight_id) for leg in legs}),
+            _flight_keys([leg.flight.flight_id for leg in legs]),
             Jsonb(described),
             self.max_seats_per_flight,
             self.currency,
@@ -456,9 +470,7 @@ class PostgresRules(SeatRules):
         """
         if "ticket" in answer:
             chosen = list(zip([leg.flight for leg in legs], answer["seats"]))
-            ticket_legs = new_ticket_legs(chosen)
-            price = Money(sum(leg.price.cents for leg in ticket_legs), self.currency)
-            return Ticket(answer["ticket"], username, "active", ticket_legs, price, answer["now"], None)
+            return self.new_ticket_value(answer["ticket"], username, new_ticket_legs(chosen), answer["now"])
         if "replay" in answer:
             return self.ticket_as_bought(tx, answer["replay"])
         refused = answer["refused"]
@@ -574,7 +586,7 @@ class PostgresStore(RulesStore):
     # What each transaction runs its statements through (tests that step
     # through the production statements one at a time put theirs here).
     transaction_class: type[PostgresTx] = PostgresTx
-    rules_class: type[SeatRules] = PostgresRules
+    rules_class: type[PostgresRules] = PostgresRules
 
     def __init__(
         self,
@@ -707,12 +719,19 @@ class PostgresStore(RulesStore):
         died (see L{_job}).
         """
         ended: list[tuple[str, str]] = []
+        return self._submit(lambda: self._attempt(work, ended), ended)
+
+    def _submit(self, attempt: Callable[[], T], ended: list[tuple[str, str]]) -> Deferred[T]:
+        """
+        Run C{attempt} on the writers' executor under L{_job}'s rules, then
+        report the holds it C{ended}, whatever its outcome.
+        """
 
         def report(outcome: Any) -> Any:
             self._report(ended)
             return outcome
 
-        return self._executor.submit(lambda: self._job(lambda: self._attempt(work, ended))).addBoth(report)
+        return self._executor.submit(lambda: self._job(attempt)).addBoth(report)
 
     def _read(self, work: Callable[[Tx], T]) -> Deferred[T]:
         """
@@ -827,21 +846,11 @@ class PostgresStore(RulesStore):
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
         """
         A one-step purchase: one round trip (C{vendepass_buy}, see
-        L{PostgresRules}), unless the rules are not the PostgreSQL ones.
+        L{PostgresRules}).
         """
-        rules = self.rules
-        if not isinstance(rules, PostgresRules):
-            return super().buy(username, legs, request_id)
         ended: list[tuple[str, str]] = []
-
-        def job() -> Ticket:
-            return self._job(lambda: self._attempt_buy(rules, username, legs, request_id, ended))
-
-        def report(outcome: Any) -> Any:
-            self._report(ended)
-            return outcome
-
-        return self._executor.submit(job).addBoth(report)
+        rules = cast(PostgresRules, self.rules)  # rules_class is one
+        return self._submit(lambda: self._attempt_buy(rules, username, legs, request_id, ended), ended)
 
     def _attempt_buy(
         self,

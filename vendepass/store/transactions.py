@@ -548,8 +548,14 @@ class SeatRules:
         """
         ticket_legs = new_ticket_legs(legs)
         tx.executemany(TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs))
-        price = Money(sum(leg.price.cents for leg in ticket_legs), self.currency)
-        return Ticket(ticket_id, username, "active", ticket_legs, price, tx.now, None)
+        return self.new_ticket_value(ticket_id, username, ticket_legs, tx.now)
+
+    def new_ticket_value(self, ticket_id: str, username: str, legs: tuple[TicketLeg, ...], now: float) -> Ticket:
+        """
+        A ticket just bought, as its customer is told of it.
+        """
+        price = Money(sum(leg.price.cents for leg in legs), self.currency)
+        return Ticket(ticket_id, username, "active", legs, price, now, None)
 
     def buy(self, tx: Tx, username: str, legs: list[LegRequest], request_id: str | None = None) -> Ticket:
         done = self.replay(tx, username, request_id, "buy")
