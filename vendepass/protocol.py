@@ -196,8 +196,10 @@ def _seat_list(data: dict[str, Any]) -> list[str | None] | None:
     return seats
 
 
-def _ticket_answer(ticket: Ticket) -> dict[str, Any]:
-    return {"ticket": wire.ticket(ticket)}
+def _ticket_answer(ticket: Ticket) -> wire.RawJSON:
+    # Encoded ahead of time (wire.ticket_json): the same text as
+    # {"ticket": wire.ticket(ticket)} would make, for less.
+    return wire.RawJSON('{"ticket":' + wire.ticket_json(ticket) + "}")
 
 
 @frozen
@@ -694,7 +696,7 @@ class VendePassProtocol(LineReceiver):
         await self.service.release(self.session, hold_id, _request_id(data))
         return {}
 
-    def _buy(self, data: dict[str, Any]) -> Deferred[dict[str, Any]]:
+    def _buy(self, data: dict[str, Any]) -> Deferred[Any]:
         assert self.session is not None
         request_id = _request_id(data)
         hold_id = _field(data, "hold_id", str, required=False)

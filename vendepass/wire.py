@@ -8,6 +8,7 @@ import base64
 import binascii
 import functools
 import json
+import json.encoder
 import math
 import re
 from typing import TYPE_CHECKING, Any, Callable
@@ -182,6 +183,52 @@ def ticket(value: Ticket) -> dict[str, Any]:
         "bought_at": iso_utc(value.bought_at),
         "cancelled_at": None if value.cancelled_at is None else iso_utc(value.cancelled_at),
     }
+
+
+# The JSON of a string (no ASCII escaping, as the protocol's encoder).
+_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=1024)
+def _money_json(value: Money) -> str:
+    return json.dumps(money(value), ensure_ascii=False, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=65536)
+def _ticket_leg_parts(
+    flight_id: str, number: str, origin: str, destination: str, departure: str, arrival: str, price: Money
+) -> tuple[str, str]:
+    """
+    A ticket leg's JSON before and after its seat: the same for every seat
+    sold on a flight, so encoded once.
+    """
+    leg = TicketLeg(flight_id, number, origin, destination, departure, arrival, "", price)
+    text = json.dumps(_ticket_leg(leg), ensure_ascii=False, separators=(",", ":"))
+    head, tail = text.split('"seat":"",', 1)
+    return head + '"seat":', "," + tail
+
+
+def ticket_json(value: Ticket) -> RawJSON:
+    """
+    The JSON text of L{ticket}C{(value)}, byte for byte what the protocol's
+    encoder makes of it, from per-flight parts encoded once: a purchase's
+    answer is mostly its flights' fixed text.
+    """
+    legs = []
+    for leg in value.legs:
+        head, tail = _ticket_leg_parts(
+            leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure, leg.arrival, leg.price
+        )
+        legs.append(head + _string(leg.seat) + tail)
+    return RawJSON(
+        '{"ticket_id":' + _string(value.ticket_id)
+        + ',"status":' + _string(value.status)
+        + ',"legs":[' + ",".join(legs)
+        + '],"price":' + _money_json(value.price)
+        + ',"bought_at":' + _string(iso_utc(value.bought_at))
+        + ',"cancelled_at":' + ("null" if value.cancelled_at is None else _string(iso_utc(value.cancelled_at)))
+        + "}"
+    )
 
 
 _CURSOR = re.compile(r"t1\.[A-Za-z0-9_-]{1,96}")
