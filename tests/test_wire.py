@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vendepass import wire
 from vendepass.fixtures import BUNDLED, load
-from vendepass.model import Itinerary, SeatMap, SeatState
+from vendepass.model import Itinerary, Money, SeatMap, SeatState, Ticket, TicketLeg
 from vendepass.schedule import Schedule
 from vendepass.service import SearchPage
 
@@ -124,3 +124,37 @@ class EncodedCacheTests(SynchronousTestCase):
             self.assertEqual(json.loads(raw)["itineraries"][0]["legs"][0]["flight"], answer[0].legs[0].flight_id)
         self.assertLessEqual(wire._encoded_bytes, 10_000)
         self.assertLessEqual(sum(len(raw) for _, raw in wire._ENCODED.values()), 10_000)
+
+
+_TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12)
+
+
+class TicketJSONTests(SynchronousTestCase):
+    @settings(max_examples=300)
+    @given(
+        st.builds(
+            Ticket,
+            ticket_id=_TEXT,
+            username=_TEXT,
+            status=st.sampled_from(["active", "cancelled"]),
+            legs=st.lists(
+                st.builds(
+                    TicketLeg, _TEXT, _TEXT, _TEXT, _TEXT, _TEXT, _TEXT, _TEXT,
+                    st.builds(Money, st.integers(0, 10**9), st.sampled_from(["BRL", "USD"])),
+                ),
+                max_size=3,
+            ).map(tuple),
+            price=st.builds(Money, st.integers(0, 10**9)),
+            bought_at=st.integers(0, 2_000_000_000).map(float),
+            cancelled_at=st.none() | st.integers(0, 2_000_000_000).map(float),
+        )
+    )
+    def test_same_text_as_encoding(self, ticket: Ticket) -> None:
+        """
+        A ticket's pre-encoded JSON is byte for byte the protocol encoder's
+        text of its wire form (quotes, escapes and non-ASCII included).
+        """
+        self.assertEqual(
+            wire.ticket_json(ticket),
+            json.dumps(wire.ticket(ticket), ensure_ascii=False, separators=(",", ":")),
+        )
