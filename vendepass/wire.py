@@ -63,6 +63,18 @@ class RawJSON(str):
     """
 
 
+# The JSON of a string (no ASCII escaping, as the protocol's encoder).
+_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _compact(value: Any) -> str:
+    """
+    The JSON text the protocol's encoder makes of C{value}, for parts
+    encoded ahead of time.
+    """
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 # Stand-ins for the free seat counts while an itinerary's template is made.
 _FREE_MARK = 7_340_000_000_000_000
 
@@ -75,7 +87,7 @@ def _itinerary_template(legs: tuple[Flight, ...]) -> str:
     the same from one search to the next, so it is encoded once.
     """
     marks = tuple(_FREE_MARK + i for i in range(len(legs)))
-    text = json.dumps(itinerary(Itinerary(legs, marks)), ensure_ascii=False, separators=(",", ":"))
+    text = _compact(itinerary(Itinerary(legs, marks)))
     text = text.replace("%", "%%")
     # In the text: each leg's count in order, then the smallest (the first
     # mark again): "%d" for each, in that order.
@@ -185,13 +197,9 @@ def ticket(value: Ticket) -> dict[str, Any]:
     }
 
 
-# The JSON of a string (no ASCII escaping, as the protocol's encoder).
-_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
-
-
 @functools.lru_cache(maxsize=1024)
 def _money_json(value: Money) -> str:
-    return json.dumps(money(value), ensure_ascii=False, separators=(",", ":"))
+    return _compact(money(value))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -203,7 +211,7 @@ def _ticket_leg_parts(
     sold on a flight, so encoded once.
     """
     leg = TicketLeg(flight_id, number, origin, destination, departure, arrival, "", price)
-    text = json.dumps(_ticket_leg(leg), ensure_ascii=False, separators=(",", ":"))
+    text = _compact(_ticket_leg(leg))
     head, tail = text.split('"seat":"",', 1)
     return head + '"seat":', "," + tail
 
@@ -279,10 +287,8 @@ def seatmap(value: SeatMap, username: str | None) -> RawJSON:
 
 @functools.lru_cache(maxsize=8192)
 def _seatmap_head(value: Flight) -> str:
-    head = json.dumps(
-        {"flight": flight(value), "rows": value.aircraft.rows, "letters": value.aircraft.letters, "seats": []},
-        ensure_ascii=False,
-        separators=(",", ":"),
+    head = _compact(
+        {"flight": flight(value), "rows": value.aircraft.rows, "letters": value.aircraft.letters, "seats": []}
     )
     assert head.endswith("[]}")
     return head[: -len("]}")]
@@ -290,4 +296,4 @@ def _seatmap_head(value: Flight) -> str:
 
 @functools.lru_cache(maxsize=65536)
 def _seat_json(seat: str, status: str, mine: bool) -> str:
-    return json.dumps({"seat": seat, "status": status, "mine": mine}, ensure_ascii=False, separators=(",", ":"))
+    return _compact({"seat": seat, "status": status, "mine": mine})
