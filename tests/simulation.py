@@ -69,6 +69,7 @@ from vendepass.service import ReservationService
 from vendepass.store import IExecutor, InlineExecutor, LegRequest
 from vendepass.store.common import booking_code
 from vendepass.store.sqlite import SQLiteStore
+from vendepass.store.memory import SeatMemory
 from vendepass.store.transactions import SeatRules, Tx
 
 T = TypeVar("T")
@@ -426,11 +427,31 @@ class HoldIgnoresCloseStore(MutantStore):
         return super().hold(username, session_id, legs, seconds, lambda: True, request_id)
 
 
+class FreesUnseenMemory(SeatMemory):
+    """
+    Mutant 5's copy of the seats: it misses seats coming free.
+    """
+
+    def _freed_row(self, flight_id: str, seat: str) -> None:
+        pass
+
+
+class MemoryMissesFreesStore(MutantStore):
+    """
+    Mutant 5: the writer's seats in memory do not follow a seat that
+    comes free (a release, an expiry, a cancellation), so claims pass over
+    free seats.
+    """
+
+    seats_class = FreesUnseenMemory
+
+
 MUTANTS: dict[str, type[MutantStore]] = {
     "check_then_act": CheckThenActStore,
     "ack_before_commit": AckBeforeCommitStore,
     "cancel_without_owner": CancelAnyTicketStore,
     "hold_ignores_close": HoldIgnoresCloseStore,
+    "memory_misses_frees": MemoryMissesFreesStore,
 }
 
 
@@ -1393,6 +1414,12 @@ class Simulation(RuleBasedStateMachine):
                     self.violation(f"ticket {t.ticket_id}'s seat {leg} belongs to {owner_of.get(leg)}")
 
         self._check_database()
+
+        # The writer's seats in memory (between jobs: committed) are the file's.
+        memory = self.store._seats
+        if not db.in_transaction and memory.snapshot() != memory.read_back(db.execute):
+            self.violation(f"the writer's seats in memory {memory.snapshot()} differ from the file's"
+                           f" {memory.read_back(db.execute)}")
 
         # Holds of closed connections: released, once the queued work is done.
         for hold_id in sorted(self.watch_release):

@@ -175,8 +175,11 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertFalse(real.in_transaction)
         again = self.buy("bob", (self.big, None))
         self.executor.run_next()
-        self.successResultOf(again)
+        # The seats the failed batch picked are free again for the writer
+        # too: the next purchase gets the first of them.
+        self.assertEqual(self.successResultOf(again).legs[0].seat, "1B")
         self.assertEqual(self.tickets_in_db(), 2)
+        self.assertSeatsInMemory(self.store)
 
     def test_every_failure_point(self) -> None:
         """
@@ -213,7 +216,122 @@ class GroupCommitTests(SynchronousTestCase):
             store._db = real
             # The free seat counts in memory are those of what committed.
             self.assertEqual(self.successResultOf(store.free_seats([self.big])), {BIG: 180 - sold})
+            # And so are the writer's seats: the next purchase gets the
+            # first free seat.
+            after = store.buy("bob", [LegRequest(self.big, None)])
+            self.executor.run_next()
+            self.assertEqual(self.successResultOf(after).legs[0].seat, self.big.aircraft.seats()[sold], fail_at)
+            self.assertSeatsInMemory(store)
             store.stop()
+
+    # -- the writer's seats in memory (vendepass.store.memory) -------------
+
+    def assertSeatsInMemory(self, store: SQLiteStore) -> None:
+        """
+        The writer's copy of the seats of every flight it knows is the
+        database's.
+        """
+        db = store._db
+        self.assertFalse(db.in_transaction)
+        self.assertEqual(store._seats.snapshot(), store._seats.read_back(db.execute))
+
+    def test_seats_in_memory_roll_back_with_a_failed_write(self) -> None:
+        """
+        A write that fails after taking a seat is rolled back, and so is
+        the writer's copy of that seat: the batch runs again without it and
+        its neighbours get the seats they would have had without it.
+        """
+        # In flight while the next three queue: they share the next batch.
+        self.buy("alice", (self.big, "9A"))
+        first = self.buy("alice", (self.big, None))
+
+        def fails(tx: Any) -> None:
+            tx.execute("INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
+                       " VALUES ('BROKEN01', 'bob', 'active', 1, 'BRL', 0)")
+            tx.execute("INSERT INTO seats (flight_id, seat, ticket_id) VALUES (?, '1B', 'BROKEN01')", (BIG,))
+            raise RuntimeError("a bug after a write")
+
+        broken = self.store._write(fails)
+        second = self.buy("carol", (self.big, None))
+        self.executor.run_next()
+        self.executor.run_next()
+        self.assertEqual(self.store.batches, 2)
+        self.failureResultOf(broken, RuntimeError)
+        self.assertEqual([self.successResultOf(d).legs[0].seat for d in (first, second)], ["1A", "1B"])
+        self.assertSeatsInMemory(self.store)
+
+    def test_seats_in_memory_follow_every_change(self) -> None:
+        """
+        Holds, their purchase, release, expiry and cancellation all change
+        the writer's copy as they change the file; a hold whose time is up
+        counts as free (and is ended) when a claim on its flight comes.
+        """
+        ended: list[str] = []
+        self.store.watch_expiries(lambda hold_id, session_id: ended.append(hold_id))
+
+        def run(d: Deferred[T]) -> T:
+            while self.executor.jobs:
+                self.executor.run_next()
+            return self.successResultOf(d)
+
+        short = run(self.store.hold("alice", "S1", [LegRequest(self.big, None)], 30, lambda: True))
+        self.assertEqual(short.legs[0].seat, "1A")
+        kept = run(self.store.hold("bob", "S2", [LegRequest(self.big, None), LegRequest(self.tiny, None)], 300,
+                                   lambda: True))
+        self.assertEqual([leg.seat for leg in kept.legs], ["1B", "1A"])
+        refused = self.buy("carol", (self.big, "1A"))
+        while self.executor.jobs:
+            self.executor.run_next()
+        self.assertIn("held until", str(self.failureResultOf(refused, SeatUnavailable).value))
+        self.assertSeatsInMemory(self.store)
+        self.clock.advance(31)
+        # 1A's hold is up: it is ended, and 1A is the first free seat.
+        self.assertEqual(run(self.buy("carol", (self.big, None))).legs[0].seat, "1A")
+        self.assertEqual(ended, [short.hold_id])
+        bought = run(self.store.buy_hold(kept.hold_id, "bob"))
+        self.assertSeatsInMemory(self.store)
+        self.clock.advance(600)
+        # Bought, not held: no longer ends with time.
+        self.assertEqual(run(self.buy("dave", (self.big, None))).legs[0].seat, "1C")
+        run(self.store.cancel(bought.ticket_id, "bob"))
+        self.assertSeatsInMemory(self.store)
+        self.assertEqual(run(self.buy("dave", (self.big, None))).legs[0].seat, "1B")
+        self.assertEqual(run(self.buy("dave", (self.tiny, None))).legs[0].seat, "1A")
+        released = run(self.store.hold("erin", "S3", [LegRequest(self.tiny, None)], 300, lambda: True))
+        self.assertEqual(released.legs[0].seat, "1B")
+        run(self.store.release(released.hold_id, "erin"))
+        self.assertEqual(run(self.buy("erin", (self.tiny, None))).legs[0].seat, "1B")
+        self.assertSeatsInMemory(self.store)
+
+    def test_seats_in_memory_read_back_after_a_restart(self) -> None:
+        """
+        A store opened on a file knows the seats the file has: sold seats
+        stay taken, the holds of the run before are gone.
+        """
+        path = self.mktemp()
+
+        def open_store() -> SQLiteStore:
+            return SQLiteStore.open(path, self.clock, self.executor, lambda: load(MINI), FAST_HASHER.hash, max_batch=4)
+
+        def run(store: SQLiteStore, d: Deferred[T]) -> T:
+            while self.executor.jobs:
+                self.executor.run_next()
+            return self.successResultOf(d)
+
+        store = open_store()
+        for _ in range(2):
+            run(store, store.buy("alice", [LegRequest(self.big, None)]))
+        run(store, store.hold("bob", "S1", [LegRequest(self.big, None)], 300, lambda: True))
+        store.stop()
+        store = open_store()
+        self.addCleanup(store.stop)
+        self.assertEqual(run(store, store.buy("bob", [LegRequest(self.big, None)])).legs[0].seat, "1C")
+        self.assertEqual(run(store, store.buy("bob", [LegRequest(self.big, None)])).legs[0].seat, "1D")
+        sold = store.buy("bob", [LegRequest(self.big, "1A")])
+        while self.executor.jobs:
+            self.executor.run_next()
+        self.assertIn("is sold", str(self.failureResultOf(sold, SeatUnavailable).value))
+        self.assertSeatsInMemory(store)
 
     def test_callbacks_join_the_next_batch_in_order(self) -> None:
         """

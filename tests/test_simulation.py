@@ -278,6 +278,9 @@ class MutantTests(SynchronousTestCase):
     def test_hold_ignores_close(self) -> None:
         self.killed("hold_ignores_close")
 
+    def test_memory_misses_frees(self) -> None:
+        self.killed("memory_misses_frees")
+
     def test_every_mutant_tested(self) -> None:
         tested = {name[len("test_") :] for name in dir(self) if name.startswith("test_")} - {"every_mutant_tested"}
         self.assertEqual(tested, set(MUTANTS))

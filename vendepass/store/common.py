@@ -171,8 +171,12 @@ def first_free_seat(flight: Flight, taken: set[str]) -> str:
     """
     seat = next((s for s in flight.aircraft.seats() if s not in taken), None)
     if seat is None:
-        raise SoldOut(f"Flight {flight.flight_id} is sold out.", flight=flight.flight_id)
+        raise sold_out(flight)
     return seat
+
+
+def sold_out(flight: Flight) -> SoldOut:
+    return SoldOut(f"Flight {flight.flight_id} is sold out.", flight=flight.flight_id)
 
 
 def check_seat(flight: Flight, seat: str) -> None:
@@ -180,12 +184,13 @@ def check_seat(flight: Flight, seat: str) -> None:
         raise UnknownSeat(f"Flight {flight.flight_id} has no seat {echo(seat)!r}.", flight=flight.flight_id, seat=seat)
 
 
-def seat_taken(flight: Flight, seat: str, sold: object, held_until: float) -> SeatUnavailable:
+def seat_taken(flight: Flight, seat: str, sold: object, held_until: float | None) -> SeatUnavailable:
     """
     The refusal for a seat that has a row: sold (C{sold} is not C{None}) or held.
     """
     if sold is not None:
         return SeatUnavailable(f"Seat {seat} on flight {flight.flight_id} is sold.", flight=flight.flight_id, seat=seat)
+    assert held_until is not None, "a held seat's hold has an expiry"
     return SeatUnavailable(
         f"Seat {seat} on flight {flight.flight_id} is held until {iso_utc(held_until)}.",
         flight=flight.flight_id,

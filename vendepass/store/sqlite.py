@@ -29,12 +29,13 @@ from vendepass.fixtures import Fixtures
 from vendepass.model import Flight, Network
 from vendepass.store import IExecutor, IStore, schema
 from vendepass.store.common import load_fixtures, read_network
+from vendepass.store.memory import Availability, SeatMemory
 from vendepass.store.transactions import RulesStore, SeatRules, Tx
 
 T = TypeVar("T")
 
 # Per flight: taken seats, and the (sorted) expiry times of its held seats.
-_Refreshed = dict[str, tuple[int, tuple[float, ...]]]
+_Refreshed = Availability
 # A write's outcome in a batch: (True, result) or (False, failure).
 _Outcome = tuple[bool, Any]
 
@@ -129,15 +130,35 @@ class SQLiteTx(Tx):
     """
     A transaction on the store's one connection. SQLite has one writer at a
     time, so transactions are serial and lock nothing themselves.
+
+    A write transaction of the store has its L{SeatMemory}: a claim's
+    questions about seats are answered from it (a flight it does not know
+    yet is read from the database, then known).
     """
 
     held_seats_index = " INDEXED BY seats_held"
 
-    def __init__(self, db: sqlite3.Connection, now: float) -> None:
+    def __init__(self, db: sqlite3.Connection, now: float, seats: SeatMemory | None = None) -> None:
         super().__init__(now)
         # The connection's own methods: no Python frame per statement.
         self.execute = db.execute  # type: ignore[method-assign,assignment]
         self.executemany = db.executemany  # type: ignore[method-assign,assignment]
+        self.seats = seats
+
+    def expiry_due(self, flights: list[Flight]) -> bool:
+        if self.seats is None:
+            return super().expiry_due(flights)
+        return self.seats.expiry_due(self.execute, flights, self.now)
+
+    def free_seat(self, flight: Flight, chosen: list[str]) -> str:
+        if self.seats is None:
+            return super().free_seat(flight, chosen)
+        return self.seats.free_seat(self.execute, flight, chosen)
+
+    def seat_claimant(self, flight: Flight, seat: str) -> tuple[object, float | None] | None:
+        if self.seats is None:
+            return super().seat_claimant(flight, seat)
+        return self.seats.seat_claimant(self.execute, flight, seat)
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -205,11 +226,13 @@ class SQLiteStore(RulesStore):
 
     The seat rules are L{SeatRules}' (a subclass may put others in
     C{rules_class}); this class runs them: one connection, one writer
-    thread, group commit, and free seat counts kept in memory.
+    thread, group commit, the writer's seats kept in memory (a
+    C{seats_class}), and free seat counts kept in memory.
     """
 
     _log = Logger()
     rules_class: type[SeatRules] = SeatRules
+    seats_class: type[SeatMemory] = SeatMemory
 
     def __init__(
         self,
@@ -231,22 +254,19 @@ class SQLiteStore(RulesStore):
         self._watchers: list[Callable[[str, str], None]] = []
         self.batches = 0
         self.batched_writes = 0
-        # With group commit, free seat counts are answered from memory: for
-        # each flight with taken seats, how many, and when each of its held
-        # seats' holds expire. Temporary triggers note the flights whose
-        # seats a transaction changes; just before its COMMIT those are read
-        # back (in the writer) and replaced here (on the reactor thread) before
-        # any write of the batch is answered. None (without group commit):
-        # counts come from the database.
+        # The writer's copy of the seats (see L{vendepass.store.memory}),
+        # owned by the writer thread: temporary triggers report every change
+        # of a seat row to it, in the transaction that makes it.
+        self._seats = self.seats_class()
+        self._seats.install(db)
+        # With group commit, free seat counts are answered from memory (on
+        # the reactor thread): for each flight with taken seats, how many,
+        # and when each of its held seats' holds expire. Just before a
+        # batch's COMMIT, the writer's copy gives those of the flights whose
+        # seats changed, and they are replaced here before any write of the
+        # batch is answered. None (without group commit): counts come from
+        # the database.
         self._availability: dict[str, tuple[int, tuple[float, ...]]] | None = None
-        if max_batch > 1:
-            db.execute("PRAGMA temp_store=MEMORY")
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS touched (flight_id TEXT PRIMARY KEY) WITHOUT ROWID")
-            for event, row in (("INSERT", "NEW"), ("DELETE", "OLD"), ("UPDATE", "NEW")):
-                db.execute(
-                    f"CREATE TEMP TRIGGER IF NOT EXISTS touched_{event.lower()} AFTER {event} ON main.seats"
-                    f" BEGIN INSERT OR IGNORE INTO touched (flight_id) VALUES ({row}.flight_id); END"
-                )
         self._network = read_network(db)
         self.rules = self.rules_class(self._network, max_held_seats)
         # The read connection and its executor (see L{open}), if any.
@@ -402,17 +422,19 @@ class SQLiteStore(RulesStore):
         fails the whole batch.
         """
         db = self._db
+        seats = self._seats
         failed: dict[int, Failure] = {}
         while True:
             outcomes: list[_Outcome] = []
             ended: list[tuple[str, str]] = []
             db.execute("BEGIN IMMEDIATE")
             try:
+                seats.begun(self._clock.seconds())
                 for i, work in enumerate(works):
                     if i in failed:
                         outcomes.append((False, failed[i]))
                         continue
-                    tx = SQLiteTx(db, self._clock.seconds())
+                    tx = SQLiteTx(db, self._clock.seconds(), seats)
                     try:
                         outcomes.append((True, work(tx)))
                     except VendePassError:
@@ -427,11 +449,16 @@ class SQLiteStore(RulesStore):
                     # Read inside the transaction: what it is about to commit.
                     refreshed = self._read_touched(db)
                     db.execute("COMMIT")
+                    seats.committed()
                     return outcomes, refreshed, ended
             except BaseException:
                 self._rollback(db)
+                # Whether it committed is not known for sure (a COMMIT that
+                # failed): read the seats back from the file when next asked.
+                seats.forget()
                 raise
             self._rollback(db)
+            seats.rolled_back()
 
     # -- free seats from memory ---------------------------------------------
 
@@ -444,20 +471,16 @@ class SQLiteStore(RulesStore):
         db.execute("BEGIN")
         try:
             taken = dict(db.execute("SELECT flight_id, seats FROM flight_taken WHERE seats > 0").fetchall())
-            expiries = self._held_expiries(db, "")
-            db.execute("DELETE FROM temp.touched")
+            expiries: dict[str, list[float]] = {}
+            for flight_id, expires_at in db.execute(
+                "SELECT s.flight_id, h.expires_at FROM seats s INDEXED BY seats_hold JOIN holds h"
+                " ON h.hold_id = s.hold_id WHERE s.hold_id IS NOT NULL"
+            ):
+                expiries.setdefault(flight_id, []).append(expires_at)
+            self._seats.touched.clear()
         finally:
             db.execute("COMMIT")
         return {f: (n, tuple(sorted(expiries.get(f, ())))) for f, n in taken.items()}
-
-    def _held_expiries(self, db: sqlite3.Connection, where: str) -> dict[str, list[float]]:
-        expiries: dict[str, list[float]] = {}
-        for flight_id, expires_at in db.execute(
-            "SELECT s.flight_id, h.expires_at FROM seats s INDEXED BY seats_hold JOIN holds h ON h.hold_id = s.hold_id"
-            f" WHERE s.hold_id IS NOT NULL {where}"
-        ):
-            expiries.setdefault(flight_id, []).append(expires_at)
-        return expiries
 
     def _read_touched(self, db: sqlite3.Connection) -> _Refreshed:
         """
@@ -465,19 +488,9 @@ class SQLiteStore(RulesStore):
         flights it changed, as it is about to commit it.
         """
         if self.max_batch <= 1:
+            self._seats.touched.clear()
             return {}
-        touched = [row[0] for row in db.execute("SELECT flight_id FROM temp.touched")]
-        if not touched:
-            return {}
-        taken = dict(
-            db.execute(
-                "SELECT t.flight_id, COALESCE(f.seats, 0) FROM temp.touched t"
-                " LEFT JOIN flight_taken f ON f.flight_id = t.flight_id"
-            ).fetchall()
-        )
-        expiries = self._held_expiries(db, "AND s.flight_id IN (SELECT flight_id FROM temp.touched)")
-        db.execute("DELETE FROM temp.touched")
-        return {f: (taken.get(f, 0), tuple(sorted(expiries.get(f, ())))) for f in touched}
+        return self._seats.availability(db.execute)
 
     def _refreshed(self, refreshed: _Refreshed) -> None:
         """

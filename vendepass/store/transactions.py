@@ -158,6 +158,41 @@ class Tx:
         Take turns with every other claim of these flights.
         """
 
+    # -- the seats a claim looks at (a store may answer from memory) --------
+
+    def expiry_due(self, flights: list[Flight]) -> bool:
+        """
+        Whether a held seat on these (locked) flights may belong to a hold
+        whose time is up: then the claim looks for such holds and ends them.
+        Here always (the database is asked).
+        """
+        return True
+
+    def free_seat(self, flight: Flight, chosen: list[str]) -> str:
+        """
+        The first seat of C{flight}, in seat map order, that has no row and
+        is not in C{chosen} (seats this claim picked already); or refuse
+        with L{SoldOut}. Runs after the flight's expired holds were ended.
+        """
+        # One string rather than a row per taken seat: much cheaper once a
+        # flight fills up.
+        (listed,) = self.one(f"SELECT {self.seat_list} FROM seats WHERE flight_id = ?", (flight.flight_id,))
+        taken = set(listed.split()) if listed else set()
+        taken.update(chosen)
+        return first_free_seat(flight, taken)
+
+    def seat_claimant(self, flight: Flight, seat: str) -> tuple[object, float | None] | None:
+        """
+        Whether a seat has a row: C{None} if not, else C{(ticket_id, None)}
+        for a sold seat or C{(None, expires_at)} for a held one.
+        """
+        row = self.one(
+            "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
+            " WHERE s.flight_id = ? AND s.seat = ?",
+            (flight.flight_id, seat),
+        )
+        return None if row is None else (row[0], row[1])
+
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
@@ -404,29 +439,23 @@ class SeatRules:
                 raise departed(leg.flight)
         flight_ids = [leg.flight.flight_id for leg in legs]
         tx.lock_flights(flight_ids)
-        self.end_expired_on(tx, sorted(set(flight_ids)))
+        flights = {leg.flight.flight_id: leg.flight for leg in legs}
+        locked = sorted(flights)
+        if tx.expiry_due([flights[flight_id] for flight_id in locked]):
+            self.end_expired_on(tx, locked)
         seats: list[str] = []
         for leg in legs:
             flight = leg.flight
             if leg.seat is None:
-                # One string rather than a row per taken seat: much cheaper
-                # once a flight fills up.
-                (listed,) = tx.one(f"SELECT {tx.seat_list} FROM seats WHERE flight_id = ?", (flight.flight_id,))
-                taken = set(listed.split()) if listed else set()
-                taken.update(s for f, s in zip(flight_ids, seats) if f == flight.flight_id)
-                seat = first_free_seat(flight, taken)
+                seat = tx.free_seat(flight, [s for f, s in zip(flight_ids, seats) if f == flight.flight_id])
             else:
                 seat = leg.seat
                 check_seat(flight, seat)
                 if (flight.flight_id, seat) in zip(flight_ids, seats):
                     raise asked_twice(flight, seat)
-                row = tx.one(
-                    "SELECT s.ticket_id, h.expires_at FROM seats s LEFT JOIN holds h ON h.hold_id = s.hold_id"
-                    " WHERE s.flight_id = ? AND s.seat = ?",
-                    (flight.flight_id, seat),
-                )
-                if row is not None:
-                    raise seat_taken(flight, seat, *row)
+                claimant = tx.seat_claimant(flight, seat)
+                if claimant is not None:
+                    raise seat_taken(flight, seat, *claimant)
             seats.append(seat)
         return seats
 
