@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -1033,6 +1033,27 @@ class CodeTests(SynchronousTestCase):
         self.assertEqual(first[:7], second[:7])
         self.assertNotEqual(first, second)
         self.assertLess(first[:7], hold_code(START + 60)[:7])
+
+
+class AuditTextTests(SynchronousTestCase):
+    names = st.one_of(st.text(), st.text(alphabet='VP1A-/"\\ '), st.text(alphabet="VP1A-/\n\x7f\x00é"))
+
+    @example([('VP1"', "1A")])
+    @example([("VP1", "1A\\")])
+    @example([("VP1\x7f", "1A"), ("VP1\n", "1A")])
+    @given(st.lists(st.tuples(names, names), max_size=4))
+    def test_seat_names_are_json(self, seats: list[tuple[str, str]]) -> None:
+        """
+        An audit row's seats are C{json.dumps}' text of their names, byte
+        for byte, whatever the names (the direct path and the fallback).
+        """
+        import json
+
+        from vendepass.store.transactions import _seat_names
+
+        self.assertEqual(_seat_names(seats), json.dumps([f"{f}/{s}" for f, s in seats]))
+        self.assertEqual(_seat_names([(f"VP1-{f}", "1A") for f, _ in seats]),
+                         json.dumps([f"VP1-{f}/1A" for f, _ in seats]))
 
 
 class ShippedMigrationTests(SynchronousTestCase):

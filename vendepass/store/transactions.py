@@ -259,7 +259,16 @@ def over_limit(limit: int, flight_id: str, mine: int) -> PurchaseLimit:
 
 
 def _seat_names(seats: Iterable[tuple[str, str]]) -> str:
-    return json.dumps([f"{f}/{s}" for f, s in seats])
+    """
+    The audit row's seats, C{["FLIGHT/SEAT", ...]}: C{json.dumps}'s text,
+    written out directly when no name needs escaping (flight ids and seat
+    names never do).
+    """
+    names = [f"{f}/{s}" for f, s in seats]
+    text = "".join(names)
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '["' + '", "'.join(names) + '"]' if names else "[]"
+    return json.dumps(names)
 
 
 @attrs.define(eq=False)
