@@ -6,6 +6,7 @@ from its tables, the seat refusals, and the seat map.
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 from typing import Any, Callable, Iterable
 
@@ -29,22 +30,21 @@ REQUEST_RETENTION = 86400.0
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 
 
+# Random bytes to letters: 248 = 8 * 31, so a byte below 248 taken modulo
+# 31 is a uniformly random letter; the 8 bytes above are dropped.
+_LETTER_OF_BYTE = bytes(_CODE_ALPHABET.encode("ascii")[b % len(_CODE_ALPHABET)] for b in range(256))
+_UNEVEN_BYTES = bytes(range(256 - 256 % len(_CODE_ALPHABET), 256))
+
+
 def _random_code(length: int) -> str:
     """
-    C{length} uniformly random letters of the booking code alphabet (one
-    call for randomness, not one per letter).
+    C{length} uniformly random letters of the booking code alphabet, from
+    the operating system's randomness (one call, not one per letter).
     """
-    space = len(_CODE_ALPHABET) ** length
-    bits = space.bit_length()
     while True:
-        number = secrets.randbits(bits)
-        if number < space:
-            break
-    letters = []
-    for _ in range(length):
-        number, digit = divmod(number, len(_CODE_ALPHABET))
-        letters.append(_CODE_ALPHABET[digit])
-    return "".join(letters)
+        letters = os.urandom(length + 4).translate(_LETTER_OF_BYTE, _UNEVEN_BYTES)
+        if len(letters) >= length:
+            return letters[:length].decode("ascii")
 
 
 def booking_code(now: float | None = None) -> str:
