@@ -18,6 +18,7 @@ from zope.interface import implementer
 from tests.common import BIG, FAST_HASHER, MINI, START, TINY, QueueExecutor
 from tests.test_storage_faults import FaultyConnection
 from tests.test_store import SQLiteMemoryStoreTests
+from vendepass.admin import verify
 from vendepass.errors import HoldExpired, SeatUnavailable, StorageUnavailable
 from vendepass.fixtures import load
 from vendepass.model import Ticket
@@ -332,6 +333,90 @@ class GroupCommitTests(SynchronousTestCase):
             self.executor.run_next()
         self.assertIn("is sold", str(self.failureResultOf(sold, SeatUnavailable).value))
         self.assertSeatsInMemory(store)
+
+    # -- rows inserted together (Tx.append) --------------------------------
+
+    def queue_behind_one(self, *writes: Callable[[], Deferred[Any]]) -> list[Deferred[Any]]:
+        """
+        Start C{writes} behind a purchase in flight, so that they share
+        the next batch; run both batches.
+        """
+        self.buy("alice", (self.big, "30A"))
+        started = [write() for write in writes]
+        while self.executor.jobs:
+            self.executor.run_next()
+        return started
+
+    def test_batch_inserts_its_audit_rows_and_legs_together(self) -> None:
+        """
+        The audit rows and the tickets' legs of a batch's purchases are
+        inserted by one executemany each, before its COMMIT, in order.
+        """
+        calls: list[tuple[str, int]] = []
+        real = self.store._db
+        faulty = FaultyConnection(real)
+        executemany = faulty.executemany
+
+        def spy(sql: str, parameters: Any) -> sqlite3.Cursor:
+            rows = list(parameters)
+            calls.append((sql.split("(")[0].strip(), len(rows)))
+            return executemany(sql, rows)
+
+        faulty.executemany = spy  # type: ignore[method-assign]
+        self.store._db = faulty  # type: ignore[assignment]
+        *bought, hold = self.queue_behind_one(
+            lambda: self.buy("bob", (self.big, None)),
+            lambda: self.buy("carol", (self.big, None), (self.tiny, None)),
+            lambda: self.store.hold("dave", "S1", [LegRequest(self.big, None)], 30, lambda: True),
+        )
+        self.store._db = real
+        self.assertEqual(
+            [c for c in calls if c[0] in ("INSERT INTO audit", "INSERT INTO ticket_legs")],
+            # The purchase in flight, then the batch of three.
+            [("INSERT INTO audit", 1), ("INSERT INTO ticket_legs", 1), ("INSERT INTO audit", 3),
+             ("INSERT INTO ticket_legs", 3)],
+        )
+        self.successResultOf(hold)
+        tickets = [self.successResultOf(d).ticket_id for d in bought]
+        self.assertEqual(
+            real.execute("SELECT action, ticket_id FROM audit ORDER BY seq").fetchall()[-3:],
+            [("buy", tickets[0]), ("buy", tickets[1]), ("hold", None)],
+        )
+        self.assertEqual(verify(real).findings, [])
+
+    def test_replay_in_the_same_batch_sees_the_legs(self) -> None:
+        """
+        A retry that reaches the same batch as its first attempt answers
+        with the ticket the first one bought, legs and all.
+        """
+        first, retry = self.queue_behind_one(
+            lambda: self.store.buy("bob", [LegRequest(self.big, None)], "k1"),
+            lambda: self.store.buy("bob", [LegRequest(self.big, None)], "k1"),
+        )
+        ticket = self.successResultOf(first)
+        self.assertEqual(self.successResultOf(retry), ticket)
+        self.assertEqual(ticket.legs[0].seat, "1A")
+
+    def test_failed_kept_row_fails_its_write_alone(self) -> None:
+        """
+        A row kept for the batch's insert that the database refuses makes
+        the batch run again with each write inserting its own rows: only
+        the write that appended it fails.
+        """
+        from vendepass.store.transactions import AUDIT_INSERT
+
+        def bad_row(tx: Any) -> None:
+            tx.append(AUDIT_INSERT, [(tx.now, "bob", "no such action", None, None, "[]")])
+
+        before, broken, after = self.queue_behind_one(
+            lambda: self.buy("bob", (self.big, None)),
+            lambda: self.store._write(bad_row),
+            lambda: self.buy("carol", (self.big, None)),
+        )
+        self.failureResultOf(broken, sqlite3.IntegrityError)
+        self.assertEqual([self.successResultOf(d).legs[0].seat for d in (before, after)], ["1A", "1B"])
+        self.assertEqual(verify(self.store._db).findings, [])
+        self.assertSeatsInMemory(self.store)
 
     def test_callbacks_join_the_next_batch_in_order(self) -> None:
         """

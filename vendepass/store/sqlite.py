@@ -138,12 +138,36 @@ class SQLiteTx(Tx):
 
     held_seats_index = " INDEXED BY seats_held"
 
-    def __init__(self, db: sqlite3.Connection, now: float, seats: SeatMemory | None = None) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        now: float,
+        seats: SeatMemory | None = None,
+        later: dict[str, list[tuple[Any, ...]]] | None = None,
+    ) -> None:
         super().__init__(now)
         # The connection's own methods: no Python frame per statement.
         self.execute = db.execute  # type: ignore[method-assign,assignment]
         self.executemany = db.executemany  # type: ignore[method-assign,assignment]
         self.seats = seats
+        # The batch's rows kept by append, by statement, in order.
+        self.later = later
+
+    def append(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        later = self.later
+        if later is None:
+            super().append(sql, rows)
+        elif sql in later:
+            later[sql].extend(rows)
+        else:
+            later[sql] = list(rows)
+
+    def appended(self) -> None:
+        later = self.later
+        if later:
+            for sql, rows in later.items():
+                self.executemany(sql, rows)
+            later.clear()
 
     def expiry_due(self, flights: list[Flight]) -> bool:
         if self.seats is None:
@@ -424,9 +448,15 @@ class SQLiteStore(RulesStore):
         db = self._db
         seats = self._seats
         failed: dict[int, Failure] = {}
+        # The audit rows and tickets' legs of the whole batch are inserted
+        # together before its COMMIT (one executemany per statement) unless
+        # that failed once: then each work inserts its own, so that the
+        # failure is its alone.
+        together = True
         while True:
             outcomes: list[_Outcome] = []
             ended: list[tuple[str, str]] = []
+            later: dict[str, list[tuple[Any, ...]]] | None = {} if together else None
             db.execute("BEGIN IMMEDIATE")
             try:
                 seats.begun(self._clock.seconds())
@@ -434,7 +464,7 @@ class SQLiteStore(RulesStore):
                     if i in failed:
                         outcomes.append((False, failed[i]))
                         continue
-                    tx = SQLiteTx(db, self._clock.seconds(), seats)
+                    tx = SQLiteTx(db, self._clock.seconds(), seats, later)
                     try:
                         outcomes.append((True, work(tx)))
                     except VendePassError:
@@ -446,11 +476,18 @@ class SQLiteStore(RulesStore):
                         break
                     ended.extend(tx.ended)
                 else:
-                    # Read inside the transaction: what it is about to commit.
-                    refreshed = self._read_touched(db)
-                    db.execute("COMMIT")
-                    seats.committed()
-                    return outcomes, refreshed, ended
+                    try:
+                        SQLiteTx(db, 0.0, later=later).appended()
+                    except sqlite3.OperationalError:
+                        raise
+                    except Exception:
+                        together = False
+                    else:
+                        # Read inside the transaction: what it is about to commit.
+                        refreshed = self._read_touched(db)
+                        db.execute("COMMIT")
+                        seats.committed()
+                        return outcomes, refreshed, ended
             except BaseException:
                 self._rollback(db)
                 # Whether it committed is not known for sure (a COMMIT that

@@ -158,6 +158,25 @@ class Tx:
         Take turns with every other claim of these flights.
         """
 
+    def append(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """
+        Insert rows that no statement reads back before L{appended} is
+        called (the audit log, a new ticket's legs): here at once; a store
+        may keep them, to insert those of every transaction of a group
+        commit together, one C{executemany} per statement, before its
+        COMMIT.
+        """
+        if len(rows) == 1:
+            self.execute(sql, rows[0])
+        else:
+            self.executemany(sql, rows)
+
+    def appended(self) -> None:
+        """
+        Insert what L{append} kept: a transaction calls this before it
+        reads tickets' legs.
+        """
+
     # -- the seats a claim looks at (a store may answer from memory) --------
 
     def expiry_due(self, flights: list[Flight]) -> bool:
@@ -328,7 +347,7 @@ class SeatRules:
         """
         Append one change of seat state to the audit log.
         """
-        tx.execute(AUDIT_INSERT, (tx.now, username, action, hold_id, ticket_id, _seat_names(seats)))
+        tx.append(AUDIT_INSERT, [(tx.now, username, action, hold_id, ticket_id, _seat_names(seats))])
 
     # -- users --------------------------------------------------------------
 
@@ -585,7 +604,7 @@ class SeatRules:
         Record the legs of a new ticket and return it.
         """
         ticket_legs = new_ticket_legs(legs)
-        tx.executemany(TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs))
+        tx.append(TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs))
         return self.new_ticket_value(ticket_id, username, ticket_legs, tx.now)
 
     def new_ticket_value(self, ticket_id: str, username: str, legs: tuple[TicketLeg, ...], now: float) -> Ticket:
@@ -671,6 +690,7 @@ class SeatRules:
         """
         The tickets C{where} says (a condition on C{tickets t}), oldest first.
         """
+        tx.appended()
         found: dict[str, tuple[Any, ...]] = {}
         legs: dict[str, list[TicketLeg]] = {}
         for (ticket_id, username, status, price, currency, bought_at, cancelled_at,
