@@ -156,7 +156,11 @@ _NAMES = [
     ("SELECT s.ticket_id, h.expires_at", "look at seat"),
     ("string_agg(seat", "pick seat"),
     ("SELECT COUNT(*) FROM holds", "count held"),
+    ("vendepass_buy_hold", "buy hold"),
     ("vendepass_buy", "buy"),
+    ("vendepass_hold", "hold"),
+    ("vendepass_release", "release"),
+    ("vendepass_cancel", "cancel"),
 ]
 
 # Statements that are not steps of their own but part of the step before
@@ -810,7 +814,7 @@ class IsolationTests(SynchronousTestCase):
         self.assertTrue(any(run.waited() for run in runs), "in some order one call waits for the other's lock")
         self.assertTrue(any(run.waited() for run in runs), "in some order a buyer waits for the other's lock")
 
-    def _last_seat(self) -> list[Run]:
+    def _last_seat(self, hold: bool = False) -> list[Run]:
         """
         With three of TINY's four seats sold, Alice and Bob each buy a seat
         the server picks (C{LegRequest(flight, None)}): in every order one
@@ -830,19 +834,20 @@ class IsolationTests(SynchronousTestCase):
             result = self.one_winner(run, "sold_out")
             if result is None:
                 return
-            winner, ticket, refusal = result
-            run.expect([leg.seat for leg in ticket.legs] == [last], f"the ticket is for {ticket.legs}")
+            winner, claimed, refusal = result
+            run.expect([leg.seat for leg in claimed.legs] == [last], f"the claim is for {claimed.legs}")
             run.expect(refusal.details.get("flight") == TINY, f"the refusal names {refusal.details}")
-            run.expect(self.seats().get(last) == (None, ticket.ticket_id), f"seats: {self.seats()}")
+            claim = (claimed.hold_id, None) if hold else (None, claimed.ticket_id)
+            run.expect(self.seats().get(last) == claim, f"seats: {self.seats()}")
             run.expect(len(self.seats()) == len(seats), f"seats: {self.seats()}")
-            run.expect(len(self.tickets()) == len(seats), f"tickets: {self.tickets()}")
+            run.expect(len(self.tickets()) == len(seats) - hold, f"tickets: {self.tickets()}")
 
-        return self.scheduler.explore(
-            setup,
-            lambda store, _: store.buy(ALICE[0], _legs(self.tiny, None)),
-            lambda store, _: store.buy(BOB[0], _legs(self.tiny, None)),
-            check,
-        )
+        def claim(user: str) -> Callable[[PostgresStore, None], Deferred[Any]]:
+            if hold:
+                return lambda store, _: store.hold(user, f"session-{user}", _legs(self.tiny, None), HOLD_SECONDS, _alive)
+            return lambda store, _: store.buy(user, _legs(self.tiny, None))
+
+        return self.scheduler.explore(setup, claim(ALICE[0]), claim(BOB[0]), check)
 
     def test_two_buyers_last_seat(self) -> None:
         """
@@ -873,6 +878,78 @@ class IsolationTests(SynchronousTestCase):
         self.assertTrue(caught, "the planted bug went unnoticed")
         self.assertIn("attempts: {'A': 1, 'B': 2}", [problem for run in caught for problem in run.problems])
 
+    def test_two_holders_last_seat(self) -> None:
+        """
+        L{_last_seat} with holds (C{vendepass_hold}): 4 permutations.
+        """
+        runs = self._last_seat(hold=True)
+        self.assertClean(runs, at_least=4)
+        self.assertIn("A:hold B:hold B waits A:commit B resumes B:commit", [" ".join(run.trace) for run in runs])
+
+    def plant(self, function: str, correct: str, bugged: str = "") -> None:
+        """
+        Install in this test's schema a planted bug: C{function} of
+        migration 4 with C{correct} (which it must have) replaced.
+        """
+        [statement] = [
+            st for st in postgres._statements(postgres.MIGRATIONS[3]) if st.startswith(f"CREATE FUNCTION {function}(")
+        ]
+        self.assertIn(correct, statement)
+        self.db.execute(statement.replace(correct, bugged).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))
+
+    def test_planted_bug_hold_flight_lock_left_out(self) -> None:
+        """
+        The planted bug: the flights' advisory locks left out of
+        C{vendepass_claim}, the claim of C{vendepass_hold}. L{_last_seat}
+        with holds catches it: the second hold picks the same last seat,
+        waits on its key and fails with a unique violation; only its
+        retry says C{sold_out}.
+        """
+        self.plant("vendepass_claim", "    FOREACH k IN ARRAY p_flight_keys LOOP\n"
+                   "        PERFORM pg_advisory_xact_lock(1448083457, k);\n    END LOOP;\n")
+        caught = [run for run in self._last_seat(hold=True) if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+        self.assertIn("attempts: {'A': 1, 'B': 2}", [problem for run in caught for problem in run.problems])
+
+    def test_planted_bug_hold_row_lock_left_out(self) -> None:
+        """
+        The planted bug: C{vendepass_active_hold} (of C{vendepass_buy_hold}
+        and C{vendepass_release}) reads the hold without locking it.
+        L{_buy_hold_against_release} catches it: both read the hold
+        active, and both win (the release's conditional update, once the
+        purchase committed, finds nothing to end and says nothing).
+        """
+        self.plant("vendepass_active_hold", " WHERE hold_id = p_hold_id FOR UPDATE;", " WHERE hold_id = p_hold_id;")
+        caught = [run for run in self._buy_hold_against_release() if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+
+    def test_planted_bug_ticket_lock_left_out(self) -> None:
+        """
+        The planted bug: C{vendepass_cancel} reads the ticket without
+        locking it. L{_two_cancels} catches it: both cancels find it
+        active, and both answer a cancelled ticket.
+        """
+        self.plant("vendepass_cancel", " LIMIT 1 FOR UPDATE OF tk;", " LIMIT 1;")
+        caught = [run for run in self._two_cancels() if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+
+    def test_planted_bug_request_lock_left_out(self) -> None:
+        """
+        The planted bug: C{vendepass_replay} (of every function of
+        migration 4) without the request's advisory lock. The same hold
+        twice at once (L{_same_request}) catches it: the second one finds
+        no outcome to replay, waits for the customer's row, then finds 1A
+        held by its own first try and refuses.
+        """
+        self.plant("vendepass_replay", "    PERFORM pg_advisory_xact_lock(1448083458, p_request_key);\n")
+        runs = self._same_request(
+            lambda store: store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive,
+                                     request_id="r-1"),
+            Hold,
+            0,
+        )
+        self.assertTrue([run for run in runs if run.problems], "the planted bug went unnoticed")
+
     def test_buy_while_cancelled(self) -> None:
         """
         Alice cancels her ticket for 1A while Bob buys 1A. The cancel always
@@ -880,10 +957,11 @@ class IsolationTests(SynchronousTestCase):
         the time his call ("buy") started, and C{seat_unavailable}
         otherwise (a READ COMMITTED statement, in the function too, sees
         what was committed when it started); never two active tickets for
-        1A. 21 permutations: nothing here waits for a lock, so every
-        interleaving of the cancel's 5 steps (lock tickets, update
-        tickets, delete seats, insert audit, commit) and the buy's 2 (the
-        call, its commit) runs.
+        1A. 6 permutations: nothing here waits for a lock, so every
+        interleaving of the cancel's 2 steps and the buy's 2 (each a
+        call, then its commit) runs (21 when the cancel was stepped
+        statement by statement: lock tickets, update tickets, delete
+        seats, insert audit, commit).
         """
         def setup() -> str:
             return self.ok(self.store.buy(ALICE[0], _legs(self.tiny, "1A"))).ticket_id
@@ -918,7 +996,7 @@ class IsolationTests(SynchronousTestCase):
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, "1A")),
             check,
         )
-        self.assertClean(runs, at_least=20)
+        self.assertClean(runs, at_least=6)
         self.assertEqual(
             {isinstance(run.outcomes["B"], Ticket) for run in runs}, {True, False}, "Bob wins in some orders only"
         )
@@ -926,9 +1004,11 @@ class IsolationTests(SynchronousTestCase):
     def test_two_holders_one_seat(self) -> None:
         """
         Alice and Bob hold 1A at once: one hold, and C{seat_unavailable}
-        (with C{held_until}) for the other. 310 permutations: each hold
-        locks its own customer and counts her held seats before it takes the
-        flight's lock.
+        (with C{held_until}) for the other. 4 permutations: each hold is
+        one call (C{vendepass_hold}) that locks its own customer, counts
+        her held seats, then takes the flight's lock, where the second
+        waits for the first one's commit (310 when a hold was stepped
+        statement by statement).
         """
         def check(run: Run, _: None) -> None:
             result = self.one_winner(run, "seat_unavailable")
@@ -949,7 +1029,8 @@ class IsolationTests(SynchronousTestCase):
             lambda store, _: store.hold(BOB[0], "session-b", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive),
             check,
         )
-        self.assertClean(runs, at_least=200)
+        self.assertClean(runs, at_least=4)
+        self.assertTrue(any(run.waited() for run in runs), "in some order one hold waits for the other's lock")
         winners = {describe(run.outcomes["A"]) == "seat_unavailable" for run in runs}
         self.assertEqual(winners, {True, False}, "each holder wins in some order")
 
@@ -959,7 +1040,8 @@ class IsolationTests(SynchronousTestCase):
         (C{buy_hold}) while Bob buys 1A. In every order Alice gets
         C{hold_expired} and Bob the seat; the hold is ended exactly once
         (by whichever transaction got to it first; the other one's
-        conditional update finds it ended). 8 permutations.
+        conditional update finds it ended). 4 permutations (8 when the
+        purchase of a hold was stepped statement by statement).
         """
         def setup() -> str:
             hold = self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive))
@@ -986,17 +1068,18 @@ class IsolationTests(SynchronousTestCase):
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, "1A")),
             check,
         )
-        self.assertClean(runs, at_least=6)
+        self.assertClean(runs, at_least=4)
         self.assertTrue(any(run.waited() for run in runs), "in some order one waits for the other's hold row")
 
     def _same_request(
         self, call: Callable[[PostgresStore], Deferred[Any]], kind: type[Ticket] | type[Hold], at_least: int
-    ) -> None:
+    ) -> list[Run]:
         """
         Alice makes the same request (C{request_id} "r-1") twice at once, as
         a client retrying on another server while its first try is still in
         flight: both answers must name the same ticket or hold, and only
-        one exists.
+        one exists. With C{at_least} 0 the runs are returned unjudged
+        (a planted bug's).
         """
         def check(run: Run, _: None) -> None:
             a, b = run.outcomes["A"], run.outcomes["B"]
@@ -1014,7 +1097,9 @@ class IsolationTests(SynchronousTestCase):
             run.expect(requests == (1,), f"{requests} requests remembered")
 
         runs = self.scheduler.explore(lambda: None, lambda store, _: call(store), lambda store, _: call(store), check)
-        self.assertClean(runs, at_least=at_least)
+        if at_least:
+            self.assertClean(runs, at_least=at_least)
+        return runs
 
     def test_same_request_id_picked_seat(self) -> None:
         """
@@ -1041,14 +1126,15 @@ class IsolationTests(SynchronousTestCase):
     def test_same_request_id_hold(self) -> None:
         """
         The same C{hold} of seat 1A, twice at once with one C{request_id}:
-        one hold, answered to both. 22 permutations (before the request's
-        lock: 126, of which 124 refused the second with C{seat_unavailable}).
+        one hold, answered to both. 4 permutations (22 when a hold was
+        stepped statement by statement; before the request's lock: 126, of
+        which 124 refused the second with C{seat_unavailable}).
         """
         self._same_request(
             lambda store: store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive,
                                      request_id="r-1"),
             Hold,
-            20,
+            4,
         )
 
     # -- more races ---------------------------------------------------------------
@@ -1090,7 +1176,18 @@ class IsolationTests(SynchronousTestCase):
         """
         Alice buys her hold of 1A (C{buy_hold}) while her other connection
         releases it: whichever locks the hold first wins, the other gets
-        C{hold_not_found}. 11 permutations.
+        C{hold_not_found}. L{_buy_hold_against_release}: 4 permutations
+        (12 when both were stepped statement by statement).
+        """
+        runs = self._buy_hold_against_release()
+        self.assertClean(runs, at_least=4)
+        self.assertEqual({isinstance(run.outcomes["A"], Ticket) for run in runs}, {True, False})
+        self.assertTrue(any(run.waited() for run in runs), "in some order one waits for the other's hold row")
+
+    def _buy_hold_against_release(self) -> list[Run]:
+        """
+        Alice buys her hold of 1A while her other connection releases it:
+        one of them wins, the other gets C{hold_not_found}.
         """
         def setup() -> str:
             hold = self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive))
@@ -1108,20 +1205,27 @@ class IsolationTests(SynchronousTestCase):
                 run.expect(self.seats() == {}, f"seats: {self.seats()}")
                 run.expect(self.holds() == {hold_id: ("alice", "released")}, f"holds: {self.holds()}")
 
-        runs = self.scheduler.explore(
+        return self.scheduler.explore(
             setup,
             lambda store, hold_id: store.buy_hold(hold_id, ALICE[0]),
             lambda store, hold_id: store.release(hold_id, ALICE[0]),
             check,
         )
-        self.assertClean(runs, at_least=8)
-        self.assertEqual({isinstance(run.outcomes["A"], Ticket) for run in runs}, {True, False})
 
     def test_two_cancels(self) -> None:
         """
         Alice cancels the same ticket from two connections at once: one
         cancels it, the other gets C{already_cancelled}, and its seat is
-        freed once. 12 permutations.
+        freed once. L{_two_cancels}: 4 permutations (10 when a cancel was
+        stepped statement by statement).
+        """
+        runs = self._two_cancels()
+        self.assertClean(runs, at_least=4)
+        self.assertTrue(any(run.waited() for run in runs), "in some order one waits for the other's ticket row")
+
+    def _two_cancels(self) -> list[Run]:
+        """
+        Alice cancels the same ticket from two connections at once.
         """
         def setup() -> str:
             return self.ok(self.store.buy(ALICE[0], _legs(self.tiny, "1A"))).ticket_id
@@ -1135,10 +1239,9 @@ class IsolationTests(SynchronousTestCase):
             run.expect(self.seats() == {}, f"seats: {self.seats()}")
             run.expect(self.tickets() == {ticket_id: ("alice", "cancelled")}, f"tickets: {self.tickets()}")
 
-        runs = self.scheduler.explore(
+        return self.scheduler.explore(
             setup,
             lambda store, ticket_id: store.cancel(ticket_id, ALICE[0]),
             lambda store, ticket_id: store.cancel(ticket_id, ALICE[0]),
             check,
         )
-        self.assertClean(runs, at_least=8)

@@ -9,8 +9,9 @@ or, for C{COMMIT}, just after the server has answered it (the transaction
 committed, and the client then finds its connection dead, as if the answer
 had been lost with it).
 
-A one-step purchase is one statement (C{vendepass_buy}, its own
-transaction): it stands for C{BEGIN}, its inserts and C{COMMIT} at once.
+A change of seat state is one statement (a one-step purchase's
+C{vendepass_buy}, a hold's C{vendepass_hold}, ...: its own transaction):
+it stands for C{BEGIN}, its inserts and C{COMMIT} at once.
 Killed just before it (when the store looks whether its idle connection
 is still alive, without a round trip), nothing of it was done, and the
 store does it on a new connection; killed after its answer came, it
@@ -45,13 +46,13 @@ from vendepass.store.postgres import RECONNECTS, PostgresStore
 # statement is sent, or just after its answer came.
 Fault = tuple[str, str]
 
-# What the one statement of a one-step purchase stands for.
+# What the one statement of a change of seat state stands for.
 _BUY_STANDS_FOR = ("BEGIN", "INSERT INTO tickets", "COMMIT")
 
 
 def _is(query: str, fault: Fault) -> bool:
     prefix, when = fault
-    return query.startswith(prefix) or (query == postgres.BUY_CALL and prefix in _BUY_STANDS_FOR and when == "after")
+    return query.startswith(prefix) or (query in postgres.CALLS and prefix in _BUY_STANDS_FOR and when == "after")
 
 
 def _terminate(url: str, pids: list[int]) -> int:
@@ -117,7 +118,7 @@ class FaultTestCase(TestCase):
         alive = postgres._idle_and_alive
 
         def killed_before_buy(conn: psycopg.Connection[Any]) -> bool:
-            # The store looks just before it sends a one-step purchase.
+            # The store looks just before it sends a function call.
             if self.faults and self.faults[0][0] in _BUY_STANDS_FOR and self.faults[0][1] == "before":
                 self.faults.pop(0)
                 _terminate(self.url, [conn.info.backend_pid])

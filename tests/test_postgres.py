@@ -24,13 +24,13 @@ from twisted.trial.unittest import TestCase
 
 from tests import pg
 from tests.common import ALICE, BOB, FAST_HASHER, MINI
-from vendepass.errors import SeatUnavailable, StorageUnavailable
+from vendepass.errors import AlreadyCancelled, HoldNotFound, SeatUnavailable, StorageUnavailable
 from vendepass.fixtures import load
 from vendepass.model import Network
 from vendepass.schedule import flight_by_id
 from vendepass.service import ReservationService, Session
 from vendepass.store import InlineExecutor, LegRequest, ThreadExecutor
-from vendepass.store import postgres, transactions
+from vendepass.store import postgres
 from vendepass.store.postgres import PostgresStore, prepare
 
 MINUTES = 60.0
@@ -312,9 +312,11 @@ class RetryTests(TestCase):
         failed attempt remains.
         """
         first = _result(self.hold("1A"))
-        codes = iter([first.hold_id])
-        real = transactions.hold_code
-        self.patch(transactions, "hold_code", lambda now: next(codes, None) or real(now))
+        # The function puts the minute (the same: the clock stands still)
+        # before the random part it is given.
+        codes = iter([first.hold_id[7:]])
+        real = postgres.hold_random
+        self.patch(postgres, "hold_random", lambda: next(codes, None) or real())
         second = _result(self.hold("1B"))
         self.assertNotEqual(second.hold_id, first.hold_id)
         self.assertEqual(self.store.retries, 1)
@@ -328,16 +330,17 @@ class RetryTests(TestCase):
         request is refused with C{storage_unavailable}, and nothing is held.
         """
         failures = [0]
+        real = self.store._call
 
-        class Losing(postgres.PostgresTx):
-            def one(self, query: str, args: Any = ()) -> Any:
-                if query.startswith("SELECT COUNT(*) FROM holds") and failures[0] < limit[0]:
-                    failures[0] += 1
-                    raise psycopg.errors.SerializationFailure("could not serialize access")
-                return super().one(query, args)
+        def losing(cur: psycopg.Cursor[Any], sql: str, args: tuple[Any, ...]) -> dict[str, Any]:
+            # The hold's one statement loses, instead of being sent.
+            if sql == postgres.HOLD_CALL and failures[0] < limit[0]:
+                failures[0] += 1
+                raise psycopg.errors.SerializationFailure("could not serialize access")
+            return real(cur, sql, args)
 
         limit = [2]
-        self.store.transaction_class = Losing
+        self.patch(self.store, "_call", losing)
         self.assertEqual(_result(self.hold("2A")).legs[0].seat, "2A")
         self.assertEqual((failures[0], self.store.retries), (2, 2))
         limit[0] = 10**6
@@ -402,3 +405,53 @@ class RoundTripTests(TestCase):
             1,
         )
         self.assertEqual(self.round_trips(lambda: _result(buy("alice", [LegRequest(self.flight, "9C")], "r1"))), 2)
+
+    def test_changes_of_seat_state(self) -> None:
+        """
+        A hold, the purchase of a hold, a release and a cancellation, and
+        their refusals: one round trip each (their function of migration
+        4). A replay is one as well: the function reads what the request
+        did (a hold, a ticket) itself.
+        """
+        store = self.store
+        legs = [LegRequest(self.flight, "5A")]
+        trips = self.round_trips
+
+        def hold(user: str, legs: list[LegRequest], request_id: str | None = None) -> Any:
+            return _result(store.hold(user, "S1", legs, 60, lambda: True, request_id))
+
+        self.assertEqual(trips(lambda: hold("alice", legs)), 1)
+        held = hold("alice", [LegRequest(self.flight, None)], "h1")
+        self.assertEqual(trips(lambda: self.assertEqual(hold("alice", [LegRequest(self.flight, None)], "h1"), held)), 1)
+        self.assertEqual(trips(lambda: self.assertRaises(SeatUnavailable, hold, "bob", legs)), 1)
+        [first] = [h for h in _result(store.seats(self.flight)) if h.seat == "5A"]
+        self.assertEqual(first.status, "held")
+        ticket = _result(store.buy_hold(held.hold_id, "alice"))
+        hold_id = hold("alice", [LegRequest(self.flight, "6A")]).hold_id
+        self.assertEqual(trips(lambda: _result(store.buy_hold(hold_id, "alice", "b1"))), 1)
+        self.assertEqual(trips(lambda: _result(store.buy_hold(hold_id, "alice", "b1"))), 1)
+        self.assertEqual(trips(lambda: self.assertRaises(HoldNotFound, _result, store.buy_hold(hold_id, "alice"))), 1)
+        hold_id = hold("alice", [LegRequest(self.flight, "7A")]).hold_id
+        self.assertEqual(trips(lambda: _result(store.release(hold_id, "alice", "r1"))), 1)
+        self.assertEqual(trips(lambda: _result(store.release(hold_id, "alice", "r1"))), 1)
+        self.assertEqual(trips(lambda: self.assertRaises(HoldNotFound, _result, store.release(hold_id, "alice"))), 1)
+        self.assertEqual(trips(lambda: _result(store.cancel(ticket.ticket_id, "alice", "c1"))), 1)
+        self.assertEqual(trips(lambda: _result(store.cancel(ticket.ticket_id, "alice", "c1"))), 1)
+        self.assertEqual(
+            trips(lambda: self.assertRaises(AlreadyCancelled, _result, store.cancel(ticket.ticket_id, "alice"))), 1
+        )
+
+    def test_hold_without_descriptions(self) -> None:
+        """
+        A hold made without its flights' descriptions (by a server of
+        schema version 3, which does not know the column) is bought all the
+        same, in two round trips: the function asks for them, then buys.
+        """
+        hold = _result(self.store.hold("alice", "S1", [LegRequest(self.flight, "3C")], 60, lambda: True))
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("UPDATE hold_legs SET flight = NULL")
+        tickets: list[Any] = []
+        self.assertEqual(self.round_trips(lambda: tickets.append(_result(self.store.buy_hold(hold.hold_id, "alice")))), 2)
+        [ticket] = tickets
+        self.assertEqual(_result(self.store.tickets("alice")), [ticket])
+        self.assertEqual((ticket.legs[0].seat, ticket.legs[0].departure), ("3C", self.flight.departure_iso))

@@ -1077,6 +1077,7 @@ class ShippedMigrationTests(SynchronousTestCase):
             "3f43835c81291776b4bf8c6a64698a13c38b04520641fb49dc0ee1a1bf8cbd69",
             "c74e6817742628f6053a097ce13e8f0e04a881d34aad4bd6029faca5e0a05c78",
             "05a71f8adaa8a28c8de1f579577f00d05f096b97e5bc63d73b0ab84491ce2cc9",
+            "dfac7d72bfd0cfcb049ad5f462de8265f6067f9be6360beae3b438a142fdf9d9",
         ],
     }
 

@@ -28,9 +28,17 @@ Concurrency, at C{READ COMMITTED}:
     transaction is retried from the start, a few times, and then refused
     with C{storage_unavailable}.
 
-A one-step purchase is one statement, the C{vendepass_buy} function of
-migration 3 (see L{PostgresRules}), sent in autocommit: one round trip, with
-the same locks in the same order inside it.
+Every change of seat state asked for by a customer is one statement, a
+function of the database sent in autocommit (see L{PostgresRules} and
+L{PostgresStore._attempt_call}): one round trip, with the same locks in the
+same order inside it. A one-step purchase is C{vendepass_buy} (migration
+3); a hold, the purchase of a hold, a release and a cancellation are
+C{vendepass_hold}, C{vendepass_buy_hold}, C{vendepass_release} and
+C{vendepass_cancel} (migration 4). Each does what its L{SeatRules} method
+does, statement for statement, and returns its refusals (so that what came
+before them, the end of expired holds, commits). Ending a session's holds,
+C{expire_hold}, the sweep and the reads still run L{SeatRules} through
+L{PostgresTx}.
 
 A connection that dies is replaced. What it was doing is done again on the
 new one if its COMMIT had not been sent, or if it has a C{request_id} (it
@@ -53,8 +61,9 @@ import random
 import select
 import threading
 import time
-from typing import Any, Callable, Iterable, TypeVar, cast
+from typing import Any, Callable, Iterable, NoReturn, TypeVar, cast
 
+import attrs
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -65,20 +74,27 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from vendepass.errors import OutcomeUnknown, SoldOut, StorageUnavailable, VendePassError
+from vendepass.errors import OutcomeUnknown, SessionClosed, SoldOut, StorageUnavailable, VendePassError
 from vendepass.fixtures import Fixtures
-from vendepass.model import Money, Network, Ticket
+from vendepass.model import Flight, HeldSeat, Hold, Money, Network, Ticket, TicketLeg
+from vendepass.schedule import flight_by_id
 from vendepass.store import IExecutor, IStore, LegRequest, schema
-from vendepass.store.common import _random_code, check_seat, load_fixtures, read_network, seat_taken
+from vendepass.store.common import _random_code, check_seat, hold_random, load_fixtures, read_network, seat_taken
 from vendepass.store.transactions import (
     RulesStore,
     SeatRules,
     Tx,
+    already_cancelled,
     asked_twice,
     departed,
+    hold_expired,
+    hold_not_found,
     new_ticket_legs,
     over_limit,
     request_reused,
+    ticket_departed,
+    ticket_not_found,
+    too_many_holds,
 )
 
 T = TypeVar("T")
@@ -292,9 +308,401 @@ BEGIN
 END $$;
 """
 
+# Version 4: every other change of seat state as one function too, called
+# in one round trip, each doing what its L{SeatRules} method does,
+# statement for statement, with the same locks in the same order (request,
+# user, flights, holds and tickets in hold id order, seats):
+# C{vendepass_hold}, C{vendepass_buy_hold}, C{vendepass_release},
+# C{vendepass_cancel}. Helpers: C{vendepass_replay} (the request's lock and
+# what it did), C{vendepass_end_hold} (with its audit row and, for an
+# expiry, its NOTIFY), C{vendepass_end_expired_on}, C{vendepass_claim}
+# (departures, flights' locks, expired holds, seats, the seats-per-flight
+# limit: as L{SeatRules.claim} and L{SeatRules.check_seats_per_flight}),
+# C{vendepass_active_hold}, C{vendepass_new_ticket} and C{vendepass_ticket}
+# (a ticket as JSON). Refusals are returned, not raised: what was done
+# before them (the end of expired holds) commits. A hold's legs keep their
+# flight's description (C{hold_legs.flight}, the JSON of a purchase's legs)
+# for the purchase of the hold, which has no other way to know them; a hold
+# made without one (by a server of schema version 3) is answered with
+# C{describe}, and the store calls again with the descriptions.
+_SCHEMA_4 = """
+ALTER TABLE hold_legs ADD COLUMN flight JSONB;
+CREATE FUNCTION vendepass_replay(p_username TEXT, p_request_id TEXT, p_request_key INTEGER, p_kind TEXT)
+RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    r RECORD;
+BEGIN
+    IF p_request_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_advisory_xact_lock(1448083458, p_request_key);
+    SELECT kind, outcome INTO r FROM requests WHERE username = p_username AND request_id = p_request_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF r.kind <> p_kind THEN
+        RETURN jsonb_build_object('refused', 'request_kind', 'kind', r.kind, 'ended', '[]'::jsonb);
+    END IF;
+    RETURN jsonb_build_object('outcome', r.outcome);
+END $$;
+CREATE FUNCTION vendepass_end_hold(p_hold_id TEXT, p_state TEXT, p_t DOUBLE PRECISION)
+RETURNS TEXT LANGUAGE plpgsql AS $$
+DECLARE
+    v_user TEXT;
+    v_session TEXT;
+    v_names TEXT;
+BEGIN
+    UPDATE holds SET state = p_state, ended_at = p_t WHERE hold_id = p_hold_id AND state = 'active'
+        RETURNING username, session_id INTO v_user, v_session;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT coalesce(to_jsonb(array_agg(flight_id || '/' || seat ORDER BY leg)), '[]'::jsonb)::text INTO v_names
+        FROM hold_legs WHERE hold_id = p_hold_id;
+    DELETE FROM seats WHERE hold_id = p_hold_id;
+    INSERT INTO audit (at, username, action, hold_id, ticket_id, seats)
+        VALUES (p_t, v_user, CASE WHEN p_state = 'expired' THEN 'expire' ELSE 'release' END, p_hold_id, NULL, v_names);
+    IF p_state = 'expired' THEN
+        PERFORM pg_notify('vendepass_expired', p_hold_id || ' ' || v_session);
+    END IF;
+    RETURN v_session;
+END $$;
+CREATE FUNCTION vendepass_end_expired_on(p_flights TEXT[], p_t DOUBLE PRECISION)
+RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_ended JSONB := '[]';
+    v_session TEXT;
+    r RECORD;
+BEGIN
+    FOR r IN SELECT DISTINCT st.hold_id FROM seats st JOIN holds h ON h.hold_id = st.hold_id
+        WHERE st.flight_id = ANY(p_flights) AND st.hold_id IS NOT NULL AND h.state = 'active' AND h.expires_at <= p_t
+        ORDER BY st.hold_id
+    LOOP
+        v_session := vendepass_end_hold(r.hold_id, 'expired', p_t);
+        IF v_session IS NOT NULL THEN
+            v_ended := v_ended || jsonb_build_array(jsonb_build_array(r.hold_id, v_session));
+        END IF;
+    END LOOP;
+    RETURN v_ended;
+END $$;
+CREATE FUNCTION vendepass_claim(
+    p_username TEXT, p_flight_keys INTEGER[], p_legs JSONB, p_max_per_flight INTEGER, p_t DOUBLE PRECISION
+) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_count INTEGER := jsonb_array_length(p_legs);
+    v_ended JSONB := '[]';
+    v_flights TEXT[];
+    v_chosen TEXT[] := '{}';
+    v_names TEXT[] := '{}';
+    v_mine BIGINT;
+    lg JSONB;
+    f TEXT;
+    s TEXT;
+    k INTEGER;
+    nl INTEGER;
+    places INTEGER[];
+    r RECORD;
+BEGIN
+    FOR i IN 0 .. v_count - 1 LOOP
+        IF (p_legs->i->>'departs')::float8 <= p_t THEN
+            RETURN jsonb_build_object('refused', 'flight_departed', 'leg', i, 'ended', v_ended);
+        END IF;
+    END LOOP;
+    FOREACH k IN ARRAY p_flight_keys LOOP
+        PERFORM pg_advisory_xact_lock(1448083457, k);
+    END LOOP;
+    SELECT array_agg(DISTINCT l->>'flight') INTO v_flights FROM jsonb_array_elements(p_legs) l;
+    v_ended := vendepass_end_expired_on(v_flights, p_t);
+    FOR i IN 0 .. v_count - 1 LOOP
+        lg := p_legs->i;
+        f := lg->>'flight';
+        s := lg->>'seat';
+        IF s IS NULL THEN
+            -- As vendepass_buy: the first place of the seat map that
+            -- neither a seat row nor this claim has taken.
+            nl := length(lg->>'letters');
+            SELECT array_agg(ix ORDER BY ix) INTO places FROM (
+                SELECT (left(st.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(st.seat, 1)) - 1 AS ix
+                    FROM seats st WHERE st.flight_id = f
+                UNION ALL
+                SELECT (left(c.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(c.seat, 1)) - 1
+                    FROM (SELECT substr(nm, length(f) + 2) AS seat FROM unnest(v_names) nm
+                        WHERE left(nm, length(f) + 1) = f || '/') c
+            ) x;
+            k := coalesce(
+                (SELECT min(g - 1) FROM generate_subscripts(places, 1) g WHERE places[g] <> g - 1),
+                coalesce(array_length(places, 1), 0));
+            IF k >= (lg->>'rows')::int * nl THEN
+                RETURN jsonb_build_object('refused', 'sold_out', 'leg', i, 'ended', v_ended);
+            END IF;
+            s := (k / nl + 1)::text || substr(lg->>'letters', k % nl + 1, 1);
+        ELSE
+            IF s !~ '^[1-9][0-9]{0,2}[A-Z]$' OR substring(s FROM '^[0-9]+')::int > (lg->>'rows')::int
+                OR strpos(lg->>'letters', right(s, 1)) = 0 THEN
+                RETURN jsonb_build_object('refused', 'unknown_seat', 'leg', i, 'ended', v_ended);
+            END IF;
+            IF f || '/' || s = ANY(v_names) THEN
+                RETURN jsonb_build_object('refused', 'asked_twice', 'leg', i, 'ended', v_ended);
+            END IF;
+            SELECT st.ticket_id, h.expires_at INTO r FROM seats st LEFT JOIN holds h ON h.hold_id = st.hold_id
+                WHERE st.flight_id = f AND st.seat = s;
+            IF FOUND THEN
+                RETURN jsonb_build_object('refused', 'seat_taken', 'leg', i, 'sold', r.ticket_id IS NOT NULL,
+                    'held_until', r.expires_at, 'ended', v_ended);
+            END IF;
+        END IF;
+        v_chosen := v_chosen || s;
+        v_names := v_names || (f || '/' || s);
+    END LOOP;
+    IF p_max_per_flight IS NOT NULL THEN
+        FOR r IN SELECT l->>'flight' AS flight, COUNT(*) AS more FROM jsonb_array_elements(p_legs) l
+            GROUP BY 1 ORDER BY (l->>'flight') COLLATE "C"
+        LOOP
+            SELECT COUNT(*) INTO v_mine FROM seats st LEFT JOIN holds h ON h.hold_id = st.hold_id
+                LEFT JOIN tickets tk ON tk.ticket_id = st.ticket_id
+                WHERE st.flight_id = r.flight
+                    AND (tk.username = p_username OR h.username = p_username AND h.expires_at > p_t);
+            IF v_mine + r.more > p_max_per_flight THEN
+                RETURN jsonb_build_object('refused', 'purchase_limit', 'flight', r.flight, 'mine', v_mine,
+                    'ended', v_ended);
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN jsonb_build_object('seats', to_jsonb(v_chosen), 'names', to_jsonb(v_names), 'ended', v_ended);
+END $$;
+CREATE FUNCTION vendepass_active_hold(p_hold_id TEXT, p_username TEXT, p_t DOUBLE PRECISION)
+RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_session TEXT;
+    r RECORD;
+BEGIN
+    SELECT username, state, expires_at INTO r FROM holds WHERE hold_id = p_hold_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('refused', 'hold_not_found', 'ended', '[]'::jsonb);
+    END IF;
+    IF r.username <> p_username OR r.state IN ('released', 'bought') THEN
+        RETURN jsonb_build_object('refused', 'hold_not_found', 'ended', '[]'::jsonb);
+    END IF;
+    IF r.state = 'expired' OR r.expires_at <= p_t THEN
+        v_session := vendepass_end_hold(p_hold_id, 'expired', p_t);
+        RETURN jsonb_build_object('refused', 'hold_expired', 'ended', CASE WHEN v_session IS NULL
+            THEN '[]'::jsonb ELSE jsonb_build_array(jsonb_build_array(p_hold_id, v_session)) END);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION vendepass_new_ticket(
+    p_username TEXT, p_price BIGINT, p_currency TEXT, p_codes TEXT[], p_t DOUBLE PRECISION
+) RETURNS TEXT LANGUAGE plpgsql AS $$
+DECLARE
+    alphabet CONSTANT TEXT := 'ABCDEFGHJKMNPQRSTUVWXYZ23456789';
+    v_day BIGINT := floor(p_t / 86400)::bigint % 961;
+    v_code TEXT;
+BEGIN
+    FOR a IN 1 .. array_length(p_codes, 1) LOOP
+        v_code := p_codes[a];
+        IF length(v_code) = 6 THEN
+            v_code := substr(alphabet, (v_day / 31)::int + 1, 1) || substr(alphabet, (v_day % 31)::int + 1, 1) || v_code;
+        END IF;
+        INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)
+            VALUES (v_code, p_username, 'active', p_price, p_currency, p_t) ON CONFLICT (ticket_id) DO NOTHING;
+        IF FOUND THEN
+            RETURN v_code;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'no free booking code found';
+END $$;
+CREATE FUNCTION vendepass_ticket(p_ticket_id TEXT) RETURNS JSONB LANGUAGE sql AS $$
+    SELECT jsonb_build_object('ticket_id', tk.ticket_id, 'username', tk.username, 'status', tk.status,
+        'price', tk.price_cents, 'currency', tk.currency, 'bought_at', tk.bought_at,
+        'cancelled_at', tk.cancelled_at, 'legs', (
+            SELECT jsonb_agg(jsonb_build_array(l.flight_id, l.number, l.origin, l.destination, l.departure,
+                l.arrival, l.seat, l.price_cents) ORDER BY l.leg)
+            FROM ticket_legs l WHERE l.ticket_id = tk.ticket_id))
+    FROM tickets tk WHERE tk.ticket_id = p_ticket_id
+$$;
+CREATE FUNCTION vendepass_hold(
+    p_username TEXT, p_session_id TEXT, p_request_id TEXT, p_request_key INTEGER, p_now DOUBLE PRECISION,
+    p_alive BOOLEAN, p_flight_keys INTEGER[], p_legs JSONB, p_seconds DOUBLE PRECISION, p_max_held INTEGER,
+    p_max_per_flight INTEGER, p_random TEXT
+) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    t DOUBLE PRECISION := coalesce(p_now, extract(epoch FROM now())::float8);
+    v_done JSONB;
+    v_held BIGINT;
+    v_claim JSONB;
+    v_hold TEXT;
+BEGIN
+    v_done := vendepass_replay(p_username, p_request_id, p_request_key, 'hold');
+    IF v_done ? 'refused' THEN
+        RETURN v_done;
+    END IF;
+    IF v_done IS NOT NULL THEN
+        RETURN jsonb_build_object('replay', (
+            SELECT jsonb_build_object('hold_id', h.hold_id, 'username', h.username, 'expires_at', h.expires_at,
+                'price', h.price_cents, 'legs', (
+                    SELECT jsonb_agg(jsonb_build_array(l.flight_id, l.seat) ORDER BY l.leg)
+                    FROM hold_legs l WHERE l.hold_id = h.hold_id))
+            FROM holds h WHERE h.hold_id = v_done->>'outcome'), 'ended', '[]'::jsonb);
+    END IF;
+    IF NOT p_alive THEN
+        RETURN jsonb_build_object('refused', 'session_closed', 'ended', '[]'::jsonb);
+    END IF;
+    PERFORM 1 FROM users WHERE username = p_username FOR NO KEY UPDATE;
+    SELECT COUNT(*) INTO v_held FROM holds h JOIN hold_legs l ON l.hold_id = h.hold_id
+        WHERE h.username = p_username AND h.state = 'active' AND h.expires_at > t;
+    IF v_held + jsonb_array_length(p_legs) > p_max_held THEN
+        RETURN jsonb_build_object('refused', 'too_many_holds', 'held', v_held, 'ended', '[]'::jsonb);
+    END IF;
+    v_claim := vendepass_claim(p_username, p_flight_keys, p_legs, p_max_per_flight, t);
+    IF v_claim ? 'refused' THEN
+        RETURN v_claim;
+    END IF;
+    v_hold := 'H' || lpad(to_hex(floor(t / 60)::bigint % 16777216), 6, '0') || p_random;
+    INSERT INTO holds (hold_id, username, session_id, created_at, expires_at, price_cents, state)
+        SELECT v_hold, p_username, p_session_id, t, t + p_seconds, sum((l->>'fare')::bigint), 'active'
+        FROM jsonb_array_elements(p_legs) l;
+    INSERT INTO seats (flight_id, seat, hold_id, ticket_id)
+        SELECT l->>'flight', v_claim->'seats'->>(o - 1)::int, v_hold, NULL
+        FROM jsonb_array_elements(p_legs) WITH ORDINALITY AS e(l, o) ORDER BY o;
+    INSERT INTO hold_legs (hold_id, leg, flight_id, seat, flight)
+        SELECT v_hold, o - 1, l->>'flight', v_claim->'seats'->>(o - 1)::int, l - 'seat'
+        FROM jsonb_array_elements(p_legs) WITH ORDINALITY AS e(l, o);
+    INSERT INTO audit (at, username, action, hold_id, ticket_id, seats)
+        VALUES (t, p_username, 'hold', v_hold, NULL, (v_claim->'names')::text);
+    IF p_request_id IS NOT NULL THEN
+        INSERT INTO requests (username, request_id, kind, outcome, created_at)
+            VALUES (p_username, p_request_id, 'hold', v_hold, t);
+    END IF;
+    RETURN jsonb_build_object('hold', v_hold, 'seats', v_claim->'seats', 'expires_at', t + p_seconds,
+        'ended', v_claim->'ended');
+END $$;
+CREATE FUNCTION vendepass_buy_hold(
+    p_username TEXT, p_hold_id TEXT, p_request_id TEXT, p_request_key INTEGER, p_now DOUBLE PRECISION,
+    p_flights JSONB, p_currency TEXT, p_codes TEXT[]
+) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    t DOUBLE PRECISION := coalesce(p_now, extract(epoch FROM now())::float8);
+    v_done JSONB;
+    v_legs JSONB := '[]';
+    v_code TEXT;
+    v_changed BIGINT;
+    r RECORD;
+BEGIN
+    v_done := vendepass_replay(p_username, p_request_id, p_request_key, 'buy');
+    IF v_done ? 'refused' THEN
+        RETURN v_done;
+    END IF;
+    IF v_done IS NOT NULL THEN
+        RETURN jsonb_build_object('replay', vendepass_ticket(v_done->>'outcome'), 'ended', '[]'::jsonb);
+    END IF;
+    v_done := vendepass_active_hold(p_hold_id, p_username, t);
+    IF v_done IS NOT NULL THEN
+        RETURN v_done;
+    END IF;
+    FOR r IN SELECT l.flight_id, l.seat, coalesce(l.flight, p_flights->l.flight_id) AS described
+        FROM hold_legs l WHERE l.hold_id = p_hold_id ORDER BY l.leg
+    LOOP
+        IF r.described IS NULL THEN
+            RETURN jsonb_build_object('describe', (SELECT jsonb_agg(DISTINCT flight_id) FROM hold_legs
+                WHERE hold_id = p_hold_id), 'ended', '[]'::jsonb);
+        END IF;
+        IF (r.described->>'departs')::float8 <= t THEN
+            RETURN jsonb_build_object('refused', 'flight_departed', 'flight', r.flight_id, 'ended', '[]'::jsonb);
+        END IF;
+        v_legs := v_legs || jsonb_build_array(r.described || jsonb_build_object('flight', r.flight_id, 'seat', r.seat));
+    END LOOP;
+    v_code := vendepass_new_ticket(p_username,
+        (SELECT sum((l->>'fare')::bigint) FROM jsonb_array_elements(v_legs) l)::bigint, p_currency, p_codes, t);
+    -- The conditional update: only seats still claimed by this hold.
+    UPDATE seats SET hold_id = NULL, ticket_id = v_code WHERE hold_id = p_hold_id;
+    GET DIAGNOSTICS v_changed = ROW_COUNT;
+    IF v_changed <> jsonb_array_length(v_legs) THEN
+        RAISE EXCEPTION 'hold % covers % seats, expected %', p_hold_id, v_changed, jsonb_array_length(v_legs);
+    END IF;
+    UPDATE holds SET state = 'bought', ended_at = t WHERE hold_id = p_hold_id AND state = 'active';
+    INSERT INTO audit (at, username, action, hold_id, ticket_id, seats)
+        SELECT t, p_username, 'buy', p_hold_id, v_code,
+            to_jsonb(array_agg((l->>'flight') || '/' || (l->>'seat') ORDER BY o))::text
+        FROM jsonb_array_elements(v_legs) WITH ORDINALITY AS e(l, o);
+    IF p_request_id IS NOT NULL THEN
+        INSERT INTO requests (username, request_id, kind, outcome, created_at)
+            VALUES (p_username, p_request_id, 'buy', v_code, t);
+    END IF;
+    INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure, arrival, seat, price_cents)
+        SELECT v_code, o - 1, l->>'flight', l->>'number', l->>'origin', l->>'destination', l->>'departure',
+            l->>'arrival', l->>'seat', (l->>'fare')::bigint
+        FROM jsonb_array_elements(v_legs) WITH ORDINALITY AS e(l, o);
+    RETURN jsonb_build_object('ticket', v_code, 'legs', (SELECT jsonb_agg(jsonb_build_array(l->>'flight', l->>'seat'))
+        FROM jsonb_array_elements(v_legs) l), 'now', t, 'ended', '[]'::jsonb);
+END $$;
+CREATE FUNCTION vendepass_release(
+    p_username TEXT, p_hold_id TEXT, p_request_id TEXT, p_request_key INTEGER, p_now DOUBLE PRECISION
+) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    t DOUBLE PRECISION := coalesce(p_now, extract(epoch FROM now())::float8);
+    v_done JSONB;
+BEGIN
+    v_done := vendepass_replay(p_username, p_request_id, p_request_key, 'release');
+    IF v_done ? 'refused' THEN
+        RETURN v_done;
+    END IF;
+    IF v_done IS NOT NULL THEN
+        RETURN jsonb_build_object('released', p_hold_id, 'ended', '[]'::jsonb);
+    END IF;
+    v_done := vendepass_active_hold(p_hold_id, p_username, t);
+    IF v_done IS NOT NULL THEN
+        RETURN v_done;
+    END IF;
+    PERFORM vendepass_end_hold(p_hold_id, 'released', t);
+    IF p_request_id IS NOT NULL THEN
+        INSERT INTO requests (username, request_id, kind, outcome, created_at)
+            VALUES (p_username, p_request_id, 'release', p_hold_id, t);
+    END IF;
+    RETURN jsonb_build_object('released', p_hold_id, 'ended', '[]'::jsonb);
+END $$;
+CREATE FUNCTION vendepass_cancel(
+    p_username TEXT, p_ticket_id TEXT, p_request_id TEXT, p_request_key INTEGER, p_now DOUBLE PRECISION
+) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    t DOUBLE PRECISION := coalesce(p_now, extract(epoch FROM now())::float8);
+    v_done JSONB;
+    v_status TEXT;
+BEGIN
+    v_done := vendepass_replay(p_username, p_request_id, p_request_key, 'cancel');
+    IF v_done ? 'refused' THEN
+        RETURN v_done;
+    END IF;
+    IF v_done IS NOT NULL THEN
+        RETURN jsonb_build_object('ticket', vendepass_ticket(v_done->>'outcome'), 'ended', '[]'::jsonb);
+    END IF;
+    SELECT tk.status INTO v_status FROM tickets tk JOIN ticket_legs l ON l.ticket_id = tk.ticket_id
+        WHERE tk.ticket_id = p_ticket_id AND tk.username = p_username ORDER BY l.leg LIMIT 1 FOR UPDATE OF tk;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('refused', 'ticket_not_found', 'ended', '[]'::jsonb);
+    END IF;
+    IF v_status = 'cancelled' THEN
+        RETURN jsonb_build_object('refused', 'already_cancelled', 'ended', '[]'::jsonb);
+    END IF;
+    IF (SELECT min(extract(epoch FROM departure::timestamptz)) FROM ticket_legs WHERE ticket_id = p_ticket_id) <= t THEN
+        RETURN jsonb_build_object('refused', 'ticket_departed', 'ended', '[]'::jsonb);
+    END IF;
+    UPDATE tickets SET status = 'cancelled', cancelled_at = t
+        WHERE ticket_id = p_ticket_id AND username = p_username AND status = 'active';
+    DELETE FROM seats WHERE ticket_id = p_ticket_id;
+    INSERT INTO audit (at, username, action, hold_id, ticket_id, seats)
+        SELECT t, p_username, 'cancel', NULL, p_ticket_id, to_jsonb(array_agg(flight_id || '/' || seat ORDER BY leg))::text
+        FROM ticket_legs WHERE ticket_id = p_ticket_id;
+    IF p_request_id IS NOT NULL THEN
+        INSERT INTO requests (username, request_id, kind, outcome, created_at)
+            VALUES (p_username, p_request_id, 'cancel', p_ticket_id, t);
+    END IF;
+    RETURN jsonb_build_object('ticket', vendepass_ticket(p_ticket_id), 'ended', '[]'::jsonb);
+END $$;
+"""
+
 # MIGRATIONS[n] takes a database from schema version n to n + 1. Append to
 # it; never edit a migration that has shipped.
-MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3]
+MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -409,17 +817,57 @@ class PostgresTx(Tx):
             self.execute("SELECT pg_advisory_xact_lock(?, ?)", (_FLIGHT_LOCK, key))
 
 
-# The one statement of a one-step purchase (migration 3).
+# The one statement of each change of seat state: a one-step purchase
+# (migration 3), the others (migration 4).
 BUY_CALL = "SELECT vendepass_buy(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+HOLD_CALL = "SELECT vendepass_hold(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+BUY_HOLD_CALL = "SELECT vendepass_buy_hold(%s, %s, %s, %s, %s, %s, %s, %s)"
+RELEASE_CALL = "SELECT vendepass_release(%s, %s, %s, %s, %s)"
+CANCEL_CALL = "SELECT vendepass_cancel(%s, %s, %s, %s, %s)"
+CALLS = (BUY_CALL, HOLD_CALL, BUY_HOLD_CALL, RELEASE_CALL, CANCEL_CALL)
+
+# A statement and its arguments.
+Call = tuple[str, tuple[Any, ...]]
+
+
+def _described(flight: Flight) -> dict[str, Any]:
+    """
+    What the functions need to know of a flight (they cannot read the
+    timetable as L{Flight} has it): the JSON of a purchase's or a hold's leg
+    without its seat.
+    """
+    return {
+        "flight": flight.flight_id,
+        "departs": flight.departs_ts,
+        "rows": flight.aircraft.rows,
+        "letters": flight.aircraft.letters,
+        "number": flight.number,
+        "origin": flight.origin,
+        "destination": flight.destination,
+        "departure": flight.departure_iso,
+        "arrival": flight.arrival_iso,
+        "fare": flight.fare.cents,
+    }
+
+
+def _request(username: str, request_id: str | None) -> tuple[str | None, int | None]:
+    """
+    A request's C{request_id} and the key of its advisory lock, as the
+    functions take them.
+    """
+    return request_id, None if request_id is None else _request_key(username, request_id)
 
 
 class PostgresRules(SeatRules):
     """
-    The seat rules, with the one-step purchase done by the database's
-    C{vendepass_buy} function (migration 3) in one round trip: L{buy_call}
-    is its statement, L{bought} what its answer means. The function does
-    what L{SeatRules.buy} does (the SQLite store runs that), and answers
-    with the same refusals, made here by the same helpers.
+    The seat rules, with every change of seat state done by one function of
+    the database in one round trip: C{vendepass_buy} (migration 3),
+    C{vendepass_hold}, C{vendepass_buy_hold}, C{vendepass_release} and
+    C{vendepass_cancel} (migration 4). The C{..._call} methods are their
+    arguments; the others say what their answers mean. Each function does
+    what its L{SeatRules} method does (the SQLite store runs those), and
+    returns the same refusals, raised here by L{refuse} with the same
+    helpers.
     """
 
     def buy_call(
@@ -429,35 +877,17 @@ class PostgresRules(SeatRules):
         The arguments of C{vendepass_buy} for this purchase (C{now}: the
         injected clock's time, or C{None} for the database's).
         """
-        described = [
-            {
-                "flight": leg.flight.flight_id,
-                "seat": leg.seat,
-                "departs": leg.flight.departs_ts,
-                "rows": leg.flight.aircraft.rows,
-                "letters": leg.flight.aircraft.letters,
-                "number": leg.flight.number,
-                "origin": leg.flight.origin,
-                "destination": leg.flight.destination,
-                "departure": leg.flight.departure_iso,
-                "arrival": leg.flight.arrival_iso,
-                "fare": leg.flight.fare.cents,
-            }
-            for leg in legs
-        ]
         # As SeatRules.new_ticket: 8 codes that begin with the day (the
         # database's: it adds those two letters), then 8 wholly random.
-        codes = [_random_code(6) for _ in range(8)] + [_random_code(8) for _ in range(8)]
         return (
             username,
-            request_id,
-            None if request_id is None else _request_key(username, request_id),
+            *_request(username, request_id),
             now,
             _flight_keys([leg.flight.flight_id for leg in legs]),
-            Jsonb(described),
+            Jsonb([{**_described(leg.flight), "seat": leg.seat} for leg in legs]),
             self.max_seats_per_flight,
             self.currency,
-            codes,
+            _codes(),
         )
 
     def bought(
@@ -473,16 +903,132 @@ class PostgresRules(SeatRules):
             return self.new_ticket_value(answer["ticket"], username, new_ticket_legs(chosen), answer["now"])
         if "replay" in answer:
             return self.ticket_as_bought(tx, answer["replay"])
+        self.refuse(answer, legs=legs, request_id=request_id)
+
+    def hold_call(
+        self,
+        username: str,
+        session_id: str,
+        legs: list[LegRequest],
+        seconds: float,
+        alive: bool,
+        request_id: str | None,
+        now: float | None,
+    ) -> tuple[Any, ...]:
+        return (
+            username,
+            session_id,
+            *_request(username, request_id),
+            now,
+            alive,
+            _flight_keys([leg.flight.flight_id for leg in legs]),
+            Jsonb([{**_described(leg.flight), "seat": leg.seat} for leg in legs]),
+            seconds,
+            self.max_held_seats,
+            self.max_seats_per_flight,
+            hold_random(),
+        )
+
+    def held(self, username: str, legs: list[LegRequest], request_id: str | None, answer: dict[str, Any]) -> Hold:
+        """
+        The hold C{vendepass_hold} made, or found made by the same request.
+        """
+        if "hold" in answer:
+            return Hold(
+                hold_id=answer["hold"],
+                username=username,
+                legs=tuple(HeldSeat(leg.flight, seat) for leg, seat in zip(legs, answer["seats"])),
+                expires_at=answer["expires_at"],
+                price=Money(sum(leg.flight.fare.cents for leg in legs), self.currency),
+            )
+        if "replay" in answer:
+            done = answer["replay"]
+            return Hold(
+                done["hold_id"],
+                done["username"],
+                tuple(HeldSeat(flight_by_id(self.network, f), seat) for f, seat in done["legs"]),
+                done["expires_at"],
+                Money(done["price"], self.currency),
+            )
+        self.refuse(answer, legs=legs, request_id=request_id)
+
+    def buy_hold_call(
+        self, hold_id: str, username: str, request_id: str | None, now: float | None, flights: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        """
+        The arguments of C{vendepass_buy_hold}; C{flights}: the descriptions
+        of the hold's flights, when the function asked for them.
+        """
+        return (username, hold_id, *_request(username, request_id), now, Jsonb(flights), self.currency, _codes())
+
+    def bought_hold(
+        self, hold_id: str, username: str, request_id: str | None, answer: dict[str, Any], flights: dict[str, Any]
+    ) -> Ticket:
+        """
+        The ticket C{vendepass_buy_hold} answered with. Asked to describe
+        the hold's flights (a hold made without their descriptions), put
+        them in C{flights} and raise L{_CallAgain}.
+        """
+        if "ticket" in answer:
+            legs = [(flight_by_id(self.network, f), seat) for f, seat in answer["legs"]]
+            return self.new_ticket_value(answer["ticket"], username, new_ticket_legs(legs), answer["now"])
+        if "replay" in answer:
+            return attrs.evolve(_ticket(answer["replay"]), status="active", cancelled_at=None)
+        if "describe" in answer:
+            missing = [f for f in answer["describe"] if f not in flights]
+            if not missing:
+                raise RuntimeError(f"vendepass_buy_hold asked again for {answer['describe']}")
+            flights.update((f, _described(flight_by_id(self.network, f))) for f in missing)
+            raise _CallAgain()
+        self.refuse(answer, hold_id=hold_id, request_id=request_id)
+
+    def released(self, hold_id: str, request_id: str | None, answer: dict[str, Any]) -> None:
+        if "released" not in answer:
+            self.refuse(answer, hold_id=hold_id, request_id=request_id)
+
+    def cancelled(self, ticket_id: str, request_id: str | None, answer: dict[str, Any]) -> Ticket:
+        if "ticket" in answer:
+            return _ticket(answer["ticket"])
+        self.refuse(answer, ticket_id=ticket_id, request_id=request_id)
+
+    def refuse(
+        self,
+        answer: dict[str, Any],
+        legs: list[LegRequest] = (),  # type: ignore[assignment]
+        request_id: str | None = None,
+        hold_id: str = "",
+        ticket_id: str = "",
+    ) -> NoReturn:
+        """
+        Raise the refusal a function returned: the error its L{SeatRules}
+        method raises, made by the same helper. C{legs}, C{hold_id},
+        C{ticket_id}: what was asked for, which the answer's details refer to.
+        """
         refused = answer["refused"]
         if refused == "request_kind":
             assert request_id is not None
             raise request_reused(request_id, answer["kind"])
+        if refused == "session_closed":
+            raise SessionClosed()
+        if refused == "too_many_holds":
+            raise too_many_holds(self.max_held_seats, answer["held"])
         if refused == "purchase_limit":
             assert self.max_seats_per_flight is not None
             raise over_limit(self.max_seats_per_flight, answer["flight"], answer["mine"])
-        leg = legs[answer["leg"]]
+        if refused == "hold_not_found":
+            raise hold_not_found(hold_id)
+        if refused == "hold_expired":
+            raise hold_expired(hold_id)
+        if refused == "ticket_not_found":
+            raise ticket_not_found(ticket_id)
+        if refused == "already_cancelled":
+            raise already_cancelled(ticket_id)
+        if refused == "ticket_departed":
+            raise ticket_departed(ticket_id)
         if refused == "flight_departed":
-            raise departed(leg.flight)
+            leg_flight = legs[answer["leg"]].flight if "leg" in answer else flight_by_id(self.network, answer["flight"])
+            raise departed(leg_flight)
+        leg = legs[answer["leg"]]
         if refused == "sold_out":
             raise SoldOut(f"Flight {leg.flight.flight_id} is sold out.", flight=leg.flight.flight_id)
         assert leg.seat is not None
@@ -492,7 +1038,43 @@ class PostgresRules(SeatRules):
             raise asked_twice(leg.flight, leg.seat)
         elif refused == "seat_taken":
             raise seat_taken(leg.flight, leg.seat, answer["sold"] or None, answer["held_until"])
-        raise RuntimeError(f"vendepass_buy answered {answer!r}")
+        raise RuntimeError(f"a function of the store answered {answer!r}")
+
+
+def _codes() -> list[str]:
+    """
+    As L{SeatRules.new_ticket}: 8 booking codes that begin with the day (the
+    database's: the function adds those two letters), then 8 wholly random.
+    """
+    return [_random_code(6) for _ in range(8)] + [_random_code(8) for _ in range(8)]
+
+
+def _ticket(row: dict[str, Any]) -> Ticket:
+    """
+    A ticket from C{vendepass_ticket}'s JSON.
+    """
+    currency = row["currency"]
+    legs = tuple(
+        TicketLeg(flight_id, number, origin, destination, departure, arrival, seat, Money(cents, currency))
+        for flight_id, number, origin, destination, departure, arrival, seat, cents in row["legs"]
+    )
+    cancelled_at = row["cancelled_at"]
+    return Ticket(
+        row["ticket_id"],
+        row["username"],
+        row["status"],
+        legs,
+        Money(row["price"], currency),
+        float(row["bought_at"]),
+        None if cancelled_at is None else float(cancelled_at),
+    )
+
+
+class _CallAgain(Exception):
+    """
+    A function asked for more than it was given (and did nothing): call it
+    again, now with it.
+    """
 
 
 def _idle_and_alive(conn: psycopg.Connection[Any]) -> bool:
@@ -843,51 +1425,135 @@ class PostgresStore(RulesStore):
             raise refusal
         return result
 
+    # -- changes of seat state: one function call each ----------------------
+
+    @property
+    def _rules(self) -> PostgresRules:
+        return cast(PostgresRules, self.rules)  # rules_class is one
+
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
         """
         A one-step purchase: one round trip (C{vendepass_buy}, see
         L{PostgresRules}).
         """
-        ended: list[tuple[str, str]] = []
-        rules = cast(PostgresRules, self.rules)  # rules_class is one
-        return self._submit(lambda: self._attempt_buy(rules, username, legs, request_id, ended), ended)
+        rules = self._rules
+        return self._function(
+            lambda now: (BUY_CALL, rules.buy_call(username, legs, request_id, now)),
+            lambda tx, answer: rules.bought(tx, username, legs, request_id, answer),
+            request_id,
+        )
 
-    def _attempt_buy(
+    def hold(
         self,
-        rules: PostgresRules,
         username: str,
+        session_id: str,
         legs: list[LegRequest],
-        request_id: str | None,
-        ended: list[tuple[str, str]],
-    ) -> Ticket:
+        seconds: float,
+        alive: Callable[[], bool],
+        request_id: str | None = None,
+    ) -> Deferred[Hold]:
         """
-        One attempt of a one-step purchase: its one statement, in autocommit
-        (a transaction of its own, durable when it returns). A connection
+        A hold: one round trip (C{vendepass_hold}). Whether the session is
+        still open is looked at just before the call is sent, and the
+        function refuses after its replay, as L{SeatRules.hold} does; a
+        closed session's hold without a C{request_id} is refused without
+        asking the database (it would do nothing but refuse).
+        """
+        rules = self._rules
+
+        def call(now: float | None) -> Call:
+            open_ = alive()
+            if not open_ and request_id is None:
+                raise SessionClosed()
+            return HOLD_CALL, rules.hold_call(username, session_id, legs, seconds, open_, request_id, now)
+
+        return self._function(call, lambda tx, answer: rules.held(username, legs, request_id, answer), request_id)
+
+    def buy_hold(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
+        """
+        The purchase of a hold: one round trip (C{vendepass_buy_hold}); two
+        for a hold made without its flights' descriptions.
+        """
+        rules = self._rules
+        flights: dict[str, Any] = {}
+        return self._function(
+            lambda now: (BUY_HOLD_CALL, rules.buy_hold_call(hold_id, username, request_id, now, flights)),
+            lambda tx, answer: rules.bought_hold(hold_id, username, request_id, answer, flights),
+            request_id,
+        )
+
+    def release(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[None]:
+        rules = self._rules
+        return self._function(
+            lambda now: (RELEASE_CALL, (username, hold_id, *_request(username, request_id), now)),
+            lambda tx, answer: rules.released(hold_id, request_id, answer),
+            request_id,
+        )
+
+    def cancel(self, ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
+        rules = self._rules
+        return self._function(
+            lambda now: (CANCEL_CALL, (username, ticket_id, *_request(username, request_id), now)),
+            lambda tx, answer: rules.cancelled(ticket_id, request_id, answer),
+            request_id,
+        )
+
+    def _function(
+        self,
+        call: Callable[[float | None], Call],
+        answered: Callable[[Tx, dict[str, Any]], T],
+        request_id: str | None,
+    ) -> Deferred[T]:
+        """
+        A change of seat state that is one function call: C{call(now)} is
+        its statement, C{answered(tx, answer)} what its answer means (a
+        replay may read on C{tx}). Run under L{_job}'s rules, as a
+        transaction of L{_write}.
+        """
+        ended: list[tuple[str, str]] = []
+        return self._submit(lambda: self._attempt_call(call, answered, request_id is not None, ended), ended)
+
+    def _attempt_call(
+        self,
+        call: Callable[[float | None], Call],
+        answered: Callable[[Tx, dict[str, Any]], T],
+        replayable: bool,
+        ended: list[tuple[str, str]],
+    ) -> T:
+        """
+        One attempt of a function call: its one statement, in autocommit (a
+        transaction of its own, durable when it returns). A connection
         found dead before the statement is sent loses nothing; one that dies
-        while it runs leaves its outcome unknown (see L{_job}).
+        while it runs leaves its outcome unknown, unless the request is
+        C{replayable} (it has a C{request_id}: see L{_job}). A function that
+        asks for more (L{_CallAgain}) did nothing, and is called again.
         """
         conn = self._connection()
         if not _idle_and_alive(conn):
             self._drop_connection()
-            raise _Lost(False, request_id is not None)
+            raise _Lost(False, replayable)
         now = None if self._clock is None else self._clock.seconds()
         with conn.cursor() as cur:
-            try:
-                answer = self._call(cur, BUY_CALL, rules.buy_call(username, legs, request_id, now))
-            except psycopg.OperationalError as e:
-                if not (conn.closed or conn.broken):
-                    raise
-                self._drop_connection()
-                raise _Lost(True, request_id is not None) from e
-            ended.extend((hold_id, session_id) for hold_id, session_id in answer["ended"])
-            try:
-                return rules.bought(self.transaction_class(cur, answer.get("now", 0.0)), username, legs, request_id, answer)
-            except psycopg.OperationalError as e:
-                # Reading a replayed ticket: nothing was being changed.
-                if not (conn.closed or conn.broken):
-                    raise
-                self._drop_connection()
-                raise _Lost(False, True) from e
+            while True:
+                sql, args = call(now)
+                try:
+                    answer = self._call(cur, sql, args)
+                except psycopg.OperationalError as e:
+                    if not (conn.closed or conn.broken):
+                        raise
+                    self._drop_connection()
+                    raise _Lost(True, replayable) from e
+                ended.extend((hold_id, session_id) for hold_id, session_id in answer["ended"])
+                try:
+                    return answered(self.transaction_class(cur, answer.get("now", 0.0)), answer)
+                except _CallAgain:
+                    continue
+                except psycopg.OperationalError as e:
+                    # Reading a replayed ticket: nothing was being changed.
+                    if not (conn.closed or conn.broken):
+                        raise
+                    self._drop_connection()
+                    raise _Lost(False, True) from e
 
     def _call(self, cur: psycopg.Cursor[Any], sql: str, args: tuple[Any, ...]) -> dict[str, Any]:
         """

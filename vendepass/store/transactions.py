@@ -255,7 +255,7 @@ def ticket_leg_rows(ticket_id: str, legs: tuple[TicketLeg, ...]) -> list[tuple[A
 
 
 # The refusals the rules decide inside a transaction, said once (the
-# PostgreSQL store's purchase function returns which, and its details).
+# PostgreSQL store's functions return which, and its details).
 
 def request_reused(request_id: str, kind: str) -> InvalidRequest:
     return InvalidRequest(f"request_id {request_id!r} was already used for another operation ({kind}).", field="request_id")
@@ -275,6 +275,30 @@ def over_limit(limit: int, flight_id: str, mine: int) -> PurchaseLimit:
     return PurchaseLimit(
         f"You may have at most {limit} seats on flight {flight_id} (you have {mine}).", limit=limit, flight=flight_id
     )
+
+
+def hold_not_found(hold_id: str) -> HoldNotFound:
+    return HoldNotFound(f"No hold {echo(hold_id)!r}.", hold_id=hold_id)
+
+
+def hold_expired(hold_id: str) -> HoldExpired:
+    return HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
+
+
+def too_many_holds(limit: int, held: int) -> TooManyHolds:
+    return TooManyHolds(f"You may hold at most {limit} seats at once (you hold {held}).", limit=limit)
+
+
+def ticket_not_found(ticket_id: str) -> TicketNotFound:
+    return TicketNotFound(f"No ticket {echo(ticket_id)!r}.", ticket_id=ticket_id)
+
+
+def already_cancelled(ticket_id: str) -> AlreadyCancelled:
+    return AlreadyCancelled(f"Ticket {ticket_id} is already cancelled.", ticket_id=ticket_id)
+
+
+def ticket_departed(ticket_id: str) -> FlightDeparted:
+    return FlightDeparted(f"Ticket {ticket_id} cannot be cancelled: its first flight has departed.", ticket_id=ticket_id)
 
 
 def _seat_names(seats: Iterable[tuple[str, str]]) -> str:
@@ -408,10 +432,10 @@ class SeatRules:
             f"SELECT username, state, expires_at FROM holds WHERE hold_id = ?{tx.for_update()}", (hold_id,)
         )
         if row is None or row[0] != username or row[1] in ("released", "bought"):
-            raise HoldNotFound(f"No hold {echo(hold_id)!r}.", hold_id=hold_id)
+            raise hold_not_found(hold_id)
         if row[1] == "expired" or row[2] <= tx.now:
             self.end_hold(tx, hold_id, "expired")
-            raise HoldExpired(f"Hold {hold_id} has expired; its seats are free again.", hold_id=hold_id)
+            raise hold_expired(hold_id)
 
     def release(self, tx: Tx, hold_id: str, username: str, request_id: str | None = None) -> None:
         if self.replay(tx, username, request_id, "release") is not None:
@@ -544,10 +568,7 @@ class SeatRules:
             (username, tx.now),
         )
         if held + len(legs) > self.max_held_seats:
-            raise TooManyHolds(
-                f"You may hold at most {self.max_held_seats} seats at once (you hold {held}).",
-                limit=self.max_held_seats,
-            )
+            raise too_many_holds(self.max_held_seats, held)
         seats = self.claim(tx, legs)
         self.check_seats_per_flight(tx, username, legs)
         hold_id = hold_code(tx.now)
@@ -726,15 +747,13 @@ class SeatRules:
             return cancelled
         found = self.find_tickets(tx, "t.ticket_id = ? AND t.username = ?", (ticket_id, username), lock=True)
         if not found:
-            raise TicketNotFound(f"No ticket {echo(ticket_id)!r}.", ticket_id=ticket_id)
+            raise ticket_not_found(ticket_id)
         [ticket] = found
         if ticket.status == "cancelled":
-            raise AlreadyCancelled(f"Ticket {ticket_id} is already cancelled.", ticket_id=ticket_id)
+            raise already_cancelled(ticket_id)
         first = min(datetime.fromisoformat(leg.departure).timestamp() for leg in ticket.legs)
         if first <= tx.now:
-            raise FlightDeparted(
-                f"Ticket {ticket_id} cannot be cancelled: its first flight has departed.", ticket_id=ticket_id
-            )
+            raise ticket_departed(ticket_id)
         tx.execute(
             "UPDATE tickets SET status = 'cancelled', cancelled_at = ?"
             " WHERE ticket_id = ? AND username = ? AND status = 'active'",
