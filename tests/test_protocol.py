@@ -29,7 +29,8 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from vendepass import __version__
-from vendepass.protocol import MAX_LINE_BYTES, READ_AHEAD, VendePassFactory, VendePassProtocol
+from vendepass import wire
+from vendepass.protocol import MAX_LINE_BYTES, READ_AHEAD, VendePassFactory, VendePassProtocol, _encode
 from vendepass.service import ReservationService
 
 from tests.common import (
@@ -2309,3 +2310,28 @@ class EchoTests(ProtocolTestCase):
         flight = "V" * 64
         refused = self.assertSmall(client, 8, {"flight": flight}, "unknown_flight")
         self.assertEqual(refused, error("unknown_flight", f"Unknown flight {flight!r}.", flight=flight))
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(st.characters(blacklist_categories=["Cs"]), max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+class AnswerEncodingTests(SynchronousTestCase):
+    @given(
+        st.none() | st.integers() | st.text(st.characters(blacklist_categories=["Cs"]), max_size=8),
+        st.integers(0, 10**6),
+        _JSON_VALUES,
+    )
+    def test_pre_encoded_answer(self, request_id: Any, opcode: int, value: Any) -> None:
+        """
+        An answer whose data was encoded ahead of time is byte for byte
+        what the protocol's encoder makes of the same answer, whatever its id.
+        """
+        raw = wire.RawJSON(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        expected = json.dumps(
+            {"id": request_id, "opcode": opcode, "ok": True, "data": value}, ensure_ascii=False, separators=(",", ":")
+        ).encode("utf-8") + b"\n"
+        self.assertEqual(_encode({"id": request_id, "opcode": opcode, "ok": True, "data": raw}), expected)

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vendepass import wire
 from vendepass.fixtures import BUNDLED, load
-from vendepass.model import Itinerary, Money, SeatMap, SeatState, Ticket, TicketLeg
+from vendepass.model import Aircraft, Flight, HeldSeat, Hold, Itinerary, Money, SeatMap, SeatState, Ticket, TicketLeg
 from vendepass.schedule import Schedule
 from vendepass.service import SearchPage
 
@@ -158,3 +158,51 @@ class TicketJSONTests(SynchronousTestCase):
             wire.ticket_json(ticket),
             json.dumps(wire.ticket(ticket), ensure_ascii=False, separators=(",", ":")),
         )
+
+
+_ZONES = st.sampled_from([timezone.utc, timezone(timedelta(hours=-3)), timezone(timedelta(hours=5, minutes=30))])
+_FLIGHTS = st.builds(
+    Flight,
+    flight_id=_TEXT,
+    number=_TEXT,
+    origin=_TEXT,
+    destination=_TEXT,
+    departure=st.datetimes(datetime(2000, 1, 1), datetime(2060, 1, 1), timezones=_ZONES),
+    arrival=st.datetimes(datetime(2000, 1, 1), datetime(2060, 1, 1), timezones=_ZONES),
+    aircraft=st.builds(Aircraft, _TEXT, _TEXT, st.integers(1, 60), st.sampled_from(["ABC", "ABCDEF"])),
+    fare=st.builds(Money, st.integers(0, 10**9), st.sampled_from(["BRL", "USD"])),
+)
+
+
+class HoldJSONTests(SynchronousTestCase):
+    @settings(max_examples=300)
+    @given(
+        st.builds(
+            Hold,
+            hold_id=_TEXT,
+            username=_TEXT,
+            legs=st.lists(st.builds(HeldSeat, _FLIGHTS, _TEXT), max_size=3).map(tuple),
+            expires_at=st.integers(0, 2_000_000_000).map(float),
+            price=st.builds(Money, st.integers(0, 10**9), st.sampled_from(["BRL", "USD"])),
+        )
+    )
+    def test_same_text_as_encoding(self, hold: Hold) -> None:
+        """
+        A hold's pre-encoded JSON is byte for byte the protocol encoder's
+        text of its wire form (quotes, escapes and non-ASCII included).
+        """
+        self.assertEqual(
+            wire.hold_json(hold),
+            json.dumps(wire.hold(hold), ensure_ascii=False, separators=(",", ":")),
+        )
+
+    def test_same_flight_other_seats(self) -> None:
+        """
+        The parts kept per flight carry no seat: two holds on one flight
+        each say their own.
+        """
+        flight = SCHEDULE.by_id[sorted(SCHEDULE.by_id)[0]]
+        for seat in ("1A", "2B", "1A"):
+            hold = Hold("H1", "alice", (HeldSeat(flight, seat),), NOW, flight.fare)
+            self.assertEqual(json.loads(wire.hold_json(hold))["legs"][0]["seat"], seat)
+            self.assertEqual(json.loads(wire.hold_json(hold)), wire.hold(hold))

@@ -46,7 +46,7 @@ from vendepass.errors import (
     VendePassError,
     echo,
 )
-from vendepass.model import Ticket, iso_utc
+from vendepass.model import Hold, Ticket, iso_utc
 from vendepass.service import (
     MAX_SEARCH_LIMIT,
     MAX_TICKETS_LIMIT,
@@ -117,10 +117,21 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+# The members of an answer, in the order the protocol sends them.
+_ANSWER_KEYS = ("id", "opcode", "ok", "data")
+
+
 def _encode(message: dict[str, Any]) -> bytes:
     data = message.get("data")
     if isinstance(data, wire.RawJSON):
         # Encoded ahead of time: put it in place of the last member.
+        request_id = message.get("id")
+        if tuple(message) == _ANSWER_KEYS and message["ok"] is True and type(message["opcode"]) is int:
+            # The answer of every sale: its head without json's encoder.
+            if type(request_id) is int:
+                return f'{{"id":{request_id:d},"opcode":{message["opcode"]:d},"ok":true,"data":{data}}}\n'.encode("utf-8")
+            if request_id is None:
+                return f'{{"id":null,"opcode":{message["opcode"]:d},"ok":true,"data":{data}}}\n'.encode("utf-8")
         head = _encode({**message, "data": None})
         assert head.endswith(b'"data":null}\n'), head
         return head[: -len(b"null}\n")] + data.encode("utf-8") + b"}\n"
@@ -200,6 +211,15 @@ def _ticket_answer(ticket: Ticket) -> wire.RawJSON:
     # Encoded ahead of time (wire.ticket_json): the same text as
     # {"ticket": wire.ticket(ticket)} would make, for less.
     return wire.RawJSON('{"ticket":' + wire.ticket_json(ticket) + "}")
+
+
+def _hold_answer(hold: Hold) -> wire.RawJSON:
+    # Encoded ahead of time (wire.hold_json), as a ticket is.
+    return wire.RawJSON('{"hold":' + wire.hold_json(hold) + "}")
+
+
+def _nothing(_: object) -> dict[str, Any]:
+    return {}
 
 
 @frozen
@@ -683,18 +703,17 @@ class VendePassProtocol(LineReceiver):
         seatmap = await self.service.seatmap(self.session, _field(data, "flight", str))
         return wire.seatmap(seatmap, self.session.username)  # type: ignore[return-value]
 
-    async def _hold(self, data: dict[str, Any]) -> dict[str, Any]:
+    def _hold(self, data: dict[str, Any]) -> Deferred[Any]:
         assert self.session is not None
         flights = _flight_list(data)
         seats = _seat_list(data)
         request_id = _request_id(data)
-        return {"hold": wire.hold(await self.service.hold(self.session, flights, seats, request_id))}
+        return self.service.hold(self.session, flights, seats, request_id).addCallback(_hold_answer)
 
-    async def _release(self, data: dict[str, Any]) -> dict[str, Any]:
+    def _release(self, data: dict[str, Any]) -> Deferred[Any]:
         assert self.session is not None
         hold_id = _field(data, "hold_id", str)
-        await self.service.release(self.session, hold_id, _request_id(data))
-        return {}
+        return self.service.release(self.session, hold_id, _request_id(data)).addCallback(_nothing)
 
     def _buy(self, data: dict[str, Any]) -> Deferred[Any]:
         assert self.session is not None

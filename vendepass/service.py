@@ -144,6 +144,10 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
     return Deferred.fromCoroutine(coroutine)
 
 
+def _session_closed(_: object) -> Hold:
+    raise SessionClosed()
+
+
 class ReservationService(Service):
     """
     The seat-selling rules. Every public method returns a Deferred that fails
@@ -565,44 +569,55 @@ class ReservationService(Service):
         already used by this user, the first hold is answered again.
         """
 
-        async def hold() -> Hold:
+        try:
             username = self._user(session)
             legs = self._legs(flight_ids, seats)
-            asked = self.clock.seconds()
-            session.holding += 1
-            try:
-                result = await self.store.hold(
-                    username, session.session_id, legs, self.hold_seconds, lambda: session.alive, request_id
-                )
-            finally:
-                session.holding -= 1
-            if not session.alive:
-                # Closed while the answer travelled back: nobody may keep it.
-                await self.store.release_session(session.session_id)
-                raise SessionClosed()
-            if result.hold_id in self._timers:
-                return result  # a retry of a hold this server already tracks
-            session.holds.add(result.hold_id)
-            # The hold lasts hold_seconds of the store's time from a moment
-            # after `asked` (for a shared database, the database's clock,
-            # which this server's clock may disagree with): look then. If
-            # that is a little early, the store says it is still active.
-            delay = max(0.0, asked + self.hold_seconds - self.clock.seconds())
-            self._timers[result.hold_id] = (self.clock.callLater(delay, self._expire, result.hold_id, session), session)
+        except Exception:
+            return fail()
+        asked = self.clock.seconds()
+        session.holding += 1
+        # No coroutine: this is the path of every purchase made in two steps.
+        try:
+            held = self.store.hold(
+                username, session.session_id, legs, self.hold_seconds, lambda: session.alive, request_id
+            )
+        except Exception:
+            held = fail()
+        return held.addBoth(self._hold_back, session).addCallback(self._held, session, username, asked)
+
+    def _hold_back(self, result: Any, session: Session) -> Any:
+        # The hold's answer (or failure) is back from the store.
+        session.holding -= 1
+        return result
+
+    def _held(self, result: Hold, session: Session, username: str, asked: float) -> Hold | Deferred[Hold]:
+        if not session.alive:
+            # Closed while the answer travelled back: nobody may keep it.
+            return self.store.release_session(session.session_id).addCallback(_session_closed)
+        if result.hold_id in self._timers:
+            return result  # a retry of a hold this server already tracks
+        session.holds.add(result.hold_id)
+        # The hold lasts hold_seconds of the store's time from a moment
+        # after `asked` (for a shared database, the database's clock,
+        # which this server's clock may disagree with): look then. If
+        # that is a little early, the store says it is still active.
+        delay = max(0.0, asked + self.hold_seconds - self.clock.seconds())
+        self._timers[result.hold_id] = (self.clock.callLater(delay, self._expire, result.hold_id, session), session)
+        if self.log_sales:
             self._log_sale("hold {id} by {username}: {seats}", result.hold_id, username,
                            [(leg.flight.flight_id, leg.seat) for leg in result.legs])
-            return result
-
-        return _run(hold())
+        return result
 
     def release(self, session: Session, hold_id: str, request_id: str | None = None) -> Deferred[None]:
-        async def release() -> None:
+        try:
             username = self._user(session)
-            await self.store.release(hold_id, username, request_id)
-            self._forget(hold_id)
-            self._log.info("released hold {hold_id} by {username}", hold_id=hold_id, username=username)
+        except Exception:
+            return fail()
+        return self.store.release(hold_id, username, request_id).addCallback(self._released, hold_id, username)
 
-        return _run(release())
+    def _released(self, _: None, hold_id: str, username: str) -> None:
+        self._forget(hold_id)
+        self._log.info("released hold {hold_id} by {username}", hold_id=hold_id, username=username)
 
     def buy(
         self,

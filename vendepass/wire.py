@@ -13,7 +13,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
-from vendepass.model import Flight, Hold, Itinerary, Money, SeatMap, Ticket, TicketLeg, iso_utc
+from vendepass.model import Flight, HeldSeat, Hold, Itinerary, Money, SeatMap, Ticket, TicketLeg, iso_utc
 
 if TYPE_CHECKING:
     from vendepass.service import SearchPage
@@ -152,23 +152,24 @@ def _encode_itineraries(values: list[Itinerary]) -> RawJSON:
     return RawJSON('{"itineraries":[' + ",".join(parts) + "]}")
 
 
+def _hold_leg(leg: HeldSeat) -> dict[str, Any]:
+    return {
+        "flight": leg.flight.flight_id,
+        "number": leg.flight.number,
+        "seat": leg.seat,
+        "origin": leg.flight.origin,
+        "destination": leg.flight.destination,
+        "departure": leg.flight.departure_iso,
+        "arrival": leg.flight.arrival_iso,
+        "price": money(leg.flight.fare),
+    }
+
+
 def hold(value: Hold) -> dict[str, Any]:
     return {
         "hold_id": value.hold_id,
         "expires_at": iso_utc(value.expires_at),
-        "legs": [
-            {
-                "flight": leg.flight.flight_id,
-                "number": leg.flight.number,
-                "seat": leg.seat,
-                "origin": leg.flight.origin,
-                "destination": leg.flight.destination,
-                "departure": leg.flight.departure_iso,
-                "arrival": leg.flight.arrival_iso,
-                "price": money(leg.flight.fare),
-            }
-            for leg in value.legs
-        ],
+        "legs": [_hold_leg(leg) for leg in value.legs],
         "price": money(value.price),
     }
 
@@ -235,6 +236,36 @@ def ticket_json(value: Ticket) -> RawJSON:
         + '],"price":' + _money_json(value.price)
         + ',"bought_at":' + _string(iso_utc(value.bought_at))
         + ',"cancelled_at":' + ("null" if value.cancelled_at is None else _string(iso_utc(value.cancelled_at)))
+        + "}"
+    )
+
+
+@functools.lru_cache(maxsize=65536)
+def _hold_leg_parts(value: Flight) -> tuple[str, str]:
+    """
+    A hold leg's JSON before and after its seat: the same for every seat
+    held on a flight, so encoded once.
+    """
+    text = _compact(_hold_leg(HeldSeat(value, "")))
+    head, tail = text.split(',"seat":"",', 1)
+    return head + ',"seat":', "," + tail
+
+
+def hold_json(value: Hold) -> RawJSON:
+    """
+    The JSON text of L{hold}C{(value)}, byte for byte what the protocol's
+    encoder makes of it, from per-flight parts encoded once (as
+    L{ticket_json}).
+    """
+    legs = []
+    for leg in value.legs:
+        head, tail = _hold_leg_parts(leg.flight)
+        legs.append(head + _string(leg.seat) + tail)
+    return RawJSON(
+        '{"hold_id":' + _string(value.hold_id)
+        + ',"expires_at":' + _string(iso_utc(value.expires_at))
+        + ',"legs":[' + ",".join(legs)
+        + '],"price":' + _money_json(value.price)
         + "}"
     )
 

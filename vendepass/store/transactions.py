@@ -213,6 +213,10 @@ class Tx:
         return None if row is None else (row[0], row[1])
 
 
+# How many flights SeatRules.flight keeps made (a sales window has a few thousand).
+FLIGHTS_KEPT = 65536
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -327,9 +331,25 @@ class SeatRules:
     # None: no limit.
     max_seats_per_flight: int | None = None
     currency: str = attrs.field(init=False)
+    # The flights of held seats, by id, as flight_by_id makes them.
+    _flights: dict[str, Flight] = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.currency = self.network.currency
+
+    def flight(self, flight_id: str) -> Flight:
+        """
+        The flight C{flight_id} of the network (L{flight_by_id}), made once:
+        a hold records its flights by id, and every purchase of a hold
+        needs them again.
+        """
+        flight = self._flights.get(flight_id)
+        if flight is None:
+            flight = flight_by_id(self.network, flight_id)
+            if len(self._flights) >= FLIGHTS_KEPT:
+                self._flights.clear()
+            self._flights[flight_id] = flight
+        return flight
 
     # -- retries and the audit log ------------------------------------------
 
@@ -431,6 +451,14 @@ class SeatRules:
         row = tx.one(
             f"SELECT username, state, expires_at FROM holds WHERE hold_id = ?{tx.for_update()}", (hold_id,)
         )
+        self.check_active(tx, hold_id, username, row)
+
+    def check_active(self, tx: Tx, hold_id: str, username: str, row: tuple[Any, ...] | None) -> None:
+        """
+        Refuse unless C{row} (the hold's C{username, state, expires_at}, read
+        locked; C{None}: no such hold) is an active hold of C{username}; if
+        its time is up, end it (that commits) and refuse.
+        """
         if row is None or row[0] != username or row[1] in ("released", "bought"):
             raise hold_not_found(hold_id)
         if row[1] == "expired" or row[2] <= tx.now:
@@ -600,7 +628,7 @@ class SeatRules:
             "SELECT username, expires_at, price_cents FROM holds WHERE hold_id = ?", (hold_id,)
         )
         legs = tuple(
-            HeldSeat(flight_by_id(self.network, flight_id), seat)
+            HeldSeat(self.flight(flight_id), seat)
             for flight_id, seat in tx.all("SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,))
         )
         return Hold(hold_id, username, legs, expires_at, Money(price, self.currency))
@@ -652,10 +680,17 @@ class SeatRules:
         done = self.replay(tx, username, request_id, "buy")
         if done is not None:
             return self.ticket_as_bought(tx, done)
-        self.active_hold(tx, hold_id, username)
+        # The hold (locked) and its legs in one statement.
+        rows = tx.all(
+            "SELECT h.username, h.state, h.expires_at, l.flight_id, l.seat FROM holds h"
+            " JOIN hold_legs l ON l.hold_id = h.hold_id"
+            f" WHERE h.hold_id = ? ORDER BY l.leg{tx.for_update('h')}",
+            (hold_id,),
+        )
+        self.check_active(tx, hold_id, username, rows[0][:3] if rows else None)
         legs = []
-        for flight_id, seat in tx.all("SELECT flight_id, seat FROM hold_legs WHERE hold_id = ? ORDER BY leg", (hold_id,)):
-            flight = flight_by_id(self.network, flight_id)
+        for _, _, _, flight_id, seat in rows:
+            flight = self.flight(flight_id)
             if flight.departs_ts <= tx.now:
                 raise departed(flight)
             legs.append((flight, seat))
