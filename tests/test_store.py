@@ -1078,6 +1078,7 @@ class ShippedMigrationTests(SynchronousTestCase):
             "c74e6817742628f6053a097ce13e8f0e04a881d34aad4bd6029faca5e0a05c78",
             "05a71f8adaa8a28c8de1f579577f00d05f096b97e5bc63d73b0ab84491ce2cc9",
             "dfac7d72bfd0cfcb049ad5f462de8265f6067f9be6360beae3b438a142fdf9d9",
+            "76a35a9b5bad97f11dd691da77d7dde1eb328b9878d34e988b7732e8d8232bcb",
         ],
     }
 

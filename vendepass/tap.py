@@ -272,6 +272,10 @@ def _open_sqlite(options: Options, fixtures: Callable[[], Fixtures], hash_passwo
         raise SystemExit(f"vendepass: cannot open the database {options['db']}: {e}")
 
 
+# The most one-step purchases one call of vendepass_buy_batch carries.
+PG_MAX_BATCH = 32
+
+
 def _open_postgres(options: Options, fixtures: Callable[[], Fixtures], hash_password: Callable[[str], str]) -> IStore:
     import psycopg
     from twisted.internet import reactor
@@ -291,6 +295,9 @@ def _open_postgres(options: Options, fixtures: Callable[[], Fixtures], hash_pass
             read_executor=ThreadExecutor(reactor, "vendepass-pg-read", threads=2),  # type: ignore[arg-type]
         )
         store.max_seats_per_flight = options["max-seats-per-flight"] or None
+        # Group commit of one-step purchases, one call per writer at once.
+        store.max_batch = PG_MAX_BATCH
+        store.batch_slots = options["db-connections"]
         return store
     except (psycopg.Error, RuntimeError, FixturesError) as e:
         # The URL may hold a password: say where, not how.

@@ -55,6 +55,7 @@ hears of it whichever server noticed.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import random
@@ -70,6 +71,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -702,7 +704,45 @@ END $$;
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1. Append to
 # it; never edit a migration that has shipped.
-MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4]
+# Version 5: group commit of one-step purchases (see L{PostgresStore._next_batch}):
+# one call, one transaction, one COMMIT for several purchases. The lock
+# order of a single purchase, for the whole batch: every request advisory
+# lock first, sorted by key; then every flight advisory lock, sorted by
+# key; then each purchase is L{vendepass_buy} (migration 3), whose own
+# advisory locks are already held (they are re-entrant in a transaction).
+# A refusal is that purchase's answer only: L{vendepass_buy} refuses before
+# it writes. An exception rolls the whole batch back (the store then runs
+# each purchase alone). C{p_buys}: a JSON array of
+# [username, request_id, request key, now, flight keys, legs, max per
+# flight, currency, codes], as L{vendepass_buy}'s arguments; answers: the
+# array of L{vendepass_buy}'s answers, in order.
+_SCHEMA_BUY_BATCH = """
+CREATE FUNCTION vendepass_buy_batch(p_buys JSONB) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    answers JSONB := '[]';
+    b JSONB;
+    k INTEGER;
+BEGIN
+    FOR k IN SELECT DISTINCT (x->>2)::int FROM jsonb_array_elements(p_buys) x
+        WHERE x->>2 IS NOT NULL ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(1448083458, k);
+    END LOOP;
+    FOR k IN SELECT DISTINCT f::int FROM jsonb_array_elements(p_buys) x, jsonb_array_elements_text(x->4) f ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(1448083457, k);
+    END LOOP;
+    FOR b IN SELECT x FROM jsonb_array_elements(p_buys) x LOOP
+        answers := answers || jsonb_build_array(vendepass_buy(
+            b->>0, b->>1, (b->>2)::int, (b->>3)::float8,
+            ARRAY(SELECT jsonb_array_elements_text(b->4)::int), b->5, (b->>6)::int, b->>7,
+            ARRAY(SELECT jsonb_array_elements_text(b->8))));
+    END LOOP;
+    RETURN answers;
+END $$;
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_BUY_BATCH]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -856,6 +896,8 @@ def _request(username: str, request_id: str | None) -> tuple[str | None, int | N
     functions take them.
     """
     return request_id, None if request_id is None else _request_key(username, request_id)
+# The one statement of a batch of them (migration 5).
+BUY_BATCH_CALL = "SELECT vendepass_buy_batch(%s)"
 
 
 class PostgresRules(SeatRules):
@@ -1089,6 +1131,20 @@ def _idle_and_alive(conn: psycopg.Connection[Any]) -> bool:
     return not readable
 
 
+class _Fallback(Exception):
+    """
+    A batch of purchases raised (a conflict, a constraint, a bug): it was
+    rolled back whole, and each of its purchases is to be run alone.
+    """
+
+
+class _LostBatch(Exception):
+    """
+    A batch of purchases' connection died while its call ran: whether it
+    committed is unknown.
+    """
+
+
 class _Lost(Exception):
     """
     An attempt's connection died. C{committing}: at or after its COMMIT was
@@ -1170,6 +1226,12 @@ class PostgresStore(RulesStore):
     transaction_class: type[PostgresTx] = PostgresTx
     rules_class: type[PostgresRules] = PostgresRules
 
+    # Group commit of one-step purchases (L{_next_batch}): at most
+    # C{max_batch} in one call (1: each purchase alone), and at most
+    # C{batch_slots} calls at once (the writers' connections).
+    max_batch = 1
+    batch_slots = 8
+
     def __init__(
         self,
         url: str,
@@ -1203,6 +1265,11 @@ class PostgresStore(RulesStore):
         self._listener: threading.Thread | None = None
         self._stopping = threading.Event()
         self.retries = 0
+        self._buys: collections.deque[tuple[str, list[LegRequest], str | None, Deferred[Ticket]]] = collections.deque()
+        self._batches = 0
+        # Calls of vendepass_buy_batch, and the purchases they carried.
+        self.buy_batches = 0
+        self.batched_buys = 0
         # Attempts run again on a new connection because theirs had died.
         self.reconnects = 0
 
@@ -1330,7 +1397,7 @@ class PostgresStore(RulesStore):
     def _job(self, attempt: Callable[[], T]) -> T:
         """
         Run C{attempt} (one attempt of a transaction: L{_attempt} of some
-        work, or L{_attempt_buy}) until it is done or refused:
+        work, or L{_attempt_call}) until it is done or refused:
           - lost a race: again from the start, up to L{RETRIES} times;
           - the connection died before COMMIT was sent: nothing was
             committed, so again on a new connection, up to L{RECONNECTS}
@@ -1436,12 +1503,170 @@ class PostgresStore(RulesStore):
         A one-step purchase: one round trip (C{vendepass_buy}, see
         L{PostgresRules}).
         """
+        if self.max_batch > 1:
+            d: Deferred[Ticket] = Deferred()
+            self._buys.append((username, legs, request_id, d))
+            if self._batches < self.batch_slots:
+                self._next_batch()
+            return d
         rules = self._rules
         return self._function(
             lambda now: (BUY_CALL, rules.buy_call(username, legs, request_id, now)),
             lambda tx, answer: rules.bought(tx, username, legs, request_id, answer),
             request_id,
         )
+
+    def _next_batch(self) -> None:
+        """
+        Group commit (on the reactor thread): send the queued one-step
+        purchases, up to L{max_batch}, to a writer as one call of
+        C{vendepass_buy_batch} (L{_run_buys}). Purchases that arrive while
+        L{batch_slots} calls are running wait for the next free one; a
+        purchase that finds a slot free goes at once, alone.
+        """
+        batch = [self._buys.popleft() for _ in range(min(self.max_batch, len(self._buys)))]
+        if not batch:
+            return
+        self._batches += 1
+        ended: list[tuple[str, str]] = []
+        rules = self._rules
+        buys = [(username, legs, request_id) for username, legs, request_id, _ in batch]
+
+        def deliver(done: list[tuple[bool, Any]] | Failure) -> None:
+            self._batches -= 1
+            try:
+                self._report(ended)
+                for i, (_, _, _, d) in enumerate(batch):
+                    if isinstance(done, Failure):
+                        d.errback(done)
+                    elif done[i][0]:
+                        d.callback(done[i][1])
+                    else:
+                        d.errback(done[i][1])
+            finally:
+                while self._buys and self._batches < self.batch_slots:
+                    self._next_batch()
+
+        self._executor.submit(lambda: self._run_buys(rules, buys, ended)).addBoth(deliver)
+
+    def _run_buys(
+        self, rules: PostgresRules, buys: list[tuple[str, list[LegRequest], str | None]], ended: list[tuple[str, str]]
+    ) -> list[tuple[bool, Any]]:
+        """
+        On a writer: one-step purchases, as one call if there are several
+        (L{_attempt_buys}, under L{_job}'s rules for a connection found
+        dead before the call), else alone. Each purchase's outcome is
+        C{(True, ticket)} or C{(False, failure)}. A batch that raised is
+        run again, each purchase alone (L{_Fallback}); a batch whose
+        connection died during its call leaves each purchase outcome
+        unknown, except those with a C{request_id}, run again alone.
+        """
+        outcomes: list[tuple[bool, Any] | None] = [None] * len(buys)
+        unknown = False
+        if len(buys) > 1:
+            try:
+                outcomes = self._job(lambda: self._attempt_buys(rules, buys, ended))
+            except _Fallback:
+                pass
+            except _LostBatch as e:
+                unknown = True
+                for i, (_, _, request_id) in enumerate(buys):
+                    if request_id is None:
+                        outcomes[i] = (False, Failure(OutcomeUnknown()))
+                self._log.error("connection lost during a batch of purchases, outcome unknown: {error}", error=str(e.__cause__))
+            except VendePassError:
+                return [(False, Failure())] * len(buys)
+        done: list[tuple[bool, Any]] = []
+        for outcome, (username, legs, request_id) in zip(outcomes, buys):
+            if outcome is None:
+                outcome = self._buy_alone(rules, username, legs, request_id, ended, unknown)
+            done.append(outcome)
+        return done
+
+    def _buy_alone(
+        self,
+        rules: PostgresRules,
+        username: str,
+        legs: list[LegRequest],
+        request_id: str | None,
+        ended: list[tuple[str, str]],
+        unknown: bool,
+    ) -> tuple[bool, Any]:
+        """
+        One purchase of a batch, run alone (L{_attempt_call} under L{_job}).
+        C{unknown}: an earlier attempt may have committed, so "storage
+        unavailable" (nothing changed) becomes "outcome unknown".
+        """
+        try:
+            return True, self._job(
+                lambda: self._attempt_call(
+                    lambda now: (BUY_CALL, rules.buy_call(username, legs, request_id, now)),
+                    lambda tx, answer: rules.bought(tx, username, legs, request_id, answer),
+                    request_id is not None,
+                    ended,
+                )
+            )
+        except StorageUnavailable as e:
+            if unknown and not isinstance(e, OutcomeUnknown):
+                return False, Failure(OutcomeUnknown())
+            return False, Failure()
+        except Exception:
+            return False, Failure()
+
+    def _attempt_buys(
+        self, rules: PostgresRules, buys: list[tuple[str, list[LegRequest], str | None]], ended: list[tuple[str, str]]
+    ) -> list[tuple[bool, Any] | None]:
+        """
+        One attempt of a batch of one-step purchases: one call of
+        C{vendepass_buy_batch}, in autocommit (one transaction, one COMMIT).
+        Each answer is read as L{_attempt_call} reads its one; a replay
+        whose ticket cannot be read (the connection died after the COMMIT)
+        is left C{None}: to be run again alone.
+        """
+        conn = self._connection()
+        if not _idle_and_alive(conn):
+            self._drop_connection()
+            raise _Lost(False, True)  # nothing was sent: again on a new connection
+        now = None if self._clock is None else self._clock.seconds()
+        calls = []
+        for username, legs, request_id in buys:
+            args = list(rules.buy_call(username, legs, request_id, now))
+            args[5] = args[5].obj  # the legs, inside the batch's one JSON argument
+            calls.append(args)
+        self.buy_batches += 1
+        self.batched_buys += len(buys)
+        with conn.cursor() as cur:
+            try:
+                answers = self._call_batch(cur, calls)
+            except psycopg.OperationalError as e:
+                if not (conn.closed or conn.broken):
+                    raise _Fallback() from e
+                self._drop_connection()
+                raise _LostBatch() from e
+            except psycopg.Error as e:
+                raise _Fallback() from e
+            outcomes: list[tuple[bool, Any] | None] = []
+            for (username, legs, request_id), answer in zip(buys, answers):
+                ended.extend((hold_id, session_id) for hold_id, session_id in answer["ended"])
+                try:
+                    tx = self.transaction_class(cur, answer.get("now", 0.0))
+                    outcomes.append((True, rules.bought(tx, username, legs, request_id, answer)))
+                except VendePassError:
+                    outcomes.append((False, Failure()))
+                except psycopg.Error:
+                    # A replay (it has a request_id): run again alone.
+                    outcomes.append(None)
+            return outcomes
+
+    def _call_batch(self, cur: psycopg.Cursor[Any], calls: list[list[Any]]) -> list[dict[str, Any]]:
+        """
+        Run C{vendepass_buy_batch} (its own transaction: the connection is
+        in autocommit) and return its answers.
+        """
+        row = cur.execute(BUY_BATCH_CALL, (Jsonb(calls),)).fetchone()
+        assert row is not None
+        answers: list[dict[str, Any]] = row[0]
+        return answers
 
     def hold(
         self,

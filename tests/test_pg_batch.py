@@ -1,0 +1,185 @@
+"""
+PostgreSQL: the group commit of one-step purchases. Purchases that arrive
+while every writer is busy wait, and the next free writer sends them as one
+call of C{vendepass_buy_batch} (one transaction, one COMMIT). Each purchase
+keeps its own outcome: a refusal, or an exception of one, costs the others
+nothing; a connection lost during the batch's call leaves each purchase
+outcome unknown, unless it has a C{request_id} (then it is run again).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, cast
+
+import psycopg
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tests import pg
+from tests.common import FAST_HASHER, MINI
+from tests.test_pg_outcomes import _terminate
+from tests.test_postgres import _day_after_tomorrow
+from vendepass.errors import OutcomeUnknown, SeatUnavailable, VendePassError
+from vendepass.fixtures import load
+from vendepass.model import Ticket
+from vendepass.schedule import flight_by_id
+from vendepass.store import LegRequest, postgres
+from vendepass.store.postgres import PostgresRules, PostgresStore
+
+
+class StepExecutor:
+    """
+    Runs each submitted job when the test says (L{run}), on the test's
+    thread: a writer that stays busy until then.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: deque[tuple[Callable[[], Any], Deferred[Any]]] = deque()
+
+    def submit(self, job: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run(self) -> None:
+        while self.jobs:
+            job, d = self.jobs.popleft()
+            try:
+                result = job()
+            except BaseException:
+                d.errback(Failure())
+            else:
+                d.callback(result)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _outcomes(ds: list[Deferred[Ticket]]) -> list[Any]:
+    """
+    What each Deferred fired with (a Failure's exception for an error).
+    """
+    out: list[Any] = []
+    for d in ds:
+        got: list[Any] = []
+        d.addBoth(got.append)
+        assert got, "the Deferred has not fired"
+        out.append(got[0].value if isinstance(got[0], Failure) else got[0])
+    return out
+
+
+class GroupCommitTests(TestCase):
+    def setUp(self) -> None:
+        self.url = pg.fresh_url(self)
+        self.calls: list[str] = []
+        calls = self.calls
+
+        class CountingCursor(psycopg.Cursor[Any]):
+            def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+                calls.append(str(query))
+                return super().execute(query, params, **kwargs)
+
+        real = postgres.connect
+
+        def connect(url: str) -> psycopg.Connection[Any]:
+            conn = real(url)
+            conn.cursor_factory = CountingCursor
+            return conn
+
+        self.patch(postgres, "connect", connect)
+        self.executor = StepExecutor()
+        self.store = PostgresStore.open(self.url, self.executor, lambda: load(MINI), FAST_HASHER.hash)  # type: ignore[arg-type]
+        self.store.max_batch = 32
+        self.store.batch_slots = 1
+        self.addCleanup(self.store.stop)
+        self.flight = flight_by_id(self.store.network(), f"VP200-{_day_after_tomorrow()}")
+
+    def buys(self, wanted: list[tuple[str, str | None, str | None]]) -> list[Any]:
+        """
+        Buy one seat of the flight for each C{(username, seat, request_id)},
+        all asked while the one writer is busy; each one's outcome.
+        """
+        ds = [self.store.buy(user, [LegRequest(self.flight, seat)], request_id) for user, seat, request_id in wanted]
+        del self.calls[:]
+        self.executor.run()
+        return _outcomes(ds)
+
+    def seats_sold(self) -> list[str]:
+        with psycopg.connect(self.url) as conn:
+            return [r[0] for r in conn.execute("SELECT flight_id || '/' || seat FROM seats ORDER BY 1").fetchall()]
+
+    def test_batched(self) -> None:
+        """
+        Five purchases asked at once with one writer: the first goes alone,
+        the four that waited for it go as one call. Every seat once.
+        """
+        got = self.buys([("alice", None, None), ("bob", None, None), ("alice", "9C", "r1"), ("bob", None, "r2"), ("alice", None, None)])
+        self.assertTrue(all(isinstance(t, Ticket) for t in got), got)
+        self.assertEqual(self.calls.count(postgres.BUY_CALL), 1)
+        self.assertEqual(self.calls.count(postgres.BUY_BATCH_CALL), 1)
+        # Besides the new connection's set-up, nothing else.
+        self.assertEqual(len([c for c in self.calls if not c.startswith("SET ")]), 2)
+        seats = [leg.seat for t in got for leg in t.legs]
+        self.assertEqual(len(set(seats)), 5)
+        self.assertEqual(len(self.seats_sold()), 5)
+        self.assertEqual((self.store.buy_batches, self.store.batched_buys), (1, 4))
+
+    def test_refusal_is_its_own(self) -> None:
+        """
+        In a batch, a purchase refused (its seat taken by one before it in
+        the same batch) is refused; the others commit.
+        """
+        got = self.buys([("alice", None, None), ("bob", "9C", None), ("alice", "9C", None), ("bob", "9A", None)])
+        self.assertIsInstance(got[2], SeatUnavailable)
+        for i in (0, 1, 3):
+            self.assertIsInstance(got[i], Ticket)
+        self.assertEqual(len(self.seats_sold()), 3)
+        self.assertEqual(self.store.buy_batches, 1)
+
+    def test_raise_is_its_own(self) -> None:
+        """
+        A purchase of a batch that raises in the database (here: given no
+        booking code to try) rolls the batch back; each purchase is then
+        run alone: that one fails, the others commit, none twice.
+        """
+        rules = cast(PostgresRules, self.store.rules)
+        real = rules.buy_call
+
+        def buy_call(username: str, legs: list[LegRequest], request_id: str | None, now: float | None) -> tuple[Any, ...]:
+            args = real(username, legs, request_id, now)
+            return (*args[:8], []) if request_id == "bad" else args
+
+        self.patch(rules, "buy_call", buy_call)
+        got = self.buys([("alice", None, None), ("bob", None, "r1"), ("alice", None, "bad"), ("bob", None, None)])
+        self.assertNotIsInstance(got[2], Ticket)
+        for i in (0, 1, 3):
+            self.assertIsInstance(got[i], Ticket)
+        self.assertEqual(len(self.seats_sold()), 3)
+        self.assertEqual(self.calls.count(postgres.BUY_BATCH_CALL), 1)
+
+    def test_lost_during_batch(self) -> None:
+        """
+        The connection dies during the batch's call: a purchase without a
+        C{request_id} is outcome unknown; one with is run again (alone, on
+        a new connection) and gets its ticket; none is sold twice.
+        """
+        store = self.store
+        real = store._call_batch
+
+        def call_batch(cur: psycopg.Cursor[Any], calls: list[list[Any]]) -> Any:
+            _terminate(self.url, [cur.connection.info.backend_pid])
+            return real(cur, calls)
+
+        self.patch(store, "_call_batch", call_batch)
+        got = self.buys([("alice", None, None), ("bob", None, None), ("alice", None, "r1"), ("bob", None, None)])
+        self.assertIsInstance(got[0], Ticket)
+        self.assertIsInstance(got[1], OutcomeUnknown)
+        self.assertIsInstance(got[2], Ticket)
+        self.assertIsInstance(got[3], OutcomeUnknown)
+        self.assertEqual(len(self.seats_sold()), 2)
+        self.assertIsInstance(got[1], VendePassError)
