@@ -84,3 +84,36 @@ def fresh_url(case: Any) -> str:
 
     case.addCleanup(drop)
     return f"{url}?options={quote(f'-csearch_path={schema}')}"
+
+
+def count_round_trips(case: Any) -> list[str]:
+    """
+    Have every connection the PostgreSQL store makes from now on (in test
+    C{case}) count its round trips: each C{execute} or C{executemany} of its
+    cursors (psycopg sends an C{executemany} as one pipeline) appends its
+    statement to the list returned.
+    """
+    import psycopg
+
+    from vendepass.store import postgres
+
+    calls: list[str] = []
+
+    class CountingCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+            calls.append(str(query))
+            return super().execute(query, params, **kwargs)
+
+        def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:  # type: ignore[override]
+            calls.append(str(query))
+            super().executemany(query, params_seq, **kwargs)
+
+    real = postgres.connect
+
+    def connect(url: str) -> psycopg.Connection[Any]:
+        conn = real(url)
+        conn.cursor_factory = CountingCursor
+        return conn
+
+    case.patch(postgres, "connect", connect)
+    return calls

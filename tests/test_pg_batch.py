@@ -9,8 +9,7 @@ outcome unknown, unless it has a C{request_id} (then it is run again).
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import psycopg
 from twisted.internet.defer import Deferred
@@ -18,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests import pg
-from tests.common import FAST_HASHER, MINI
+from tests.common import FAST_HASHER, MINI, QueueExecutor
 from tests.test_pg_outcomes import _terminate
 from tests.test_postgres import _day_after_tomorrow
 from vendepass.errors import OutcomeUnknown, SeatUnavailable, VendePassError
@@ -29,35 +28,15 @@ from vendepass.store import LegRequest, postgres
 from vendepass.store.postgres import PostgresRules, PostgresStore
 
 
-class StepExecutor:
+class StepExecutor(QueueExecutor):
     """
-    Runs each submitted job when the test says (L{run}), on the test's
+    Runs the submitted jobs when the test says (L{run}), on the test's
     thread: a writer that stays busy until then.
     """
 
-    def __init__(self) -> None:
-        self.jobs: deque[tuple[Callable[[], Any], Deferred[Any]]] = deque()
-
-    def submit(self, job: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.jobs.append((job, d))
-        return d
-
     def run(self) -> None:
         while self.jobs:
-            job, d = self.jobs.popleft()
-            try:
-                result = job()
-            except BaseException:
-                d.errback(Failure())
-            else:
-                d.callback(result)
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
+            self.run_next()
 
 
 def _outcomes(ds: list[Deferred[Ticket]]) -> list[Any]:
@@ -76,22 +55,7 @@ def _outcomes(ds: list[Deferred[Ticket]]) -> list[Any]:
 class GroupCommitTests(TestCase):
     def setUp(self) -> None:
         self.url = pg.fresh_url(self)
-        self.calls: list[str] = []
-        calls = self.calls
-
-        class CountingCursor(psycopg.Cursor[Any]):
-            def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-                calls.append(str(query))
-                return super().execute(query, params, **kwargs)
-
-        real = postgres.connect
-
-        def connect(url: str) -> psycopg.Connection[Any]:
-            conn = real(url)
-            conn.cursor_factory = CountingCursor
-            return conn
-
-        self.patch(postgres, "connect", connect)
+        self.calls = pg.count_round_trips(self)
         self.executor = StepExecutor()
         self.store = PostgresStore.open(self.url, self.executor, lambda: load(MINI), FAST_HASHER.hash)  # type: ignore[arg-type]
         self.store.max_batch = 32

@@ -359,26 +359,7 @@ class RoundTripTests(TestCase):
 
     def setUp(self) -> None:
         self.url = pg.fresh_url(self)
-        self.calls: list[str] = []
-        calls = self.calls
-
-        class CountingCursor(psycopg.Cursor[Any]):
-            def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-                calls.append(str(query))
-                return super().execute(query, params, **kwargs)
-
-            def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:  # type: ignore[override]
-                calls.append(str(query))
-                super().executemany(query, params_seq, **kwargs)
-
-        real = postgres.connect
-
-        def connect(url: str) -> psycopg.Connection[Any]:
-            conn = real(url)
-            conn.cursor_factory = CountingCursor
-            return conn
-
-        self.patch(postgres, "connect", connect)
+        self.calls = pg.count_round_trips(self)
         self.store = PostgresStore.open(self.url, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
         self.addCleanup(self.store.stop)
         self.flight = flight_by_id(self.store.network(), f"VP200-{_day_after_tomorrow()}")
