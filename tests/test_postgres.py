@@ -20,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests import pg
 from tests.common import ALICE, BOB, FAST_HASHER, MINI
@@ -436,3 +436,41 @@ class RoundTripTests(TestCase):
         [ticket] = tickets
         self.assertEqual(_result(self.store.tickets("alice")), [ticket])
         self.assertEqual((ticket.legs[0].seat, ticket.legs[0].departure), ("3C", self.flight.departure_iso))
+
+
+class ManyFilesTests(TestCase):
+    """
+    A server with a thousand customers connected opens its database
+    connections on descriptors above 1,023, where C{select()} cannot look:
+    the store must still use them (it once refused every purchase there
+    with an internal error).
+    """
+
+    def test_connection_on_a_high_descriptor(self) -> None:
+        import os
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            raise SkipTest(f"the open-file limit ({hard}) is too low to open descriptors above 1,023")
+        if soft != resource.RLIM_INFINITY and soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1200 if hard == resource.RLIM_INFINITY else min(hard, 1200), hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        url = pg.fresh_url(self)
+        store = PostgresStore.open(url, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+        self.addCleanup(store.stop)
+        # Fill every free descriptor up to 1,030, so that the store's
+        # connection (made at its first transaction) gets a higher one.
+        filler = [os.open(os.devnull, os.O_RDONLY)]
+        while filler[-1] < 1030:
+            filler.append(os.dup(filler[0]))
+
+        def close_filler() -> None:
+            for fd in filler:
+                os.close(fd)
+
+        self.addCleanup(close_filler)
+        flight = flight_by_id(store.network(), f"VP200-{_day_after_tomorrow()}")
+        ticket = _result(store.buy("alice", [LegRequest(flight, None)]))
+        self.assertEqual(ticket.status, "active")
+        self.assertGreater(max(c.pgconn.socket for c in store._connections), 1023)
