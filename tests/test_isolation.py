@@ -115,7 +115,11 @@ every statement a step:
   - L{IsolationTests.test_two_batches_crosswise}: 4;
   - L{IsolationTests.test_batch_against_buy}: 10, and its two planted
     bugs each stopped by the deadlock in the second;
-  - L{IsolationTests.test_batch_against_hold}: 4.
+  - L{IsolationTests.test_batch_against_hold}: 4;
+  - L{IsolationTests.test_two_sweeps}: 6, and its two planted bugs 4
+    each, 2 of them caught;
+  - L{IsolationTests.test_expire_hold_against_sweep}: 5;
+  - L{IsolationTests.test_release_session_against_buy_hold}: 4.
 about 400 permutations in all, about 10 s.
 """
 
@@ -176,8 +180,11 @@ _NAMES = [
     ("vendepass_buy_hold", "buy hold"),
     ("vendepass_buy", "buy"),
     ("vendepass_hold", "hold"),
+    ("vendepass_release_session", "release session"),
     ("vendepass_release", "release"),
     ("vendepass_cancel", "cancel"),
+    ("vendepass_expire_hold", "expire hold"),
+    ("vendepass_expired_holds", "sweep"),
 ]
 
 # Statements that are not steps of their own but part of the step before
@@ -713,9 +720,11 @@ class Scheduler:
                     f"{name} failed with {outcome.code}: {outcome!r}",
                 )
             else:
-                # (release answers None)
+                # (release answers None; the ends of holds, hold ids or
+                # (hold, session) pairs, expire_hold a state)
                 run.expect(
-                    outcome is None or isinstance(outcome, (Ticket, Hold)), f"{name} failed unexpectedly: {outcome!r}"
+                    outcome is None or isinstance(outcome, (Ticket, Hold, str, tuple)),
+                    f"{name} failed unexpectedly: {outcome!r}",
                 )
         report = verify(self.control)
         run.expect(not report.findings, f"verify: {report.findings}")
@@ -829,6 +838,14 @@ class IsolationTests(SynchronousTestCase):
         Every hold: hold_id -> (username, state).
         """
         return {h: (u, s) for h, u, s in self.db.execute("SELECT hold_id, username, state FROM holds")}
+
+    def expired_hold(self) -> str:
+        """
+        Alice's hold of 1A, whose time is up (by the injected clock).
+        """
+        hold = self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive))
+        self.clock.advance(HOLD_SECONDS + 1)
+        return hold.hold_id
 
     def one_winner(self, run: Run, loser_code: str) -> tuple[str, Any, Any] | None:
         """
@@ -952,12 +969,13 @@ class IsolationTests(SynchronousTestCase):
         self.assertClean(runs, at_least=4)
         self.assertIn("A:hold B:hold B waits A:commit B resumes B:commit", [" ".join(run.trace) for run in runs])
 
-    def plant(self, function: str, correct: str, bugged: str = "") -> None:
+    def plant(self, function: str, correct: str, bugged: str = "", migration: int = 4) -> None:
         """
         Install in this test's schema a planted bug: C{function} of
-        migration 4 with C{correct} (which it must have) replaced.
+        C{migration} (4: the one from schema version 3 to 4) with
+        C{correct} (which it must have) replaced.
         """
-        [statement] = _statements_of(postgres.MIGRATIONS[3], function)
+        [statement] = _statements_of(postgres.MIGRATIONS[migration - 1], function)
         self.assertIn(correct, statement)
         self.db.execute(statement.replace(correct, bugged).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))
 
@@ -1107,10 +1125,6 @@ class IsolationTests(SynchronousTestCase):
         conditional update finds it ended). 4 permutations (8 when the
         purchase of a hold was stepped statement by statement).
         """
-        def setup() -> str:
-            hold = self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive))
-            self.clock.advance(HOLD_SECONDS + 1)
-            return hold.hold_id
 
         def check(run: Run, hold_id: str) -> None:
             refused, bought = run.outcomes["A"], run.outcomes["B"]
@@ -1127,7 +1141,7 @@ class IsolationTests(SynchronousTestCase):
             run.expect(expiries == (1,), f"the hold's expiry was audited {expiries} times")
 
         runs = self.scheduler.explore(
-            setup,
+            self.expired_hold,
             lambda store, hold_id: store.buy_hold(hold_id, ALICE[0]),
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, "1A")),
             check,
@@ -1421,15 +1435,6 @@ class IsolationTests(SynchronousTestCase):
             "the batch waits between Bob's two flights' locks",
         )
 
-    def plant_batch(self, correct: str, bugged: str = "") -> None:
-        """
-        Install in this test's schema a planted bug: C{vendepass_buy_batch}
-        (migration 5) with C{correct} (which it must have) replaced.
-        """
-        [statement] = _statements_of(postgres.MIGRATIONS[4], "vendepass_buy_batch")
-        self.assertIn(correct, statement)
-        self.db.execute(statement.replace(correct, bugged).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))
-
     _BATCH_FLIGHT_LOCKS = (
         "    FOR k IN SELECT DISTINCT f::int FROM jsonb_array_elements(p_buys) x,"
         " jsonb_array_elements_text(x->4) f ORDER BY 1\n"
@@ -1445,7 +1450,7 @@ class IsolationTests(SynchronousTestCase):
         the batch's first purchase locks the other, and its second waits
         for Bob's; Bob's next lock waits for the batch's: a deadlock.
         """
-        self.plant_batch(self._BATCH_FLIGHT_LOCKS)
+        self.plant("vendepass_buy_batch", self._BATCH_FLIGHT_LOCKS, migration=5)
         with self.assertRaises(FailTest) as caught:
             self._batch_against_buy()
         self.assertIn("deadlock", str(caught.exception))
@@ -1457,11 +1462,13 @@ class IsolationTests(SynchronousTestCase):
         the order of its purchases, not sorted by key. L{_batch_against_buy}
         catches it with a deadlock, as when they are left out.
         """
-        self.plant_batch(
+        self.plant(
+            "vendepass_buy_batch",
             self._BATCH_FLIGHT_LOCKS,
             "    FOR k IN SELECT f::int FROM jsonb_array_elements(p_buys) WITH ORDINALITY AS e(x, o),"
             " jsonb_array_elements_text(x->4) f ORDER BY o\n"
             "    LOOP\n        PERFORM pg_advisory_xact_lock(1448083457, k);\n    END LOOP;\n",
+            migration=5,
         )
         with self.assertRaises(FailTest) as caught:
             self._batch_against_buy()
@@ -1500,3 +1507,134 @@ class IsolationTests(SynchronousTestCase):
         )
         self.assertClean(runs, at_least=4)
         self.assertEqual({isinstance(run.outcomes["B"], Hold) for run in runs}, {True, False})
+
+    # -- the ends of holds that no customer asked for (migration 6) --------------
+
+    def _two_sweeps(self) -> list[Run]:
+        """
+        Three holds of TINY's seats have expired; two servers sweep at once,
+        each at most two holds (C{expired_holds(limit=2)}). A sweep passes
+        over the holds that the other is ending (C{FOR UPDATE SKIP
+        LOCKED}): in every order each hold is ended once, by one sweep, the
+        two sweeps' answers together are the three holds, and neither
+        waits for the other.
+        """
+        def setup() -> list[str]:
+            holds = [
+                self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, seat), HOLD_SECONDS, _alive)).hold_id
+                for seat in ("1A", "1B", "2A")
+            ]
+            self.clock.advance(HOLD_SECONDS + 1)
+            return sorted(holds)
+
+        def check(run: Run, holds: list[str]) -> None:
+            a, b = run.outcomes["A"], run.outcomes["B"]
+            swept = [h for h, _ in (a if isinstance(a, list) else []) + (b if isinstance(b, list) else [])]
+            run.expect(sorted(swept) == holds, f"the sweeps ended {summary(run.outcomes)}, not each of {holds} once")
+            run.expect(not run.waited(), "a sweep waited for the other")
+            run.expect(self.holds() == {h: ("alice", "expired") for h in holds}, f"holds: {self.holds()}")
+            run.expect(self.seats() == {}, f"seats: {self.seats()}")
+            expiries = self.db.execute("SELECT COUNT(*) FROM audit WHERE action = 'expire'").fetchone()
+            run.expect(expiries == (3,), f"{expiries} expiries audited")
+
+        def sweep(store: PostgresStore, _: list[str]) -> Deferred[list[tuple[str, str]]]:
+            return store.expired_holds(limit=2)
+
+        return self.scheduler.explore(setup, sweep, sweep, check)
+
+    def test_two_sweeps(self) -> None:
+        """
+        L{_two_sweeps}: 4 permutations; where they overlap, the second
+        sweep ends the one hold that the first passed over.
+        """
+        runs = self._two_sweeps()
+        self.assertClean(runs, at_least=4)
+        self.assertEqual({len(cast(list, run.outcomes["B"])) for run in runs}, {1, 2})
+
+    def test_planted_bug_sweep_waits(self) -> None:
+        """
+        The planted bug: the sweep locks its holds C{FOR UPDATE} without
+        C{SKIP LOCKED}. L{_two_sweeps} catches it: where the sweeps
+        overlap, the second waits for the first's holds, and then finds
+        them ended and ends none (the third hold is left to the next
+        sweep).
+        """
+        self.plant("vendepass_expired_holds", " FOR UPDATE SKIP LOCKED) x;", " FOR UPDATE) x;", migration=6)
+        caught = [run for run in self._two_sweeps() if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+        self.assertIn("a sweep waited for the other", [problem for run in caught for problem in run.problems])
+
+    def test_planted_bug_sweep_row_lock_left_out(self) -> None:
+        """
+        The planted bug: the sweep reads the expired holds without locking
+        them. L{_two_sweeps} catches it: where the sweeps overlap, both
+        read the same two holds active; the second one's ends wait, find
+        them ended, and it answers them all the same (each expiry would
+        be reported twice).
+        """
+        self.plant("vendepass_expired_holds", " FOR UPDATE SKIP LOCKED) x;", ") x;", migration=6)
+        caught = [run for run in self._two_sweeps() if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+        self.assertTrue(
+            any("not each of" in problem for run in caught for problem in run.problems), "no hold ended twice"
+        )
+
+    def test_expire_hold_against_sweep(self) -> None:
+        """
+        Alice's hold's timer runs out on her server (C{expire_hold}) while
+        another server sweeps: the hold is ended once, by whichever locks
+        it first; C{expire_hold} answers C{"expired"} in every order, and
+        the sweep names the hold only when it got there first.
+        4 permutations.
+        """
+
+        def check(run: Run, hold_id: str) -> None:
+            expired, swept = run.outcomes["A"], run.outcomes["B"]
+            run.expect(expired == "expired", f"expire_hold: {describe(expired)}")
+            sweep_first = run.position("B:sweep") < run.position("A:expire hold")
+            run.expect(swept == ([(hold_id, "session-a")] if sweep_first else []), f"the sweep: {describe(swept)}")
+            run.expect(self.holds() == {hold_id: ("alice", "expired")}, f"holds: {self.holds()}")
+            run.expect(self.seats() == {}, f"seats: {self.seats()}")
+            expiries = self.db.execute("SELECT COUNT(*) FROM audit WHERE action = 'expire'").fetchone()
+            run.expect(expiries == (1,), f"the hold's expiry was audited {expiries} times")
+
+        runs = self.scheduler.explore(
+            self.expired_hold,
+            lambda store, hold_id: store.expire_hold(hold_id),
+            lambda store, _: store.expired_holds(),
+            check,
+        )
+        self.assertClean(runs, at_least=4)
+        self.assertTrue(any(run.waited() for run in runs), "in some order expire_hold waits for the sweep's lock")
+
+    def test_release_session_against_buy_hold(self) -> None:
+        """
+        Alice's connection closes (C{release_session}) while she buys its
+        hold of 1A on another connection: whichever locks the hold first
+        wins; the other finds it ended (the purchase: C{hold_not_found};
+        the release: no hold to end). 4 permutations.
+        """
+        def setup() -> str:
+            return self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive)).hold_id
+
+        def check(run: Run, hold_id: str) -> None:
+            released, bought = run.outcomes["A"], run.outcomes["B"]
+            if isinstance(bought, Ticket):
+                run.expect(released == [], f"the release: {describe(released)}")
+                run.expect(self.seats() == {"1A": (None, bought.ticket_id)}, f"seats: {self.seats()}")
+                run.expect(self.holds() == {hold_id: ("alice", "bought")}, f"holds: {self.holds()}")
+            else:
+                run.expect(released == [hold_id], f"neither won: {summary(run.outcomes)}")
+                run.expect(describe(bought) == "hold_not_found", f"the buy_hold: {describe(bought)}")
+                run.expect(self.seats() == {}, f"seats: {self.seats()}")
+                run.expect(self.holds() == {hold_id: ("alice", "released")}, f"holds: {self.holds()}")
+
+        runs = self.scheduler.explore(
+            setup,
+            lambda store, _: store.release_session("session-a"),
+            lambda store, hold_id: store.buy_hold(hold_id, ALICE[0]),
+            check,
+        )
+        self.assertClean(runs, at_least=4)
+        self.assertEqual({isinstance(run.outcomes["B"], Ticket) for run in runs}, {True, False})
+        self.assertTrue(any(run.waited() for run in runs), "in some order one waits for the other's hold row")
