@@ -28,7 +28,7 @@ Concurrency, at C{READ COMMITTED}:
     transaction is retried from the start, a few times, and then refused
     with C{storage_unavailable}.
 
-Every change of seat state asked for by a customer is one statement, a
+Every change of seat state is one statement, a
 function of the database sent in autocommit (see L{PostgresRules} and
 L{PostgresStore._attempt_call}): one round trip, with the same locks in the
 same order inside it. A one-step purchase is C{vendepass_buy} (migration
@@ -36,9 +36,11 @@ same order inside it. A one-step purchase is C{vendepass_buy} (migration
 C{vendepass_hold}, C{vendepass_buy_hold}, C{vendepass_release} and
 C{vendepass_cancel} (migration 4). Each does what its L{SeatRules} method
 does, statement for statement, and returns its refusals (so that what came
-before them, the end of expired holds, commits). Ending a session's holds,
-C{expire_hold}, the sweep and the reads still run L{SeatRules} through
-L{PostgresTx}.
+before them, the end of expired holds, commits). Ending a closed
+connection's holds, C{expire_hold} and the sweep are
+C{vendepass_release_session}, C{vendepass_expire_hold} and
+C{vendepass_expired_holds} (migration 6). Only the reads (and C{add_user})
+still run L{SeatRules} through L{PostgresTx}.
 
 A connection that dies is replaced. What it was doing is done again on the
 new one if its COMMIT had not been sent, or if it has a C{request_id} (it
