@@ -43,7 +43,19 @@ overlap wait on each other's locks inside the function, and are seen to
 wait with C{pg_blocking_pids} like any statement.
 L{IsolationTests.test_planted_bug_flight_lock_left_out} installs a
 variant of the function without the flights' locks and checks that the
-last-seat spec catches it. Steps are named from their
+last-seat spec catches it. A batch of one-step purchases (group commit:
+C{vendepass_buy_batch}, see L{PostgresStore._next_batch}) is stepped the
+same way: "buy batch", then "commit"; the session's call queues its
+purchases while every writer is busy and then lets one writer take them
+all (L{_batch}), and its outcome is the list of what each purchase got.
+Two such calls cannot overlap but by their lock waits, so a batch's lock
+order is raced against a purchase stepped statement by statement
+(L{SeatRules.buy} through L{PostgresTx}: the statements and lock order of
+C{vendepass_buy}, with a step between the locks of its flights):
+L{IsolationTests.test_planted_bug_batch_flight_locks_left_out} and
+L{IsolationTests.test_planted_bug_batch_flight_locks_unsorted} install a
+batch function that takes its flights' locks one purchase after another,
+and the scheduler sees the deadlock. Steps are named from their
 statement (L{label}), and a failed check prints the permutation with those
 names. With the environment variable C{VENDEPASS_ISOLATION_EVERY_STATEMENT}
 set, every statement of the stepped transactions is a step (more
@@ -99,7 +111,15 @@ every statement a step:
   - L{IsolationTests.test_same_request_id_hold}: 22 (before: 126, 124 wrong);
   - L{IsolationTests.test_two_buyers_two_flights_crosswise}: 4 (16);
   - L{IsolationTests.test_buy_hold_against_release}: 12;
-  - L{IsolationTests.test_two_cancels}: 10.
+  - L{IsolationTests.test_two_cancels}: 10;
+  - L{IsolationTests.test_two_batches_crosswise}: 4;
+  - L{IsolationTests.test_batch_against_buy}: 10, and its two planted
+    bugs each stopped by the deadlock in the second;
+  - L{IsolationTests.test_batch_against_hold}: 4;
+  - L{IsolationTests.test_two_sweeps}: 6, and its two planted bugs 4
+    each, 2 of them caught;
+  - L{IsolationTests.test_expire_hold_against_sweep}: 5;
+  - L{IsolationTests.test_release_session_against_buy_hold}: 4.
 about 400 permutations in all, about 10 s.
 """
 
@@ -110,11 +130,11 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar, cast
 
 import attrs
 import psycopg
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SynchronousTestCase
@@ -156,11 +176,15 @@ _NAMES = [
     ("SELECT s.ticket_id, h.expires_at", "look at seat"),
     ("string_agg(seat", "pick seat"),
     ("SELECT COUNT(*) FROM holds", "count held"),
+    ("vendepass_buy_batch", "buy batch"),
     ("vendepass_buy_hold", "buy hold"),
     ("vendepass_buy", "buy"),
     ("vendepass_hold", "hold"),
+    ("vendepass_release_session", "release session"),
     ("vendepass_release", "release"),
     ("vendepass_cancel", "cancel"),
+    ("vendepass_expire_hold", "expire hold"),
+    ("vendepass_expired_holds", "sweep"),
 ]
 
 # Statements that are not steps of their own but part of the step before
@@ -206,6 +230,8 @@ def describe(outcome: object) -> str:
         return f"hold {outcome.hold_id} ({', '.join(leg.seat for leg in outcome.legs)})"
     if isinstance(outcome, VendePassError):
         return outcome.code
+    if isinstance(outcome, list):
+        return f"[{', '.join(describe(each) for each in outcome)}]"
     return repr(outcome)
 
 
@@ -318,14 +344,29 @@ class SteppedStore(PostgresStore):
         wait for the other session's), then its COMMIT (or the ROLLBACK of
         a failed call).
         """
+        return self._stepped(cur, sql, lambda: super(SteppedStore, self)._call(cur, sql, args))
+
+    def _call_batch(self, cur: psycopg.Cursor[Any], calls: list[list[Any]]) -> list[dict[str, Any]]:
+        """
+        A batch of one-step purchases (C{vendepass_buy_batch}, its own
+        transaction) is stepped as a one-step purchase is: the call, then
+        its COMMIT.
+        """
+        return self._stepped(cur, postgres.BUY_BATCH_CALL, lambda: super(SteppedStore, self)._call_batch(cur, calls))
+
+    def _stepped(self, cur: psycopg.Cursor[Any], sql: str, call: Callable[[], T]) -> T:
+        """
+        C{call()}, one statement that is its own transaction in
+        production, as two steps inside a transaction of the session's.
+        """
         session = self.session
         if session is None:
-            return super()._call(cur, sql, args)
+            return call()
         session.begin(cur.connection.info.backend_pid)
         cur.execute("BEGIN")
         try:
             session.statement(sql)
-            answer = super()._call(cur, sql, args)
+            answer = call()
         except BaseException:
             try:
                 session.end("rollback")
@@ -666,16 +707,24 @@ class Scheduler:
         """
         What every permutation must satisfy, whatever the spec.
         """
-        for name, outcome in sorted(run.outcomes.items()):
+        # (a batch of purchases answers the list of their outcomes)
+        each = [
+            (name, outcome)
+            for name, outcomes in sorted(run.outcomes.items())
+            for outcome in (outcomes if isinstance(outcomes, list) else [outcomes])
+        ]
+        for name, outcome in each:
             if isinstance(outcome, VendePassError):
                 run.expect(
                     outcome.code not in ("internal_error", "storage_unavailable"),
                     f"{name} failed with {outcome.code}: {outcome!r}",
                 )
             else:
-                # (release answers None)
+                # (release answers None; the ends of holds, hold ids or
+                # (hold, session) pairs, expire_hold a state)
                 run.expect(
-                    outcome is None or isinstance(outcome, (Ticket, Hold)), f"{name} failed unexpectedly: {outcome!r}"
+                    outcome is None or isinstance(outcome, (Ticket, Hold, str, tuple)),
+                    f"{name} failed unexpectedly: {outcome!r}",
                 )
         report = verify(self.control)
         run.expect(not report.findings, f"verify: {report.findings}")
@@ -692,6 +741,32 @@ def _legs(flight: Flight, *seats: str | None) -> list[LegRequest]:
 
 def _alive() -> bool:
     return True
+
+
+def _statements_of(migration: str, function: str) -> list[str]:
+    """
+    The statements of C{migration} that create C{function}.
+    """
+    return [st for st in postgres._statements(migration) if st.startswith(f"CREATE FUNCTION {function}(")]
+
+
+def _batch(store: PostgresStore, buys: list[tuple[str, list[LegRequest]]]) -> Deferred[list[object]]:
+    """
+    One-step purchases that queue while every writer is busy, then go as
+    one batch (one call of C{vendepass_buy_batch}) when one is free, as
+    L{PostgresStore.buy} sends them under load: what each one got (a
+    ticket or its refusal), in order.
+    """
+    store.max_batch = len(buys)
+    store.batch_slots = 0  # every writer busy: the purchases wait
+    ds = [store.buy(username, legs) for username, legs in buys]
+    store.batch_slots = 1
+    store._next_batch()  # a writer is free: it takes them all
+    outcomes: list[object] = []
+    for d in ds:
+        d.addBoth(lambda outcome: outcomes.append(outcome.value if isinstance(outcome, Failure) else outcome))
+    assert len(outcomes) == len(buys), "the batch's Deferreds did not fire"
+    return succeed(outcomes)
 
 
 class IsolationTests(SynchronousTestCase):
@@ -763,6 +838,14 @@ class IsolationTests(SynchronousTestCase):
         Every hold: hold_id -> (username, state).
         """
         return {h: (u, s) for h, u, s in self.db.execute("SELECT hold_id, username, state FROM holds")}
+
+    def expired_hold(self) -> str:
+        """
+        Alice's hold of 1A, whose time is up (by the injected clock).
+        """
+        hold = self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive))
+        self.clock.advance(HOLD_SECONDS + 1)
+        return hold.hold_id
 
     def one_winner(self, run: Run, loser_code: str) -> tuple[str, Any, Any] | None:
         """
@@ -886,14 +969,13 @@ class IsolationTests(SynchronousTestCase):
         self.assertClean(runs, at_least=4)
         self.assertIn("A:hold B:hold B waits A:commit B resumes B:commit", [" ".join(run.trace) for run in runs])
 
-    def plant(self, function: str, correct: str, bugged: str = "") -> None:
+    def plant(self, function: str, correct: str, bugged: str = "", migration: int = 4) -> None:
         """
         Install in this test's schema a planted bug: C{function} of
-        migration 4 with C{correct} (which it must have) replaced.
+        C{migration} (4: the one from schema version 3 to 4) with
+        C{correct} (which it must have) replaced.
         """
-        [statement] = [
-            st for st in postgres._statements(postgres.MIGRATIONS[3]) if st.startswith(f"CREATE FUNCTION {function}(")
-        ]
+        [statement] = _statements_of(postgres.MIGRATIONS[migration - 1], function)
         self.assertIn(correct, statement)
         self.db.execute(statement.replace(correct, bugged).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))
 
@@ -1043,10 +1125,6 @@ class IsolationTests(SynchronousTestCase):
         conditional update finds it ended). 4 permutations (8 when the
         purchase of a hold was stepped statement by statement).
         """
-        def setup() -> str:
-            hold = self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive))
-            self.clock.advance(HOLD_SECONDS + 1)
-            return hold.hold_id
 
         def check(run: Run, hold_id: str) -> None:
             refused, bought = run.outcomes["A"], run.outcomes["B"]
@@ -1063,7 +1141,7 @@ class IsolationTests(SynchronousTestCase):
             run.expect(expiries == (1,), f"the hold's expiry was audited {expiries} times")
 
         runs = self.scheduler.explore(
-            setup,
+            self.expired_hold,
             lambda store, hold_id: store.buy_hold(hold_id, ALICE[0]),
             lambda store, _: store.buy(BOB[0], _legs(self.tiny, "1A")),
             check,
@@ -1245,3 +1323,318 @@ class IsolationTests(SynchronousTestCase):
             lambda store, ticket_id: store.cancel(ticket_id, ALICE[0]),
             check,
         )
+
+    # -- group commit: batches of one-step purchases ------------------------------
+
+    def _against_lock_order(self) -> list[Flight]:
+        """
+        TINY and BIG, the one whose flight lock key is the larger first:
+        purchases made in this order take their flights' locks against
+        the one lock order, unless the batch takes them first, sorted.
+        """
+        return sorted([self.tiny, self.big], key=lambda f: postgres._lock_key(f.flight_id), reverse=True)
+
+    def batch_outcomes(self, run: Run, name: str) -> list[object]:
+        outcomes = run.outcomes[name]
+        run.expect(isinstance(outcomes, list), f"{name} is not a batch's outcomes: {describe(outcomes)}")
+        return outcomes if isinstance(outcomes, list) else []
+
+    def sold(self) -> list[tuple[str, str, str]]:
+        """
+        Every seat sold or held: (flight, seat, ticket or hold).
+        """
+        return [
+            (f, s, t or h)
+            for f, s, t, h in self.db.execute("SELECT flight_id, seat, ticket_id, hold_id FROM seats ORDER BY 1, 2")
+        ]
+
+    def test_two_batches_crosswise(self) -> None:
+        """
+        Two batches of one-step purchases at once, on two connections:
+        Alice's buys 1A of TINY, then 1A of BIG; Bob's the same two seats
+        the other way round. Each batch takes every flight's lock first,
+        sorted by key, so neither deadlocks: in every order one batch
+        gets both seats (two tickets), the other C{seat_unavailable} for
+        both. 4 permutations (each batch is its call, then its commit);
+        in some the second call waits for the first one's locks.
+        """
+        def check(run: Run, _: None) -> None:
+            a, b = self.batch_outcomes(run, "A"), self.batch_outcomes(run, "B")
+            won = [name for name, got in (("A", a), ("B", b)) if all(isinstance(t, Ticket) for t in got)]
+            lost = [name for name, got in (("A", a), ("B", b)) if [describe(t) for t in got] == ["seat_unavailable"] * 2]
+            run.expect(len(won) == 1 and len(lost) == 1, f"not one batch's two tickets: {summary(run.outcomes)}")
+            tickets = [t for t in a + b if isinstance(t, Ticket)]
+            expected = sorted((leg.flight_id, leg.seat, t.ticket_id) for t in tickets for leg in t.legs)
+            run.expect(self.sold() == expected, f"seats: {self.sold()}")
+            run.expect(
+                sorted((f, s) for f, s, _ in self.sold()) == sorted([(TINY, "1A"), (BIG, "1A")]), f"seats: {self.sold()}"
+            )
+
+        runs = self.scheduler.explore(
+            lambda: None,
+            lambda store, _: _batch(store, [(ALICE[0], _legs(self.tiny, "1A")), (ALICE[0], _legs(self.big, "1A"))]),
+            lambda store, _: _batch(store, [(BOB[0], _legs(self.big, "1A")), (BOB[0], _legs(self.tiny, "1A"))]),
+            check,
+        )
+        self.assertClean(runs, at_least=4)
+        self.assertEqual(
+            {all(isinstance(t, Ticket) for t in cast(list, run.outcomes["A"])) for run in runs},
+            {True, False},
+            "each batch wins in some order",
+        )
+        self.assertTrue(any(run.waited() for run in runs), "in some order one batch waits for the other's locks")
+
+    def _batch_against_buy(self) -> list[Run]:
+        """
+        Alice's batch buys 1A of each of two flights, in the order against
+        the lock order (L{_against_lock_order}), while Bob buys both seats
+        in one purchase stepped statement by statement (L{SeatRules.buy}
+        through L{PostgresTx}: the statements and lock order of
+        C{vendepass_buy}, with a step between its two flights' locks).
+        Whoever takes a flight's lock first gets both seats; the other
+        C{seat_unavailable} (both of the batch's purchases, or Bob's one).
+        """
+        flights = self._against_lock_order()
+
+        def check(run: Run, _: None) -> None:
+            batch, bought = self.batch_outcomes(run, "A"), run.outcomes["B"]
+            batch_first = run.position("A:buy batch") < run.position("B:lock flight")
+            if batch_first:
+                run.expect(all(isinstance(t, Ticket) for t in batch), f"the batch went first: {describe(batch)}")
+                run.expect(describe(bought) == "seat_unavailable", f"Bob's purchase: {describe(bought)}")
+            else:
+                run.expect(isinstance(bought, Ticket), f"Bob went first: {describe(bought)}")
+                run.expect([describe(t) for t in batch] == ["seat_unavailable"] * 2, f"the batch: {describe(batch)}")
+            run.expect(run.attempts == {"A": 1, "B": 1}, f"attempts: {run.attempts}")
+            tickets = [t for t in [*batch, bought] if isinstance(t, Ticket)]
+            expected = sorted((leg.flight_id, leg.seat, t.ticket_id) for t in tickets for leg in t.legs)
+            run.expect(self.sold() == expected and len(expected) == 2, f"seats: {self.sold()}")
+
+        def buy(store: PostgresStore, _: None) -> Deferred[Ticket]:
+            legs = [LegRequest(self.tiny, "1A"), LegRequest(self.big, "1A")]
+            return store._write(lambda tx: store.rules.buy(tx, BOB[0], legs))
+
+        return self.scheduler.explore(
+            lambda: None,
+            lambda store, _: _batch(store, [(ALICE[0], _legs(flight, "1A")) for flight in flights]),
+            buy,
+            check,
+        )
+
+    def test_batch_against_buy(self) -> None:
+        """
+        L{_batch_against_buy}: every order clean, each side wins in some;
+        in some the batch's call waits while Bob holds one flight's lock
+        and not yet the other's (it holds none of its own meanwhile).
+        """
+        runs = self._batch_against_buy()
+        self.assertClean(runs, at_least=8)
+        self.assertEqual({isinstance(run.outcomes["B"], Ticket) for run in runs}, {True, False})
+        self.assertTrue(
+            any("B:lock flight A:buy batch A waits B:lock flight" in " ".join(run.trace) for run in runs),
+            "the batch waits between Bob's two flights' locks",
+        )
+
+    _BATCH_FLIGHT_LOCKS = (
+        "    FOR k IN SELECT DISTINCT f::int FROM jsonb_array_elements(p_buys) x,"
+        " jsonb_array_elements_text(x->4) f ORDER BY 1\n"
+        "    LOOP\n        PERFORM pg_advisory_xact_lock(1448083457, k);\n    END LOOP;\n"
+    )
+
+    def test_planted_bug_batch_flight_locks_left_out(self) -> None:
+        """
+        The planted bug: C{vendepass_buy_batch} without its flights' locks,
+        so that each C{vendepass_buy} of the batch takes its own, one
+        purchase after another, in the order of the purchases.
+        L{_batch_against_buy} catches it: Bob has locked his first flight;
+        the batch's first purchase locks the other, and its second waits
+        for Bob's; Bob's next lock waits for the batch's: a deadlock.
+        """
+        self.plant("vendepass_buy_batch", self._BATCH_FLIGHT_LOCKS, migration=5)
+        with self.assertRaises(FailTest) as caught:
+            self._batch_against_buy()
+        self.assertIn("deadlock", str(caught.exception))
+        self.assertIn("B:lock flight A:buy batch A waits B:lock flight B waits", str(caught.exception))
+
+    def test_planted_bug_batch_flight_locks_unsorted(self) -> None:
+        """
+        The planted bug: C{vendepass_buy_batch} takes its flights' locks in
+        the order of its purchases, not sorted by key. L{_batch_against_buy}
+        catches it with a deadlock, as when they are left out.
+        """
+        self.plant(
+            "vendepass_buy_batch",
+            self._BATCH_FLIGHT_LOCKS,
+            "    FOR k IN SELECT f::int FROM jsonb_array_elements(p_buys) WITH ORDINALITY AS e(x, o),"
+            " jsonb_array_elements_text(x->4) f ORDER BY o\n"
+            "    LOOP\n        PERFORM pg_advisory_xact_lock(1448083457, k);\n    END LOOP;\n",
+            migration=5,
+        )
+        with self.assertRaises(FailTest) as caught:
+            self._batch_against_buy()
+        self.assertIn("deadlock", str(caught.exception))
+
+    def test_batch_against_hold(self) -> None:
+        """
+        Alice's batch buys 1A and 1B of TINY while Bob holds 1A
+        (C{vendepass_hold}): a refusal costs only its purchase. Whoever
+        calls first gets 1A; the batch gets 1B in every order.
+        4 permutations.
+        """
+        def check(run: Run, _: None) -> None:
+            batch, held = self.batch_outcomes(run, "A"), run.outcomes["B"]
+            batch_first = run.position("A:buy batch") < run.position("B:hold")
+            run.expect(len(batch) == 2 and isinstance(batch[-1], Ticket), f"the batch: {describe(batch)}")
+            if batch_first:
+                run.expect(bool(batch) and isinstance(batch[0], Ticket), f"the batch went first: {describe(batch)}")
+                run.expect(describe(held) == "seat_unavailable", f"Bob's hold: {describe(held)}")
+            else:
+                run.expect(isinstance(held, Hold), f"Bob went first: {describe(held)}")
+                run.expect(bool(batch) and describe(batch[0]) == "seat_unavailable", f"the batch: {describe(batch)}")
+            claims = {
+                leg.seat: (t.hold_id, None) if isinstance(t, Hold) else (None, t.ticket_id)
+                for t in [*batch, held]
+                if isinstance(t, (Ticket, Hold))
+                for leg in t.legs
+            }
+            run.expect(self.seats() == claims and set(claims) == {"1A", "1B"}, f"seats: {self.seats()}")
+
+        runs = self.scheduler.explore(
+            lambda: None,
+            lambda store, _: _batch(store, [(ALICE[0], _legs(self.tiny, "1A")), (ALICE[0], _legs(self.tiny, "1B"))]),
+            lambda store, _: store.hold(BOB[0], "session-b", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive),
+            check,
+        )
+        self.assertClean(runs, at_least=4)
+        self.assertEqual({isinstance(run.outcomes["B"], Hold) for run in runs}, {True, False})
+
+    # -- the ends of holds that no customer asked for (migration 6) --------------
+
+    def _two_sweeps(self) -> list[Run]:
+        """
+        Three holds of TINY's seats have expired; two servers sweep at once,
+        each at most two holds (C{expired_holds(limit=2)}). A sweep passes
+        over the holds that the other is ending (C{FOR UPDATE SKIP
+        LOCKED}): in every order each hold is ended once, by one sweep, the
+        two sweeps' answers together are the three holds, and neither
+        waits for the other.
+        """
+        def setup() -> list[str]:
+            holds = [
+                self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, seat), HOLD_SECONDS, _alive)).hold_id
+                for seat in ("1A", "1B", "2A")
+            ]
+            self.clock.advance(HOLD_SECONDS + 1)
+            return sorted(holds)
+
+        def check(run: Run, holds: list[str]) -> None:
+            a, b = run.outcomes["A"], run.outcomes["B"]
+            swept = [h for h, _ in (a if isinstance(a, list) else []) + (b if isinstance(b, list) else [])]
+            run.expect(sorted(swept) == holds, f"the sweeps ended {summary(run.outcomes)}, not each of {holds} once")
+            run.expect(not run.waited(), "a sweep waited for the other")
+            run.expect(self.holds() == {h: ("alice", "expired") for h in holds}, f"holds: {self.holds()}")
+            run.expect(self.seats() == {}, f"seats: {self.seats()}")
+            expiries = self.db.execute("SELECT COUNT(*) FROM audit WHERE action = 'expire'").fetchone()
+            run.expect(expiries == (3,), f"{expiries} expiries audited")
+
+        def sweep(store: PostgresStore, _: list[str]) -> Deferred[list[tuple[str, str]]]:
+            return store.expired_holds(limit=2)
+
+        return self.scheduler.explore(setup, sweep, sweep, check)
+
+    def test_two_sweeps(self) -> None:
+        """
+        L{_two_sweeps}: 4 permutations; where they overlap, the second
+        sweep ends the one hold that the first passed over.
+        """
+        runs = self._two_sweeps()
+        self.assertClean(runs, at_least=4)
+        self.assertEqual({len(cast(list, run.outcomes["B"])) for run in runs}, {1, 2})
+
+    def test_planted_bug_sweep_waits(self) -> None:
+        """
+        The planted bug: the sweep locks its holds C{FOR UPDATE} without
+        C{SKIP LOCKED}. L{_two_sweeps} catches it: where the sweeps
+        overlap, the second waits for the first's holds, and then finds
+        them ended and ends none (the third hold is left to the next
+        sweep).
+        """
+        self.plant("vendepass_expired_holds", " FOR UPDATE SKIP LOCKED) x;", " FOR UPDATE) x;", migration=6)
+        caught = [run for run in self._two_sweeps() if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+        self.assertIn("a sweep waited for the other", [problem for run in caught for problem in run.problems])
+
+    def test_planted_bug_sweep_row_lock_left_out(self) -> None:
+        """
+        The planted bug: the sweep reads the expired holds without locking
+        them. L{_two_sweeps} catches it: where the sweeps overlap, both
+        read the same two holds active; the second one's ends wait, find
+        them ended, and it answers them all the same (each expiry would
+        be reported twice).
+        """
+        self.plant("vendepass_expired_holds", " FOR UPDATE SKIP LOCKED) x;", ") x;", migration=6)
+        caught = [run for run in self._two_sweeps() if run.problems]
+        self.assertTrue(caught, "the planted bug went unnoticed")
+        self.assertTrue(
+            any("not each of" in problem for run in caught for problem in run.problems), "no hold ended twice"
+        )
+
+    def test_expire_hold_against_sweep(self) -> None:
+        """
+        Alice's hold's timer runs out on her server (C{expire_hold}) while
+        another server sweeps: the hold is ended once, by whichever locks
+        it first; C{expire_hold} answers C{"expired"} in every order, and
+        the sweep names the hold only when it got there first.
+        4 permutations.
+        """
+
+        def check(run: Run, hold_id: str) -> None:
+            expired, swept = run.outcomes["A"], run.outcomes["B"]
+            run.expect(expired == "expired", f"expire_hold: {describe(expired)}")
+            sweep_first = run.position("B:sweep") < run.position("A:expire hold")
+            run.expect(swept == ([(hold_id, "session-a")] if sweep_first else []), f"the sweep: {describe(swept)}")
+            run.expect(self.holds() == {hold_id: ("alice", "expired")}, f"holds: {self.holds()}")
+            run.expect(self.seats() == {}, f"seats: {self.seats()}")
+            expiries = self.db.execute("SELECT COUNT(*) FROM audit WHERE action = 'expire'").fetchone()
+            run.expect(expiries == (1,), f"the hold's expiry was audited {expiries} times")
+
+        runs = self.scheduler.explore(
+            self.expired_hold,
+            lambda store, hold_id: store.expire_hold(hold_id),
+            lambda store, _: store.expired_holds(),
+            check,
+        )
+        self.assertClean(runs, at_least=4)
+        self.assertTrue(any(run.waited() for run in runs), "in some order expire_hold waits for the sweep's lock")
+
+    def test_release_session_against_buy_hold(self) -> None:
+        """
+        Alice's connection closes (C{release_session}) while she buys its
+        hold of 1A on another connection: whichever locks the hold first
+        wins; the other finds it ended (the purchase: C{hold_not_found};
+        the release: no hold to end). 4 permutations.
+        """
+        def setup() -> str:
+            return self.ok(self.store.hold(ALICE[0], "session-a", _legs(self.tiny, "1A"), HOLD_SECONDS, _alive)).hold_id
+
+        def check(run: Run, hold_id: str) -> None:
+            released, bought = run.outcomes["A"], run.outcomes["B"]
+            if isinstance(bought, Ticket):
+                run.expect(released == [], f"the release: {describe(released)}")
+                run.expect(self.seats() == {"1A": (None, bought.ticket_id)}, f"seats: {self.seats()}")
+                run.expect(self.holds() == {hold_id: ("alice", "bought")}, f"holds: {self.holds()}")
+            else:
+                run.expect(released == [hold_id], f"neither won: {summary(run.outcomes)}")
+                run.expect(describe(bought) == "hold_not_found", f"the buy_hold: {describe(bought)}")
+                run.expect(self.seats() == {}, f"seats: {self.seats()}")
+                run.expect(self.holds() == {hold_id: ("alice", "released")}, f"holds: {self.holds()}")
+
+        runs = self.scheduler.explore(
+            setup,
+            lambda store, _: store.release_session("session-a"),
+            lambda store, hold_id: store.buy_hold(hold_id, ALICE[0]),
+            check,
+        )
+        self.assertClean(runs, at_least=4)
+        self.assertEqual({isinstance(run.outcomes["B"], Ticket) for run in runs}, {True, False})
+        self.assertTrue(any(run.waited() for run in runs), "in some order one waits for the other's hold row")

@@ -422,6 +422,37 @@ class RoundTripTests(TestCase):
             trips(lambda: self.assertRaises(AlreadyCancelled, _result, store.cancel(ticket.ticket_id, "alice"))), 1
         )
 
+    def test_ending_holds(self) -> None:
+        """
+        Ending a closed connection's holds (C{release_session}), the
+        expiry of one hold (C{expire_hold}) and the sweep
+        (C{expired_holds}), whether they end holds or find none: one round
+        trip each (their function of migration 6; before, through
+        L{PostgresTx}: 11 to end a session's two holds, 3 when it had none;
+        8 to expire a hold, 3 when it was ended already or is no hold; 15
+        for a sweep that ended two, 5 for one that found none).
+        """
+        store = self.store
+        trips = self.round_trips
+
+        def hold(seat: str, session_id: str) -> str:
+            return _result(store.hold("alice", session_id, [LegRequest(self.flight, seat)], 60, lambda: True)).hold_id
+
+        first, second = hold("5A", "S1"), hold("5B", "S1")
+        self.assertEqual(trips(lambda: self.assertEqual(_result(store.release_session("S1")), sorted([first, second]))), 1)
+        self.assertEqual(trips(lambda: self.assertEqual(_result(store.release_session("S1")), [])), 1)
+        expired = sorted([hold("6A", "S2"), hold("6B", "S2"), hold("6C", "S2")])
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("UPDATE holds SET expires_at = expires_at - 120 WHERE session_id = 'S2'")
+        self.assertEqual(trips(lambda: self.assertEqual(_result(store.expire_hold(expired[0])), "expired")), 1)
+        self.assertEqual(trips(lambda: self.assertEqual(_result(store.expire_hold(expired[0])), "expired")), 1)
+        self.assertEqual(trips(lambda: self.assertIsNone(_result(store.expire_hold("H-none")))), 1)
+        self.assertEqual(
+            trips(lambda: self.assertEqual(_result(store.expired_holds()), [(h, "S2") for h in expired[1:]])), 1
+        )
+        self.assertEqual(trips(lambda: self.assertEqual(_result(store.expired_holds()), [])), 1)
+        self.assertEqual([s for s in _result(store.seats(self.flight)) if s.status != "free"], [])
+
     def test_hold_without_descriptions(self) -> None:
         """
         A hold made without its flights' descriptions (by a server of

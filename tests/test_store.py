@@ -1079,6 +1079,7 @@ class ShippedMigrationTests(SynchronousTestCase):
             "05a71f8adaa8a28c8de1f579577f00d05f096b97e5bc63d73b0ab84491ce2cc9",
             "dfac7d72bfd0cfcb049ad5f462de8265f6067f9be6360beae3b438a142fdf9d9",
             "76a35a9b5bad97f11dd691da77d7dde1eb328b9878d34e988b7732e8d8232bcb",
+            "d771acf84c668eb5417e2b8921b79ba050327dec215e12c3b30a8aefff5fa56e",
         ],
     }
 

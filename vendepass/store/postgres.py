@@ -28,7 +28,7 @@ Concurrency, at C{READ COMMITTED}:
     transaction is retried from the start, a few times, and then refused
     with C{storage_unavailable}.
 
-Every change of seat state asked for by a customer is one statement, a
+Every change of seat state is one statement, a
 function of the database sent in autocommit (see L{PostgresRules} and
 L{PostgresStore._attempt_call}): one round trip, with the same locks in the
 same order inside it. A one-step purchase is C{vendepass_buy} (migration
@@ -36,9 +36,11 @@ same order inside it. A one-step purchase is C{vendepass_buy} (migration
 C{vendepass_hold}, C{vendepass_buy_hold}, C{vendepass_release} and
 C{vendepass_cancel} (migration 4). Each does what its L{SeatRules} method
 does, statement for statement, and returns its refusals (so that what came
-before them, the end of expired holds, commits). Ending a session's holds,
-C{expire_hold}, the sweep and the reads still run L{SeatRules} through
-L{PostgresTx}.
+before them, the end of expired holds, commits). Ending a closed
+connection's holds, C{expire_hold} and the sweep are
+C{vendepass_release_session}, C{vendepass_expire_hold} and
+C{vendepass_expired_holds} (migration 6). Only the reads (and C{add_user})
+still run L{SeatRules} through L{PostgresTx}.
 
 A connection that dies is replaced. What it was doing is done again on the
 new one if its COMMIT had not been sent, or if it has a C{request_id} (it
@@ -81,7 +83,15 @@ from vendepass.fixtures import Fixtures
 from vendepass.model import Flight, HeldSeat, Hold, Money, Network, Ticket, TicketLeg
 from vendepass.schedule import flight_by_id
 from vendepass.store import IExecutor, IStore, LegRequest, schema
-from vendepass.store.common import _random_code, check_seat, hold_random, load_fixtures, read_network, seat_taken
+from vendepass.store.common import (
+    REQUEST_RETENTION,
+    _random_code,
+    check_seat,
+    hold_random,
+    load_fixtures,
+    read_network,
+    seat_taken,
+)
 from vendepass.store.transactions import (
     RulesStore,
     SeatRules,
@@ -742,7 +752,68 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_BUY_BATCH]
+# Version 6: the holds' other ends as one function each too, called in one
+# round trip, each doing what its L{SeatRules} method does, statement for
+# statement, with the same locks in the same order, and ending each hold
+# with migration 4's C{vendepass_end_hold}: C{vendepass_release_session}
+# (the active holds of a closed connection, in hold id order, each locked
+# by its conditional update), C{vendepass_expire_hold} (the hold locked,
+# then ended if its time is up) and C{vendepass_expired_holds} (the sweep:
+# up to C{p_limit} holds whose time is up, locked C{FOR UPDATE SKIP
+# LOCKED} in hold id order, passing over those another transaction holds;
+# then the requests and ended holds older than C{p_retention} forgotten).
+_SCHEMA_6 = """
+CREATE FUNCTION vendepass_release_session(p_session_id TEXT, p_now DOUBLE PRECISION)
+RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    t DOUBLE PRECISION := coalesce(p_now, extract(epoch FROM now())::float8);
+    v_released JSONB := '[]';
+    r RECORD;
+BEGIN
+    FOR r IN SELECT hold_id FROM holds WHERE session_id = p_session_id AND state = 'active' ORDER BY hold_id LOOP
+        IF vendepass_end_hold(r.hold_id, 'released', t) IS NOT NULL THEN
+            v_released := v_released || to_jsonb(r.hold_id);
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('released', v_released, 'ended', '[]'::jsonb);
+END $$;
+CREATE FUNCTION vendepass_expire_hold(p_hold_id TEXT, p_now DOUBLE PRECISION)
+RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    t DOUBLE PRECISION := coalesce(p_now, extract(epoch FROM now())::float8);
+    r RECORD;
+BEGIN
+    SELECT state, expires_at INTO r FROM holds WHERE hold_id = p_hold_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('state', NULL, 'ended', '[]'::jsonb);
+    END IF;
+    IF r.state = 'active' AND r.expires_at <= t THEN
+        -- Locked and active: its end ends it.
+        RETURN jsonb_build_object('state', 'expired',
+            'ended', jsonb_build_array(jsonb_build_array(p_hold_id, vendepass_end_hold(p_hold_id, 'expired', t))));
+    END IF;
+    RETURN jsonb_build_object('state', r.state, 'ended', '[]'::jsonb);
+END $$;
+CREATE FUNCTION vendepass_expired_holds(p_limit INTEGER, p_retention DOUBLE PRECISION, p_now DOUBLE PRECISION)
+RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    t DOUBLE PRECISION := coalesce(p_now, extract(epoch FROM now())::float8);
+    v_ended JSONB;
+    e JSONB;
+BEGIN
+    SELECT coalesce(jsonb_agg(jsonb_build_array(x.hold_id, x.session_id) ORDER BY x.hold_id), '[]'::jsonb) INTO v_ended
+        FROM (SELECT hold_id, session_id FROM holds WHERE state = 'active' AND expires_at <= t
+            ORDER BY hold_id LIMIT p_limit FOR UPDATE SKIP LOCKED) x;
+    FOR e IN SELECT y FROM jsonb_array_elements(v_ended) y LOOP
+        PERFORM vendepass_end_hold(e->>0, 'expired', t);
+    END LOOP;
+    DELETE FROM requests WHERE created_at < t - p_retention;
+    DELETE FROM holds WHERE state <> 'active' AND ended_at < t - p_retention;
+    RETURN jsonb_build_object('ended', v_ended);
+END $$;
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_BUY_BATCH, _SCHEMA_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -864,7 +935,14 @@ HOLD_CALL = "SELECT vendepass_hold(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %
 BUY_HOLD_CALL = "SELECT vendepass_buy_hold(%s, %s, %s, %s, %s, %s, %s, %s)"
 RELEASE_CALL = "SELECT vendepass_release(%s, %s, %s, %s, %s)"
 CANCEL_CALL = "SELECT vendepass_cancel(%s, %s, %s, %s, %s)"
-CALLS = (BUY_CALL, HOLD_CALL, BUY_HOLD_CALL, RELEASE_CALL, CANCEL_CALL)
+# And of each end of holds but by a customer's release (migration 6).
+RELEASE_SESSION_CALL = "SELECT vendepass_release_session(%s, %s)"
+EXPIRE_HOLD_CALL = "SELECT vendepass_expire_hold(%s, %s)"
+EXPIRED_HOLDS_CALL = "SELECT vendepass_expired_holds(%s, %s, %s)"
+CALLS = (
+    BUY_CALL, HOLD_CALL, BUY_HOLD_CALL, RELEASE_CALL, CANCEL_CALL,
+    RELEASE_SESSION_CALL, EXPIRE_HOLD_CALL, EXPIRED_HOLDS_CALL,
+)
 
 # A statement and its arguments.
 Call = tuple[str, tuple[Any, ...]]
@@ -896,6 +974,8 @@ def _request(username: str, request_id: str | None) -> tuple[str | None, int | N
     functions take them.
     """
     return request_id, None if request_id is None else _request_key(username, request_id)
+
+
 # The one statement of a batch of them (migration 5).
 BUY_BATCH_CALL = "SELECT vendepass_buy_batch(%s)"
 
@@ -1725,6 +1805,31 @@ class PostgresStore(RulesStore):
             lambda now: (CANCEL_CALL, (username, ticket_id, *_request(username, request_id), now)),
             lambda tx, answer: rules.cancelled(ticket_id, request_id, answer),
             request_id,
+        )
+
+    def release_session(self, session_id: str) -> Deferred[list[str]]:
+        """
+        End a closed connection's holds: one round trip
+        (C{vendepass_release_session}).
+        """
+        return self._function(
+            lambda now: (RELEASE_SESSION_CALL, (session_id, now)), lambda tx, answer: list(answer["released"]), None
+        )
+
+    def expire_hold(self, hold_id: str) -> Deferred[str | None]:
+        """
+        A hold's timer ran out: one round trip (C{vendepass_expire_hold}).
+        """
+        return self._function(lambda now: (EXPIRE_HOLD_CALL, (hold_id, now)), lambda tx, answer: answer["state"], None)
+
+    def expired_holds(self, limit: int = 1000) -> Deferred[list[tuple[str, str]]]:
+        """
+        The sweep: one round trip (C{vendepass_expired_holds}).
+        """
+        return self._function(
+            lambda now: (EXPIRED_HOLDS_CALL, (limit, REQUEST_RETENTION, now)),
+            lambda tx, answer: [(hold_id, session_id) for hold_id, session_id in answer["ended"]],
+            None,
         )
 
     def _function(
