@@ -126,12 +126,13 @@ def _encode(message: dict[str, Any]) -> bytes:
     if isinstance(data, wire.RawJSON):
         # Encoded ahead of time: put it in place of the last member.
         request_id = message.get("id")
-        if tuple(message) == _ANSWER_KEYS and message["ok"] is True and type(message["opcode"]) is int:
+        if (
+            tuple(message) == _ANSWER_KEYS and message["ok"] is True and type(message["opcode"]) is int
+            and (request_id is None or type(request_id) is int)
+        ):
             # The answer of every sale: its head without json's encoder.
-            if type(request_id) is int:
-                return f'{{"id":{request_id:d},"opcode":{message["opcode"]:d},"ok":true,"data":{data}}}\n'.encode("utf-8")
-            if request_id is None:
-                return f'{{"id":null,"opcode":{message["opcode"]:d},"ok":true,"data":{data}}}\n'.encode("utf-8")
+            id_text = "null" if request_id is None else f"{request_id:d}"
+            return f'{{"id":{id_text},"opcode":{message["opcode"]:d},"ok":true,"data":{data}}}\n'.encode("utf-8")
         head = _encode({**message, "data": None})
         assert head.endswith(b'"data":null}\n'), head
         return head[: -len(b"null}\n")] + data.encode("utf-8") + b"}\n"
