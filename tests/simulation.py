@@ -324,9 +324,9 @@ class ForcedTicketRules(SeatRules):
 
     forced_ticket: str | None = None
 
-    def new_ticket(self, tx: Tx, username: str, flights: list[Flight]) -> str:
+    def new_ticket(self, tx: Tx, username: str, flights: list[Flight], at_once: bool = False) -> str:
         if self.forced_ticket is None:
-            return super().new_ticket(tx, username, flights)
+            return super().new_ticket(tx, username, flights, at_once)
         tx.execute(
             "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
             " VALUES (?, ?, 'active', ?, ?, ?)",

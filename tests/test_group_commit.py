@@ -347,22 +347,30 @@ class GroupCommitTests(SynchronousTestCase):
             self.executor.run_next()
         return started
 
-    def test_batch_inserts_its_audit_rows_and_legs_together(self) -> None:
+    def test_batch_inserts_its_rows_together(self) -> None:
         """
-        The audit rows and the tickets' legs of a batch's purchases are
-        inserted by one executemany each, before its COMMIT, in order.
+        The tickets, sold seats, audit rows and tickets' legs of a batch's
+        purchases are inserted by a few multi-row statements each (the
+        largest powers of two), before its COMMIT, tickets first, in
+        order; a held seat goes in at once.
         """
         calls: list[tuple[str, int]] = []
         real = self.store._db
         faulty = FaultyConnection(real)
-        executemany = faulty.executemany
+        execute, executemany = faulty.execute, faulty.executemany
 
-        def spy(sql: str, parameters: Any) -> sqlite3.Cursor:
+        def spy(sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+            if sql.startswith("INSERT INTO") and "temp." not in sql:
+                calls.append((sql.split("(")[0].strip(), sql.count("), (") + 1))
+            return execute(sql, parameters)
+
+        def spy_many(sql: str, parameters: Any) -> sqlite3.Cursor:
             rows = list(parameters)
-            calls.append((sql.split("(")[0].strip(), len(rows)))
+            calls.append((sql.split("(")[0].strip() + " (many)", len(rows)))
             return executemany(sql, rows)
 
-        faulty.executemany = spy  # type: ignore[method-assign]
+        faulty.execute = spy  # type: ignore[method-assign]
+        faulty.executemany = spy_many  # type: ignore[method-assign]
         self.store._db = faulty  # type: ignore[assignment]
         *bought, hold = self.queue_behind_one(
             lambda: self.buy("bob", (self.big, None)),
@@ -371,10 +379,16 @@ class GroupCommitTests(SynchronousTestCase):
         )
         self.store._db = real
         self.assertEqual(
-            [c for c in calls if c[0] in ("INSERT INTO audit", "INSERT INTO ticket_legs")],
-            # The purchase in flight, then the batch of three.
-            [("INSERT INTO audit", 1), ("INSERT INTO ticket_legs", 1), ("INSERT INTO audit", 3),
-             ("INSERT INTO ticket_legs", 3)],
+            [c for c in calls if not c[0].startswith("INSERT INTO holds") and not c[0].startswith("INSERT INTO hold_legs")],
+            # The purchase in flight,
+            [("INSERT INTO tickets", 1), ("INSERT INTO seats", 1), ("INSERT INTO audit", 1),
+             ("INSERT INTO ticket_legs", 1),
+             # then the batch of three: dave's held seat at once, then the
+             # rows of the batch, three seats as 2 + 1 rows.
+             ("INSERT INTO seats (many)", 1),
+             ("INSERT INTO tickets", 2), ("INSERT INTO seats", 2), ("INSERT INTO seats", 1),
+             ("INSERT INTO audit", 2), ("INSERT INTO audit", 1), ("INSERT INTO ticket_legs", 2),
+             ("INSERT INTO ticket_legs", 1)],
         )
         self.successResultOf(hold)
         tickets = [self.successResultOf(d).ticket_id for d in bought]
@@ -438,28 +452,49 @@ class GroupCommitTests(SynchronousTestCase):
 
 
 class BookingCodeClashTests(SynchronousTestCase):
-    def test_taken_code_drawn_again(self) -> None:
-        """
-        A booking code that is already taken is never given out twice: the
-        store draws another.
-        """
-        import vendepass.store.transactions as transactions
+    def setUp(self) -> None:
+        clock = Clock()
+        clock.advance(START)
+        self.store = SQLiteStore.open(":memory:", clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+        self.addCleanup(self.store.stop)
+        self.big = flight_by_id(self.store.network(), BIG)
 
-        real = transactions.booking_code
+    def clashing(self, module: Any, codes: list[str]) -> list[float | None]:
+        """
+        Have C{module}'s booking codes be C{codes}, then random ones.
+        """
+        real = module.booking_code
         drawn: list[float | None] = []
 
         def clashing(now: float | None = None) -> str:
             drawn.append(now)
-            return "AAAAAAAA" if len(drawn) <= 2 else real(now)
+            return codes[len(drawn) - 1] if len(drawn) <= len(codes) else real(now)
 
-        self.patch(transactions, "booking_code", clashing)
-        clock = Clock()
-        clock.advance(START)
-        store = SQLiteStore.open(":memory:", clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
-        self.addCleanup(store.stop)
-        big = flight_by_id(store.network(), BIG)
-        first = self.successResultOf(store.buy("bob", [LegRequest(big, None)]))
-        second = self.successResultOf(store.buy("bob", [LegRequest(big, None)]))
-        self.assertEqual(first.ticket_id, "AAAAAAAA")
-        self.assertNotEqual(second.ticket_id, "AAAAAAAA")
+        self.patch(module, "booking_code", clashing)
+        return drawn
+
+    def test_taken_code_drawn_again(self) -> None:
+        """
+        A booking code that is already taken is never given out twice: the
+        rules draw another (a hold being bought inserts its ticket at once).
+        """
+        import vendepass.store.transactions as transactions
+
+        first = self.successResultOf(self.store.buy("bob", [LegRequest(self.big, None)]))
+        drawn = self.clashing(transactions, [first.ticket_id, first.ticket_id])
+        hold = self.successResultOf(self.store.hold("bob", "S1", [LegRequest(self.big, None)], 30, lambda: True))
+        second = self.successResultOf(self.store.buy_hold(hold.hold_id, "bob"))
+        self.assertNotEqual(second.ticket_id, first.ticket_id)
         self.assertEqual(drawn, [START, START, START])
+
+    def test_codes_drawn_ahead_are_checked_free(self) -> None:
+        """
+        The codes a batch's kept tickets get are drawn ahead, many at once,
+        and those already taken (or drawn twice) are left out.
+        """
+        import vendepass.store.sqlite as sqlite
+
+        self.patch(sqlite.TicketCodes, "draw", 3)
+        self.clashing(sqlite, ["AAAAAAAA", "BBBBBBBB", "AAAAAAAA", "AAAAAAAA", "BBBBBBBB", "CCCCCCCC"])
+        bought = [self.successResultOf(self.store.buy("bob", [LegRequest(self.big, None)])).ticket_id for _ in range(3)]
+        self.assertEqual(bought, ["AAAAAAAA", "BBBBBBBB", "CCCCCCCC"])

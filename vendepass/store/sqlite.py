@@ -14,6 +14,7 @@ transaction that looks at a seat ends such holds first, inside itself.
 from __future__ import annotations
 
 import bisect
+import functools
 import sqlite3
 from collections import deque
 from typing import Any, Callable, TypeVar
@@ -28,9 +29,9 @@ from vendepass.errors import StorageUnavailable, VendePassError
 from vendepass.fixtures import Fixtures
 from vendepass.model import Flight, Network
 from vendepass.store import IExecutor, IStore, schema
-from vendepass.store.common import load_fixtures, read_network
-from vendepass.store.memory import Availability, SeatMemory
-from vendepass.store.transactions import RulesStore, SeatRules, Tx
+from vendepass.store.common import booking_code, load_fixtures, read_network
+from vendepass.store.memory import MARKED_OFF, MARKED_ON, Availability, SeatMemory
+from vendepass.store.transactions import SEAT_INSERT, TICKET_ROW_INSERT, RulesStore, SeatRules, Tx
 
 T = TypeVar("T")
 
@@ -125,6 +126,66 @@ MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_5, 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+# Kept rows are inserted tickets first, then seats (which refer to them),
+# then the rest in the order they were first kept.
+_KEPT_ORDER = {TICKET_ROW_INSERT: 0, SEAT_INSERT: 1}
+# The most rows one statement of a bulk insert carries.
+_BULK_ROWS = 256
+
+
+@functools.lru_cache(maxsize=256)
+def _bulk_statement(sql: str, rows: int) -> str:
+    """
+    C{sql} (C{INSERT ... VALUES (...)}) with C{rows} groups of values.
+    """
+    head, values = sql.split(" VALUES ")
+    return f"{head} VALUES {', '.join([values] * rows)}"
+
+
+def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """
+    Insert C{rows} with C{sql} in a few multi-row statements (the largest
+    powers of two up to L{_BULK_ROWS} rows each) rather than one step per
+    row: each step lets the GIL go and must win it back, and while the
+    reactor is busy that wait, not SQLite, is most of a row's cost.
+    """
+    done, left = 0, len(rows)
+    while left:
+        size = min(_BULK_ROWS, 1 << (left.bit_length() - 1))
+        execute(_bulk_statement(sql, size), [value for row in rows[done:done + size] for value in row])
+        done += size
+        left -= size
+
+
+class TicketCodes:
+    """
+    Booking codes drawn ahead and checked free in the database, many with
+    one statement, for the writer's kept tickets (L{SQLiteTx.fresh_ticket});
+    only the writer's thread uses them, and only the writer inserts tickets.
+    """
+
+    draw = 256
+
+    def __init__(self) -> None:
+        self._day: int | None = None
+        self._free: list[str] = []
+
+    def take(self, execute: Callable[..., Any], now: float) -> str:
+        day = int(now // 86400)
+        if day != self._day:
+            # Codes start with their day.
+            self._day, self._free = day, []
+        if not self._free:
+            drawn = list(dict.fromkeys(booking_code(now) for _ in range(self.draw)))
+            taken = {
+                code for (code,) in execute(
+                    f"SELECT ticket_id FROM tickets WHERE ticket_id IN ({','.join('?' * len(drawn))})", drawn
+                ).fetchall()
+            }
+            # Given out in the order drawn.
+            self._free = [code for code in reversed(drawn) if code not in taken]
+        return self._free.pop()
+
 
 class SQLiteTx(Tx):
     """
@@ -144,6 +205,7 @@ class SQLiteTx(Tx):
         now: float,
         seats: SeatMemory | None = None,
         later: dict[str, list[tuple[Any, ...]]] | None = None,
+        codes: TicketCodes | None = None,
     ) -> None:
         super().__init__(now)
         # The connection's own methods: no Python frame per statement.
@@ -152,6 +214,7 @@ class SQLiteTx(Tx):
         self.seats = seats
         # The batch's rows kept by append, by statement, in order.
         self.later = later
+        self.codes = codes
 
     def append(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         later = self.later
@@ -165,9 +228,38 @@ class SQLiteTx(Tx):
     def appended(self) -> None:
         later = self.later
         if later:
-            for sql, rows in later.items():
-                self.executemany(sql, rows)
+            for sql in sorted(later, key=lambda sql: _KEPT_ORDER.get(sql, 2)):
+                if sql == SEAT_INSERT:
+                    # Seats marked in memory already (L{insert_seats}).
+                    self.execute(MARKED_ON)
+                    try:
+                        insert_rows(self.execute, sql, later[sql])
+                    finally:
+                        self.execute(MARKED_OFF)
+                else:
+                    insert_rows(self.execute, sql, later[sql])
             later.clear()
+
+    def insert_seats(self, rows: list[tuple[str, str, str | None, str | None]]) -> None:
+        # A batch's sold seats are marked in memory (which claims ask) and
+        # inserted with the batch's kept rows; held seats go in at once, and
+        # the triggers report them with their hold's expiry.
+        seats = self.seats
+        if self.later is not None and seats is not None and all(row[3] is not None for row in rows):
+            marked = [row for row in rows if seats.sold(row[0], row[1])]
+            if marked:
+                self.append(SEAT_INSERT, marked)
+            if len(marked) == len(rows):
+                return
+            rows = [row for row in rows if row not in marked]
+        super().insert_seats(rows)
+
+    def fresh_ticket(self, username: str, price_cents: int, currency: str) -> str | None:
+        if self.later is None or self.codes is None:
+            return None
+        code = self.codes.take(self.execute, self.now)
+        self.append(TICKET_ROW_INSERT, [(code, username, price_cents, currency, self.now)])
+        return code
 
     def expiry_due(self, flights: list[Flight]) -> bool:
         if self.seats is None:
@@ -275,6 +367,9 @@ class SQLiteStore(RulesStore):
         # Group commit: writes wait here while a batch is in flight.
         self._pending: deque[tuple[Callable[[Tx], Any], Deferred[Any]]] = deque()
         self._batching = False
+        # A batch's answers are going out (see L{_next_batch}).
+        self._answering = False
+        self._held_answers: deque[Callable[[], None]] = deque()
         self._watchers: list[Callable[[str, str], None]] = []
         self.batches = 0
         self.batched_writes = 0
@@ -283,6 +378,7 @@ class SQLiteStore(RulesStore):
         # of a seat row to it, in the transaction that makes it.
         self._seats = self.seats_class()
         self._seats.install(db)
+        self._codes = TicketCodes()
         # With group commit, free seat counts are answered from memory (on
         # the reactor thread): for each flight with taken seats, how many,
         # and when each of its held seats' holds expire. Just before a
@@ -410,9 +506,21 @@ class SQLiteStore(RulesStore):
         works = [work for work, _ in batch]
 
         def deliver(done: tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]] | Failure) -> None:
-            # Still "batching" while the answers go out: writes that their
-            # callbacks start join the queue, in order, for the next batch.
+            if self._answering:
+                # An executor that ran the next batch at once (not in a
+                # thread): its answers wait until this batch's are out.
+                self._held_answers.append(lambda: deliver(done))
+                return
+            # Writes that came while this batch was written go to the writer
+            # first: it writes them while the reactor answers this batch (the
+            # two overlap). With none waiting, this store stays "batching"
+            # while the answers go out: writes that their callbacks start
+            # join the queue, in order, for the next batch.
+            overlapped = bool(self._pending)
+            self._answering = True
             try:
+                if overlapped:
+                    self._next_batch()
                 if isinstance(done, Failure):
                     for _, d in batch:
                         d.errback(done)
@@ -426,7 +534,11 @@ class SQLiteStore(RulesStore):
                     else:
                         d.errback(value)
             finally:
-                self._next_batch()
+                self._answering = False
+                if self._held_answers:
+                    self._held_answers.popleft()()
+                if not overlapped:
+                    self._next_batch()
 
         self._executor.submit(self._guarded(lambda: self._run_batch(works))).addBoth(deliver)
 
@@ -464,7 +576,7 @@ class SQLiteStore(RulesStore):
                     if i in failed:
                         outcomes.append((False, failed[i]))
                         continue
-                    tx = SQLiteTx(db, self._clock.seconds(), seats, later)
+                    tx = SQLiteTx(db, self._clock.seconds(), seats, later, self._codes)
                     try:
                         outcomes.append((True, work(tx)))
                     except VendePassError:

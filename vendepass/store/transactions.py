@@ -177,6 +177,22 @@ class Tx:
         reads tickets' legs.
         """
 
+    def insert_seats(self, rows: list[tuple[str, str, str | None, str | None]]) -> None:
+        """
+        Insert seat rows C{(flight_id, seat, hold_id, ticket_id)}: here at
+        once. A store whose claims are answered from memory may keep a
+        ticket's seats for L{appended} (marking them taken there first).
+        """
+        self.executemany(SEAT_INSERT, rows)
+
+    def fresh_ticket(self, username: str, price_cents: int, currency: str) -> str | None:
+        """
+        Insert a new ticket (without its legs) under a booking code the
+        store knows is free, and return the code; C{None} if the store has
+        no such code to give (then the rules draw codes until one is free).
+        """
+        return None
+
     # -- the seats a claim looks at (a store may answer from memory) --------
 
     def expiry_due(self, flights: list[Flight]) -> bool:
@@ -224,6 +240,11 @@ def _marks(n: int) -> str:
 TICKET_INSERT = (
     "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
     " VALUES (?, ?, 'active', ?, ?, ?) ON CONFLICT (ticket_id) DO NOTHING RETURNING 1"
+)
+# A ticket under a code known to be free (Tx.fresh_ticket): a clash fails.
+TICKET_ROW_INSERT = (
+    "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
+    " VALUES (?, ?, 'active', ?, ?, ?)"
 )
 TICKET_LEG_INSERT = (
     "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
@@ -549,6 +570,8 @@ class SeatRules:
         limit = self.max_seats_per_flight
         if limit is None:
             return
+        # The seats and tickets kept for later are counted too.
+        tx.appended()
         asked: dict[str, int] = {}
         for leg in legs:
             asked[leg.flight.flight_id] = asked.get(leg.flight.flight_id, 0) + 1
@@ -568,7 +591,7 @@ class SeatRules:
         """
         Claim the seats L{claim} chose for a hold or a ticket.
         """
-        tx.executemany(SEAT_INSERT, [(leg.flight.flight_id, seat, hold_id, ticket_id) for leg, seat in zip(legs, seats)])
+        tx.insert_seats([(leg.flight.flight_id, seat, hold_id, ticket_id) for leg, seat in zip(legs, seats)])
 
     def hold(
         self,
@@ -635,11 +658,17 @@ class SeatRules:
 
     # -- tickets ------------------------------------------------------------
 
-    def new_ticket(self, tx: Tx, username: str, flights: list[Flight]) -> str:
+    def new_ticket(self, tx: Tx, username: str, flights: list[Flight], at_once: bool = False) -> str:
         """
-        Insert a ticket (without its legs) under a fresh booking code.
+        Insert a ticket (without its legs) under a fresh booking code;
+        C{at_once}: the caller's next statement refers to it, so the store
+        may not keep its row for later (L{Tx.fresh_ticket}).
         """
         price = sum(flight.fare.cents for flight in flights)
+        if not at_once:
+            fresh = tx.fresh_ticket(username, price, self.currency)
+            if fresh is not None:
+                return fresh
         for attempt in range(16):
             # After a few clashes (a day of hundreds of millions of sales),
             # any free code will do.
@@ -694,7 +723,7 @@ class SeatRules:
             if flight.departs_ts <= tx.now:
                 raise departed(flight)
             legs.append((flight, seat))
-        ticket_id = self.new_ticket(tx, username, [flight for flight, _ in legs])
+        ticket_id = self.new_ticket(tx, username, [flight for flight, _ in legs], at_once=True)
         # The conditional update: only seats still claimed by this hold.
         changed = tx.execute("UPDATE seats SET hold_id = NULL, ticket_id = ? WHERE hold_id = ?", (ticket_id, hold_id)).rowcount
         if changed != len(legs):
