@@ -350,9 +350,8 @@ class GroupCommitTests(SynchronousTestCase):
     def test_batch_inserts_its_rows_together(self) -> None:
         """
         The tickets, sold seats, audit rows and tickets' legs of a batch's
-        purchases are inserted by a few multi-row statements each (the
-        largest powers of two), before its COMMIT, tickets first, in
-        order; a held seat goes in at once.
+        purchases are inserted by one multi-row statement each, before its
+        COMMIT, tickets first, in order; a held seat goes in at once.
         """
         calls: list[tuple[str, int]] = []
         real = self.store._db
@@ -361,7 +360,10 @@ class GroupCommitTests(SynchronousTestCase):
 
         def spy(sql: str, parameters: Any = ()) -> sqlite3.Cursor:
             if sql.startswith("INSERT INTO") and "temp." not in sql:
-                calls.append((sql.split("(")[0].strip(), sql.count("), (") + 1))
+                # Rows given, less those padding the statement (NULL first).
+                values = list(parameters)
+                width = len(values) // (sql.count("), (") + 1)
+                calls.append((sql.split("(")[0].strip(), sum(v is not None for v in values[::width])))
             return execute(sql, parameters)
 
         def spy_many(sql: str, parameters: Any) -> sqlite3.Cursor:
@@ -384,11 +386,10 @@ class GroupCommitTests(SynchronousTestCase):
             [("INSERT INTO tickets", 1), ("INSERT INTO seats", 1), ("INSERT INTO audit", 1),
              ("INSERT INTO ticket_legs", 1),
              # then the batch of three: dave's held seat at once, then the
-             # rows of the batch, three seats as 2 + 1 rows.
+             # rows of the batch.
              ("INSERT INTO seats (many)", 1),
-             ("INSERT INTO tickets", 2), ("INSERT INTO seats", 2), ("INSERT INTO seats", 1),
-             ("INSERT INTO audit", 2), ("INSERT INTO audit", 1), ("INSERT INTO ticket_legs", 2),
-             ("INSERT INTO ticket_legs", 1)],
+             ("INSERT INTO tickets", 2), ("INSERT INTO seats", 3), ("INSERT INTO audit", 3),
+             ("INSERT INTO ticket_legs", 3)],
         )
         self.successResultOf(hold)
         tickets = [self.successResultOf(d).ticket_id for d in bought]
@@ -397,6 +398,28 @@ class GroupCommitTests(SynchronousTestCase):
             [("buy", tickets[0]), ("buy", tickets[1]), ("hold", None)],
         )
         self.assertEqual(verify(real).findings, [])
+
+    def test_bulk_insert_sizes(self) -> None:
+        """
+        Rows go in by statements of 8, 64 or 256 rows, padded with rows of
+        NULLs that are left out, in order.
+        """
+        from vendepass.store.sqlite import insert_rows
+
+        db = sqlite3.connect(":memory:")
+        db.execute("CREATE TABLE t (n INTEGER NOT NULL, word TEXT)")
+        sizes: list[int] = []
+
+        def execute(sql: str, values: list[Any]) -> sqlite3.Cursor:
+            sizes.append(len(values) // 2)
+            return db.execute(sql, values)
+
+        for count in (1, 8, 9, 256, 300):
+            db.execute("DELETE FROM t")
+            insert_rows(execute, "INSERT INTO t (n, word) VALUES (?, ?)", [(i, f"w{i}") for i in range(count)])
+            self.assertEqual(db.execute("SELECT n, word FROM t ORDER BY rowid").fetchall(),
+                             [(i, f"w{i}") for i in range(count)])
+        self.assertEqual(sizes, [8, 8, 64, 256, 256, 64])
 
     def test_replay_in_the_same_batch_sees_the_legs(self) -> None:
         """

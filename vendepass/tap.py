@@ -265,6 +265,8 @@ def _open_sqlite(options: Options, fixtures: Callable[[], Fixtures], hash_passwo
             max_batch=options["max-batch"],
             # Reads beside the writer, never in its queue.
             read_executor=ThreadExecutor(reactor, "vendepass-db-read"),  # type: ignore[arg-type]
+            # The WAL copied into the database beside the writer.
+            checkpoint_executor=ThreadExecutor(reactor, "vendepass-db-checkpoint"),  # type: ignore[arg-type]
         )
         store.max_seats_per_flight = options["max-seats-per-flight"] or None
         return store

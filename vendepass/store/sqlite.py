@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -129,32 +129,40 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Kept rows are inserted tickets first, then seats (which refer to them),
 # then the rest in the order they were first kept.
 _KEPT_ORDER = {TICKET_ROW_INSERT: 0, SEAT_INSERT: 1}
-# The most rows one statement of a bulk insert carries.
-_BULK_ROWS = 256
+# How many rows one statement of a bulk insert carries: the smallest of
+# these that holds them all (the rest padded with rows of NULLs, which it
+# leaves out), or the largest, again and again.
+_BULK_SIZES = (8, 64, 256)
 
 
-@functools.lru_cache(maxsize=256)
-def _bulk_statement(sql: str, rows: int) -> str:
+@functools.lru_cache(maxsize=64)
+def _bulk_statement(sql: str, rows: int) -> tuple[str, int]:
     """
-    C{sql} (C{INSERT ... VALUES (...)}) with C{rows} groups of values.
+    C{sql} (C{INSERT INTO t (...) VALUES (...)}) made to insert up to
+    C{rows} rows given at once, and how many values a row has.
     """
     head, values = sql.split(" VALUES ")
-    return f"{head} VALUES {', '.join([values] * rows)}"
+    return (
+        f"{head} SELECT * FROM (VALUES {', '.join([values] * rows)}) WHERE column1 IS NOT NULL",
+        values.count("?"),
+    )
 
 
 def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...]]) -> None:
     """
-    Insert C{rows} with C{sql} in a few multi-row statements (the largest
-    powers of two up to L{_BULK_ROWS} rows each) rather than one step per
-    row: each step lets the GIL go and must win it back, and while the
+    Insert C{rows} (whose first value is never C{NULL}) with C{sql}, in as
+    few statements as L{_BULK_SIZES} allows, in order, rather than one step
+    per row: each step lets the GIL go and must win it back, and while the
     reactor is busy that wait, not SQLite, is most of a row's cost.
     """
-    done, left = 0, len(rows)
-    while left:
-        size = min(_BULK_ROWS, 1 << (left.bit_length() - 1))
-        execute(_bulk_statement(sql, size), [value for row in rows[done:done + size] for value in row])
-        done += size
-        left -= size
+    largest = _BULK_SIZES[-1]
+    for start in range(0, len(rows), largest):
+        chunk = rows[start:start + largest]
+        size = next(size for size in _BULK_SIZES if size >= len(chunk))
+        statement, width = _bulk_statement(sql, size)
+        values = [value for row in chunk for value in row]
+        values.extend([None] * (width * (size - len(chunk))))
+        execute(statement, values)
 
 
 class TicketCodes:
@@ -292,6 +300,29 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
+# With a checkpointer (see SQLiteStore.open): once the WAL has this many
+# frames, the writer copies what the checkpointer has not yet copied itself
+# after its next COMMIT, so that the transaction after it starts the WAL
+# from the beginning again (the checkpointer alone never gets there while
+# the writer keeps writing). 8,192 frames: 32 MiB of 4 KiB pages.
+WAL_RESTART_FRAMES = 8192
+# A checkpoint starts at most this often (seconds): pages that batches write
+# again and again (a flight's counts, the newest tickets) are copied once,
+# and the checkpointer's writes to the disk leave the writer's fsyncs alone
+# most of the time.
+CHECKPOINT_INTERVAL = 0.25
+
+
+def _connect_checkpointer(path: str) -> sqlite3.Connection:
+    """
+    The connection that copies the WAL into the database beside the writer
+    (C{PRAGMA wal_checkpoint(PASSIVE)} takes no lock that a writer needs).
+    """
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
 def _connect_reader(path: str) -> sqlite3.Connection:
     """
     A connection that only reads (C{query_only}): in WAL mode it reads the
@@ -369,7 +400,7 @@ class SQLiteStore(RulesStore):
         self._batching = False
         # A batch's answers are going out (see L{_next_batch}).
         self._answering = False
-        self._held_answers: deque[Callable[[], None]] = deque()
+        self._held_answers: deque[tuple[Any, list[tuple[Callable[[Tx], Any], Deferred[Any]]]]] = deque()
         self._watchers: list[Callable[[str, str], None]] = []
         self.batches = 0
         self.batched_writes = 0
@@ -392,6 +423,18 @@ class SQLiteStore(RulesStore):
         # The read connection and its executor (see L{open}), if any.
         self._reader: sqlite3.Connection | None = None
         self._read_executor: IExecutor = executor
+        # The checkpointer's connection and executor (see L{open}), if any:
+        # whether a checkpoint is running, whether a batch committed since
+        # the last one began, and whether the writer is to restart the WAL.
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoint_executor: IExecutor = executor
+        self._checkpointing = False
+        self._checkpoint_due = False
+        self._last_checkpoint = float("-inf")
+        self._checkpoint_call: IDelayedCall | None = None
+        self._restart_wal = False
+        self.checkpoints = 0
+        self.wal_restarts = 0
 
     @classmethod
     def open(
@@ -404,6 +447,7 @@ class SQLiteStore(RulesStore):
         max_held_seats: int = 9,
         max_batch: int = 1,
         read_executor: IExecutor | None = None,
+        checkpoint_executor: IExecutor | None = None,
     ) -> SQLiteStore:
         """
         Open (creating, migrating and loading C{fixtures()} if new) the
@@ -418,6 +462,12 @@ class SQLiteStore(RulesStore):
         second connection: WAL lets it read beside the writer, so reads
         never wait in the writers' queue nor hold it up. (Not for an
         in-memory database, which a second connection cannot see.)
+
+        With a C{checkpoint_executor} (one thread in production), the WAL is
+        copied into the database there, beside the writer, instead of by
+        the writer inside the COMMIT that fills it (SQLite's automatic
+        checkpoint, a pause of a whole checkpoint for the batch that meets
+        it); see L{_checkpointed}. (Not for an in-memory database.)
 
         This blocks: call it before the reactor runs, or from a thread.
         """
@@ -447,9 +497,14 @@ class SQLiteStore(RulesStore):
             db.execute("COMMIT")
             if max_batch > 1:
                 store._availability = store._load_availability()
-            if read_executor is not None and path != ":memory:" and not path.startswith("file:"):
+            on_disk = path != ":memory:" and not path.startswith("file:")
+            if read_executor is not None and on_disk:
                 store._reader = _connect_reader(path)
                 store._read_executor = read_executor
+            if checkpoint_executor is not None and on_disk:
+                store._checkpointer = _connect_checkpointer(path)
+                store._checkpoint_executor = checkpoint_executor
+                db.execute("PRAGMA wal_autocheckpoint=0")
             return store
         except BaseException:
             db.close()
@@ -459,13 +514,78 @@ class SQLiteStore(RulesStore):
         self._executor.start()
         if self._reader is not None:
             self._read_executor.start()
+        if self._checkpointer is not None:
+            self._checkpoint_executor.start()
 
     def stop(self) -> None:
+        if self._checkpoint_call is not None and self._checkpoint_call.active():
+            self._checkpoint_call.cancel()
+        if self._checkpointer is not None:
+            self._checkpoint_executor.stop()
+            self._checkpointer.close()
         if self._reader is not None:
             self._read_executor.stop()
             self._reader.close()
         self._executor.stop()
+        # Closing the last connection copies what the WAL still holds.
         self._db.close()
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """
+        On the reactor, after a batch committed: copy the WAL into the
+        database on the checkpointer's thread, unless a checkpoint is
+        running (then another runs when it ends).
+        """
+        if self._checkpointer is None:
+            return
+        if self._checkpointing:
+            self._checkpoint_due = True
+            return
+        wait = self._last_checkpoint + CHECKPOINT_INTERVAL - self._clock.seconds()
+        if wait > 0:
+            self._checkpoint_due = True
+            if self._checkpoint_call is None:
+                self._checkpoint_call = self._clock.callLater(wait, self._checkpoint_later)
+            return
+        self._checkpointing = True
+        self._checkpoint_due = False
+        self._last_checkpoint = self._clock.seconds()
+        checkpointer = self._checkpointer
+
+        def job() -> tuple[int, int, int]:
+            return tuple(checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())  # type: ignore[return-value]
+
+        def done(result: tuple[int, int, int] | Failure) -> None:
+            self._checkpointing = False
+            self.checkpoints += 1
+            if isinstance(result, Failure):
+                self._log.failure("checkpointing the WAL", result)
+            else:
+                self._checkpointed(*result)
+            if self._checkpoint_due:
+                self._checkpoint()
+
+        self._checkpoint_executor.submit(job).addBoth(done)
+
+    def _checkpoint_later(self) -> None:
+        self._checkpoint_call = None
+        if self._checkpoint_due and not self._checkpointing:
+            self._checkpoint()
+
+    def _checkpointed(self, busy: int, frames: int, copied: int) -> None:
+        """
+        A checkpoint ended with the WAL C{frames} long, C{copied} of them in
+        the database. The WAL starts again from the beginning only at a
+        write transaction that begins when all of it is copied, which the
+        checkpointer cannot see to while the writer writes on: once it is
+        L{WAL_RESTART_FRAMES} long, the writer copies the rest (the last
+        batch or so) itself after its next COMMIT.
+        """
+        if frames >= WAL_RESTART_FRAMES:
+            self._restart_wal = True
+
 
     def network(self) -> Network:
         return self._network
@@ -504,43 +624,53 @@ class SQLiteStore(RulesStore):
         self.batches += 1
         self.batched_writes += len(batch)
         works = [work for work, _ in batch]
+        # A method and its arguments, not a closure: nothing here refers
+        # back to itself, so a batch's Deferreds and works are freed as soon
+        # as it is answered, not left to the garbage collector.
+        self._executor.submit(self._guarded(functools.partial(self._run_batch, works))).addBoth(self._deliver, batch)
 
-        def deliver(done: tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]] | Failure) -> None:
-            if self._answering:
-                # An executor that ran the next batch at once (not in a
-                # thread): its answers wait until this batch's are out.
-                self._held_answers.append(lambda: deliver(done))
+    def _deliver(
+        self,
+        done: tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]] | Failure,
+        batch: list[tuple[Callable[[Tx], Any], Deferred[Any]]],
+    ) -> None:
+        """
+        On the reactor: answer the writes of a batch that was written.
+        """
+        if self._answering:
+            # An executor that ran the next batch at once (not in a thread):
+            # its answers wait until this batch's are out.
+            self._held_answers.append((done, batch))
+            return
+        # Writes that came while this batch was written go to the writer
+        # first: it writes them while the reactor answers this batch (the two
+        # overlap). With none waiting, this store stays "batching" while the
+        # answers go out: writes that their callbacks start join the queue,
+        # in order, for the next batch.
+        overlapped = bool(self._pending)
+        self._answering = True
+        try:
+            if overlapped:
+                self._next_batch()
+            if isinstance(done, Failure):
+                for _, d in batch:
+                    d.errback(done)
                 return
-            # Writes that came while this batch was written go to the writer
-            # first: it writes them while the reactor answers this batch (the
-            # two overlap). With none waiting, this store stays "batching"
-            # while the answers go out: writes that their callbacks start
-            # join the queue, in order, for the next batch.
-            overlapped = bool(self._pending)
-            self._answering = True
-            try:
-                if overlapped:
-                    self._next_batch()
-                if isinstance(done, Failure):
-                    for _, d in batch:
-                        d.errback(done)
-                    return
-                outcomes, refreshed, ended = done
-                self._refreshed(refreshed)
-                self._report(ended)
-                for (ok, value), (_, d) in zip(outcomes, batch):
-                    if ok:
-                        d.callback(value)
-                    else:
-                        d.errback(value)
-            finally:
-                self._answering = False
-                if self._held_answers:
-                    self._held_answers.popleft()()
-                if not overlapped:
-                    self._next_batch()
-
-        self._executor.submit(self._guarded(lambda: self._run_batch(works))).addBoth(deliver)
+            outcomes, refreshed, ended = done
+            self._checkpoint()
+            self._refreshed(refreshed)
+            self._report(ended)
+            for (ok, value), (_, d) in zip(outcomes, batch):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+        finally:
+            self._answering = False
+            if self._held_answers:
+                self._deliver(*self._held_answers.popleft())
+            if not overlapped:
+                self._next_batch()
 
     def _run_batch(self, works: list[Callable[[Tx], Any]]) -> tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]]:
         """
@@ -599,6 +729,10 @@ class SQLiteStore(RulesStore):
                         refreshed = self._read_touched(db)
                         db.execute("COMMIT")
                         seats.committed()
+                        if self._restart_wal:
+                            self._restart_wal = False
+                            self.wal_restarts += 1
+                            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                         return outcomes, refreshed, ended
             except BaseException:
                 self._rollback(db)
@@ -673,6 +807,7 @@ class SQLiteStore(RulesStore):
 
         def answer(done: tuple[_Outcome, list[tuple[str, str]]]) -> Any:
             (ok, value), ended = done
+            self._checkpoint()
             self._report(ended)
             return value  # a Failure goes down the errback chain
 
