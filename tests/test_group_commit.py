@@ -6,7 +6,9 @@ is answered before the transaction that holds it is on disk.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import struct
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -24,7 +26,8 @@ from vendepass.fixtures import load
 from vendepass.model import Ticket
 from vendepass.schedule import flight_by_id
 from vendepass.store import IExecutor, IStore, InlineExecutor, LegRequest
-from vendepass.store.sqlite import SQLiteStore
+from vendepass.store import sqlite as sqlite_store
+from vendepass.store.sqlite import CHECKPOINT_INTERVAL, SQLiteStore
 
 T = TypeVar("T")
 
@@ -521,3 +524,384 @@ class BookingCodeClashTests(SynchronousTestCase):
         self.clashing(sqlite, ["AAAAAAAA", "BBBBBBBB", "AAAAAAAA", "AAAAAAAA", "BBBBBBBB", "CCCCCCCC"])
         bought = [self.successResultOf(self.store.buy("bob", [LegRequest(self.big, None)])).ticket_id for _ in range(3)]
         self.assertEqual(bought, ["AAAAAAAA", "BBBBBBBB", "CCCCCCCC"])
+
+
+class SplitExecutor(QueueExecutor):
+    """
+    A L{QueueExecutor} whose jobs can run (as on their thread) apart from
+    being answered (as the reactor does later): C{run_job}, then C{answer}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran: list[tuple[Deferred[Any], Any]] = []
+
+    def run_job(self) -> None:
+        job, d = self.jobs.pop(0)
+        result: Any
+        try:
+            result = job()
+        except BaseException:
+            result = Failure()
+        self.ran.append((d, result))
+
+    def answer(self) -> None:
+        d, result = self.ran.pop(0)
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
+def wal_index(path: str) -> tuple[int, int]:
+    """
+    How many frames the WAL of the database at C{path} has, and how many of
+    them are copied into the database, as its wal-index (the -shm file; see
+    https://www.sqlite.org/walformat.html) says. Read from the file, not
+    through a connection: a connection would checkpoint, or start a
+    transaction, itself.
+    """
+    with open(path + "-shm", "rb") as f:
+        head = f.read(136)
+    (version,) = struct.unpack_from("=I", head, 0)
+    assert version == 3007000, version
+    (frames,) = struct.unpack_from("=I", head, 16)
+    (copied,) = struct.unpack_from("=I", head, 96)
+    return frames, copied
+
+
+class CheckpointerTests(SynchronousTestCase):
+    """
+    The WAL copied into the database by a checkpointer beside the writer
+    (C{SQLiteStore.open(..., checkpoint_executor=...)}).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.writer = SplitExecutor()
+        self.checkpointer = SplitExecutor()
+        self.path = self.mktemp()
+
+    def open_store(self, path: str | None = None, max_batch: int = 4, checkpointer: bool = True) -> SQLiteStore:
+        store = SQLiteStore.open(
+            self.path if path is None else path,
+            self.clock,
+            self.writer,
+            lambda: load(MINI),
+            FAST_HASHER.hash,
+            max_batch=max_batch,
+            checkpoint_executor=self.checkpointer if checkpointer else None,
+        )
+        store.start()
+        self.addCleanup(store.stop)
+        self.big = flight_by_id(store.network(), BIG)
+        return store
+
+    def buy(self, store: SQLiteStore, username: str = "alice") -> Ticket:
+        """
+        Buy a seat on BIG and run the writer until it is answered.
+        """
+        d = store.buy(username, [LegRequest(self.big, None)])
+        while self.writer.jobs:
+            self.writer.run_next()
+        return self.successResultOf(d)
+
+    def run_checkpoint(self) -> None:
+        self.checkpointer.run_job()
+        self.checkpointer.answer()
+
+    def autocheckpoint(self, store: SQLiteStore) -> int:
+        return int(store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+    def test_writer_does_not_checkpoint(self) -> None:
+        """
+        With a checkpointer, the writer's connection never checkpoints by
+        itself (C{wal_autocheckpoint} is 0); without one, or in memory, it
+        keeps SQLite's default and there is no checkpointer connection.
+        """
+        store = self.open_store()
+        self.assertEqual(self.autocheckpoint(store), 0)
+        self.assertIsNotNone(store._checkpointer)
+
+        plain = self.open_store(path=self.mktemp(), checkpointer=False)
+        self.assertEqual(self.autocheckpoint(plain), 1000)
+        self.assertIsNone(plain._checkpointer)
+
+        memory = self.open_store(path=":memory:")
+        self.assertEqual(self.autocheckpoint(memory), 1000)
+        self.assertIsNone(memory._checkpointer)
+        jobs = len(self.checkpointer.jobs)
+        self.buy(memory)
+        self.assertEqual(len(self.checkpointer.jobs), jobs, "no checkpoint for a database in memory")
+
+    def checkpoint_after_a_purchase(self, max_batch: int) -> None:
+        store = self.open_store(max_batch=max_batch)
+        self.assertEqual(self.checkpointer.jobs, [])
+        self.buy(store)
+        self.assertEqual(len(self.checkpointer.jobs), 1)
+        frames, copied = wal_index(self.path)
+        self.assertLess(copied, frames, "the purchase is in the WAL only")
+        self.assertEqual(store.checkpoints, 0)
+
+        self.run_checkpoint()
+        self.assertEqual(store.checkpoints, 1)
+        self.assertEqual(wal_index(self.path), (frames, frames), "the whole WAL is copied")
+        # The database file alone (without its WAL) has the ticket.
+        copy = self.mktemp()
+        shutil.copyfile(self.path, copy)
+        alone = sqlite3.connect(copy)
+        self.addCleanup(alone.close)
+        self.assertEqual(alone.execute("SELECT COUNT(*) FROM tickets").fetchone(), (1,))
+        # So a checkpoint now finds nothing left to copy.
+        fresh = sqlite3.connect(self.path)
+        self.addCleanup(fresh.close)
+        self.assertEqual(fresh.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone(), (0, frames, frames))
+        self.assertEqual(self.checkpointer.jobs, [])
+        self.assertEqual(store.wal_restarts, 0)
+
+    def test_checkpoint_after_a_batch(self) -> None:
+        """
+        After a batch commits, one checkpoint is queued on the checkpoint
+        executor; it copies the WAL into the database.
+        """
+        self.checkpoint_after_a_purchase(max_batch=4)
+
+    def test_checkpoint_after_a_write_of_its_own(self) -> None:
+        """
+        The same without group commit (a write answered by C{_write_one}).
+        """
+        self.checkpoint_after_a_purchase(max_batch=1)
+
+    def test_at_most_one_checkpoint_per_interval(self) -> None:
+        """
+        A batch within C{CHECKPOINT_INTERVAL} of the last checkpoint's start
+        queues none; one is queued once the interval is over.
+        """
+        store = self.open_store()
+        self.buy(store)
+        self.run_checkpoint()
+        self.clock.advance(CHECKPOINT_INTERVAL / 2)
+        self.buy(store)
+        self.assertEqual(self.checkpointer.jobs, [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.buy(store, "bob")
+        self.assertEqual(self.checkpointer.jobs, [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "one later checkpoint for both")
+        self.clock.advance(CHECKPOINT_INTERVAL / 4)
+        self.assertEqual(self.checkpointer.jobs, [])
+        self.clock.advance(CHECKPOINT_INTERVAL / 2)
+        self.assertEqual(len(self.checkpointer.jobs), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.run_checkpoint()
+        self.assertEqual(store.checkpoints, 2)
+        frames, copied = wal_index(self.path)
+        self.assertEqual(copied, frames)
+        # Nothing committed since: nothing more to do.
+        self.clock.advance(CHECKPOINT_INTERVAL / 2)
+        self.assertEqual((self.checkpointer.jobs, self.clock.getDelayedCalls()), ([], []))
+        # The next batch too soon waits for the end of this interval.
+        self.buy(store)
+        self.assertEqual(self.checkpointer.jobs, [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(CHECKPOINT_INTERVAL / 2)
+        self.assertEqual(len(self.checkpointer.jobs), 1)
+        self.run_checkpoint()
+        self.assertEqual(store.checkpoints, 3)
+        self.clock.advance(CHECKPOINT_INTERVAL * 4)
+        self.assertEqual((self.checkpointer.jobs, self.clock.getDelayedCalls()), ([], []))
+
+    def test_one_checkpoint_at_a_time(self) -> None:
+        """
+        No checkpoint starts while one runs, even once the interval is
+        over; the batches committed meanwhile get one when it ends.
+        """
+        store = self.open_store()
+        self.buy(store)
+        self.assertEqual(len(self.checkpointer.jobs), 1)
+        self.clock.advance(CHECKPOINT_INTERVAL * 2)
+        self.buy(store)
+        self.buy(store, "bob")
+        self.assertEqual(len(self.checkpointer.jobs), 1)
+        self.checkpointer.run_job()
+        self.buy(store)
+        self.assertEqual(self.checkpointer.jobs, [])
+        self.checkpointer.answer()
+        self.assertEqual(len(self.checkpointer.jobs), 1, "the one due starts as the last ends")
+        self.run_checkpoint()
+        self.assertEqual(store.checkpoints, 2)
+        frames, copied = wal_index(self.path)
+        self.assertEqual(copied, frames)
+
+    def checkpoint_during_next_batch(self, store: SQLiteStore) -> None:
+        """
+        Buy a seat while the queued checkpoint runs beside the writer: the
+        checkpoint runs (on its thread) just before the batch's COMMIT, and
+        is answered after it, as it is when the store is busy.
+        """
+        real = store._db
+        faulty = FaultyConnection(real)
+        execute = faulty.execute
+
+        def commit_beside_a_checkpoint(sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+            if sql == "COMMIT" and self.checkpointer.jobs:
+                self.checkpointer.run_job()
+            return execute(sql, parameters)
+
+        faulty.execute = commit_beside_a_checkpoint  # type: ignore[method-assign]
+        store._db = faulty  # type: ignore[assignment]
+        try:
+            self.buy(store)
+        finally:
+            store._db = real
+        self.checkpointer.answer()
+
+    def busy_store(self) -> tuple[SQLiteStore, list[int]]:
+        """
+        A store that writes on while its checkpointer copies the WAL, so
+        that no write transaction starts with all of the WAL copied (when
+        SQLite would start the WAL again by itself); the WAL's length after
+        each purchase.
+        """
+        store = self.open_store()
+        lengths = []
+        self.buy(store)
+        lengths.append(wal_index(self.path)[0])
+        for _ in range(4):
+            self.checkpoint_during_next_batch(store)
+            lengths.append(wal_index(self.path)[0])
+            self.clock.advance(CHECKPOINT_INTERVAL)
+            self.assertEqual(len(self.checkpointer.jobs), 1)
+        return store, lengths
+
+    def test_wal_grows_while_busy(self) -> None:
+        """
+        Short of C{WAL_RESTART_FRAMES}, the writer never restarts the WAL,
+        and a busy store's WAL only grows (which the next test's restart
+        is for).
+        """
+        store, lengths = self.busy_store()
+        self.assertEqual(store.wal_restarts, 0)
+        self.assertEqual(lengths, sorted(set(lengths)))
+        frames, copied = wal_index(self.path)
+        self.assertLess(copied, frames)
+
+    def test_writer_restarts_a_long_wal(self) -> None:
+        """
+        Once a checkpoint finds the WAL C{WAL_RESTART_FRAMES} long, the
+        writer copies the rest of it right after its next COMMIT, and the
+        write transaction after that writes the WAL from its beginning.
+        """
+        self.patch(sqlite_store, "WAL_RESTART_FRAMES", 1)
+        store = self.open_store()
+        self.buy(store)
+        first, _ = wal_index(self.path)
+        self.checkpoint_during_next_batch(store)
+        self.assertEqual(store.checkpoints, 1)
+        self.assertEqual(store.wal_restarts, 0)
+        frames, copied = wal_index(self.path)
+        self.assertLess(copied, frames)
+        # The checkpoint reported the WAL long enough: the next batch's
+        # writer copies all of it after its COMMIT.
+        self.clock.advance(CHECKPOINT_INTERVAL)
+        self.checkpoint_during_next_batch(store)
+        self.assertEqual(store.wal_restarts, 1)
+        before, copied = wal_index(self.path)
+        self.assertEqual(copied, before)
+        # The purchase after it writes the WAL from the start: the WAL is
+        # shorter than it was even after the first purchase.
+        self.buy(store, "bob")
+        after, _ = wal_index(self.path)
+        self.assertLess(after, before)
+        self.assertLess(after, first)
+        # A restart is for one checkpoint's report: with none reported since
+        # the last one, the writer copies nothing after its COMMIT.
+        restarts = store.wal_restarts
+        self.buy(store, "bob")
+        self.assertEqual(store.wal_restarts, restarts)
+        self.assertEqual(wal_index(self.path)[1], 0)
+        self.assertEqual(store._db.execute("SELECT COUNT(*) FROM tickets").fetchone(), (5,))
+        self.assertEqual(verify(store._db).findings, [])
+
+    def test_stop_cancels_a_later_checkpoint(self) -> None:
+        """
+        stop() cancels a checkpoint waiting for its interval, closes the
+        checkpointer's connection, and leaves every purchase in the file.
+        """
+        store = self.open_store()
+        self.buy(store)
+        self.run_checkpoint()
+        self.buy(store)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        store.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertRaises(sqlite3.ProgrammingError, checkpointer.execute, "SELECT 1")
+        self.assertRaises(sqlite3.ProgrammingError, store._db.execute, "SELECT 1")
+        self.clock.advance(CHECKPOINT_INTERVAL * 2)
+        self.assertEqual(self.checkpointer.jobs, [])
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM tickets").fetchone(), (2,))
+        self.assertEqual(verify(db).findings, [])
+
+    def test_checkpoint_answered_after_stop(self) -> None:
+        """
+        A checkpoint running at stop() (its thread ends it before stop()
+        returns; the reactor gets its answer later), and a batch committed
+        meanwhile, start no checkpoint after stop().
+        """
+        store = self.open_store()
+        self.buy(store)
+        self.checkpointer.run_job()
+        bought = store.buy("bob", [LegRequest(self.big, None)])
+        self.writer.run_job()
+        store.stop()
+        self.writer.answer()
+        self.successResultOf(bought)
+        self.checkpointer.answer()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(CHECKPOINT_INTERVAL * 2)
+        self.assertEqual(self.checkpointer.jobs, [])
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM tickets").fetchone(), (2,))
+        self.assertEqual(verify(db).findings, [])
+
+    def test_failed_restart_fails_no_write(self) -> None:
+        """
+        The writer's own checkpoint comes after its batch's COMMIT: if it
+        fails, the batch's writes are still done (they are in the
+        database), not failed.
+        """
+        self.patch(sqlite_store, "WAL_RESTART_FRAMES", 1)
+        store = self.open_store()
+        self.buy(store)
+        self.checkpoint_during_next_batch(store)
+        self.assertTrue(store._restart_wal)
+        real = store._db
+        faulty = FaultyConnection(real)
+        execute = faulty.execute
+
+        def spy(sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+            if sql.startswith("PRAGMA wal_checkpoint"):
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            return execute(sql, parameters)
+
+        faulty.execute = spy  # type: ignore[method-assign]
+        store._db = faulty  # type: ignore[assignment]
+        try:
+            ticket = self.buy(store, "bob")
+        finally:
+            store._db = real
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertEqual(store.wal_restarts, 0)
+        self.assertEqual(real.execute("SELECT COUNT(*) FROM tickets").fetchone(), (3,))
+        owner = real.execute("SELECT username FROM tickets WHERE ticket_id = ?", (ticket.ticket_id,)).fetchone()
+        self.assertEqual(owner, ("bob",))
+        # The next batch's writer does not try again before a checkpoint
+        # reports the WAL long again; the store carries on.
+        self.buy(store)
+        self.assertEqual(store.wal_restarts, 0)
+        self.assertEqual(verify(real).findings, [])

@@ -523,6 +523,8 @@ class SQLiteStore(RulesStore):
         if self._checkpointer is not None:
             self._checkpoint_executor.stop()
             self._checkpointer.close()
+            # Answers that come after (a checkpoint's, a batch's) start none.
+            self._checkpointer = None
         if self._reader is not None:
             self._read_executor.stop()
             self._reader.close()
@@ -731,8 +733,13 @@ class SQLiteStore(RulesStore):
                         seats.committed()
                         if self._restart_wal:
                             self._restart_wal = False
-                            self.wal_restarts += 1
-                            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                            # After the COMMIT: a failure here fails no write.
+                            try:
+                                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                            except sqlite3.Error:
+                                self._log.failure("restarting the WAL")
+                            else:
+                                self.wal_restarts += 1
                         return outcomes, refreshed, ended
             except BaseException:
                 self._rollback(db)
