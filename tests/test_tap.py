@@ -5,6 +5,7 @@ Tests for C{twistd vendepass}'s options and service wiring.
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
@@ -113,41 +114,6 @@ class OptionsTests(SynchronousTestCase):
         for bad in ("0", "10001", "lots"):
             self.assertRaises(UsageError, self.parse, "--max-batch", bad)
 
-    def test_sqlite_checkpointer(self) -> None:
-        """
-        The server's SQLite store copies its WAL on a checkpointer beside
-        the writer: the writer's automatic checkpoint is off.
-        """
-        db = Path(self.mktemp()).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        options = Options()
-        options.parseOptions(["--db", str(db), "--fixtures", str(MINI), "--listen", "tcp:0:interface=127.0.0.1"])
-        store = next(s for s in makeService(options) if isinstance(s, ReservationService)).store  # type: ignore[call-overload]
-        self.addCleanup(store.stop)
-        self.assertIsNotNone(store._checkpointer)
-        self.assertEqual(store._db.execute("PRAGMA wal_autocheckpoint").fetchone(), (0,))
-
-    def test_postgres_group_commit(self) -> None:
-        """
-        On PostgreSQL, one-step purchases go together, up to PG_MAX_BATCH
-        in one call, at most PG_BATCH_SLOTS calls at once (fewer if
-        --db-connections is smaller).
-        """
-        from tests.pg import fresh_url
-        from vendepass.tap import PG_BATCH_SLOTS, PG_MAX_BATCH
-
-        url = fresh_url(self)
-        for connections, slots in (("8", PG_BATCH_SLOTS), ("1", 1)):
-            options = Options()
-            options.parseOptions(
-                ["--db", url, "--db-connections", connections, "--fixtures", str(MINI),
-                 "--listen", "tcp:0:interface=127.0.0.1"]
-            )
-            store = next(s for s in makeService(options) if isinstance(s, ReservationService)).store  # type: ignore[call-overload]
-            self.addCleanup(store.stop)
-            self.assertEqual((store.max_batch, store.batch_slots), (PG_MAX_BATCH, slots))
-        self.assertEqual(PG_BATCH_SLOTS, 2)
-
     def test_purchase_caps(self) -> None:
         """
         --max-seats-per-flight (default 9) and --max-purchases-per-minute
@@ -228,6 +194,45 @@ class MakeServiceTests(TestCase):
 
         self.addCleanup(stop)
         return endpoints
+
+    def test_sqlite_checkpointer(self) -> None:
+        """
+        The server's SQLite store copies its WAL on a checkpointer beside
+        the writer: the writer's automatic checkpoint is off.
+        """
+        db = Path(self.mktemp()).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        options = Options()
+        options.parseOptions(["--db", str(db), "--fixtures", str(MINI), "--listen", "tcp:0:interface=127.0.0.1"])
+        top = makeService(options)
+        self.endpoints(top)
+        store: Any = next(s for s in top if isinstance(s, ReservationService)).store  # type: ignore[attr-defined]
+        self.addCleanup(store.stop)
+        self.assertIsNotNone(store._checkpointer)
+        self.assertEqual(store._db.execute("PRAGMA wal_autocheckpoint").fetchone(), (0,))
+
+    def test_postgres_group_commit(self) -> None:
+        """
+        On PostgreSQL, one-step purchases go together, up to PG_MAX_BATCH
+        in one call, at most PG_BATCH_SLOTS calls at once (fewer if
+        --db-connections is smaller).
+        """
+        from tests.pg import fresh_url
+        from vendepass.tap import PG_BATCH_SLOTS, PG_MAX_BATCH
+
+        url = fresh_url(self)
+        for connections, slots in (("8", PG_BATCH_SLOTS), ("1", 1)):
+            options = Options()
+            options.parseOptions(
+                ["--db", url, "--db-connections", connections, "--fixtures", str(MINI),
+                 "--listen", "tcp:0:interface=127.0.0.1"]
+            )
+            top = makeService(options)
+            self.endpoints(top)
+            store: Any = next(s for s in top if isinstance(s, ReservationService)).store  # type: ignore[attr-defined]
+            self.addCleanup(store.stop)
+            self.assertEqual((store.max_batch, store.batch_slots), (PG_MAX_BATCH, slots))
+        self.assertEqual(PG_BATCH_SLOTS, 2)
 
     def test_services(self) -> None:
         """
