@@ -1072,6 +1072,7 @@ class ShippedMigrationTests(SynchronousTestCase):
             "1b9ff2f7c3ea72e97617cc8e154917ee7f8c31258f9a3aff02382dd5aaef6119",
             "45a19617cf352209754ad61be3cda892db120abdd265d28bc7f8b27a9a26a087",
             "57bcb6e40b1d1759b864aff33ae1b6f0b0232d7721812fae87802eb7d91aee15",
+            "8b0d8c7fee245271be52e68675338c50d7074b2c6bd2732d8d17489ef1b6a458",
         ],
         "postgres": [
             "3f43835c81291776b4bf8c6a64698a13c38b04520641fb49dc0ee1a1bf8cbd69",
@@ -1082,6 +1083,22 @@ class ShippedMigrationTests(SynchronousTestCase):
             "d771acf84c668eb5417e2b8921b79ba050327dec215e12c3b30a8aefff5fa56e",
         ],
     }
+
+    def test_no_index_of_seats_by_ticket(self) -> None:
+        """
+        SQLite migration 7 drops the index of seats by ticket (a purchase
+        kept it up to date; a cancellation finds its seats by their key).
+        """
+        from tests.common import FAST_HASHER, MINI
+        from vendepass.fixtures import load
+        from vendepass.store import InlineExecutor
+        from vendepass.store.sqlite import SQLiteStore
+
+        store = SQLiteStore.open(":memory:", Clock(), InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+        self.addCleanup(store.stop)
+        indexes = {name for (name,) in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        self.assertNotIn("seats_ticket", indexes)
+        self.assertIn("seats_hold", indexes)
 
     def test_unchanged(self) -> None:
         import hashlib

@@ -823,7 +823,12 @@ class SeatRules:
             " WHERE ticket_id = ? AND username = ? AND status = 'active'",
             (tx.now, ticket_id, username),
         )
-        tx.execute("DELETE FROM seats WHERE ticket_id = ?", (ticket_id,))
+        # By the seats' own key, from the legs (no index on seats.ticket_id
+        # is needed, and a purchase keeps one index fewer up to date).
+        tx.executemany(
+            "DELETE FROM seats WHERE flight_id = ? AND seat = ? AND ticket_id = ?",
+            [(leg.flight_id, leg.seat, ticket_id) for leg in ticket.legs],
+        )
         self.audit(tx, username, "cancel", [(leg.flight_id, leg.seat) for leg in ticket.legs], ticket_id=ticket_id)
         self.remember(tx, username, request_id, "cancel", ticket_id)
         return Ticket(ticket_id, username, "cancelled", ticket.legs, ticket.price, ticket.bought_at, tx.now)
