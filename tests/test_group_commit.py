@@ -423,6 +423,8 @@ class GroupCommitTests(SynchronousTestCase):
             self.assertEqual(db.execute("SELECT n, word FROM t ORDER BY rowid").fetchall(),
                              [(i, f"w{i}") for i in range(count)])
         self.assertEqual(sizes, [8, 8, 64, 256, 256, 64])
+        # A row that would be taken for padding is refused, not dropped.
+        self.assertRaises(ValueError, insert_rows, execute, "INSERT INTO t (n, word) VALUES (?, ?)", [(None, "x")])
 
     def test_replay_in_the_same_batch_sees_the_legs(self) -> None:
         """

@@ -166,6 +166,9 @@ def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...
     largest = _BULK_SIZES[-1]
     for start in range(0, len(rows), largest):
         chunk = rows[start:start + largest]
+        if any(row[0] is None for row in chunk):
+            # It would be taken for padding and left out.
+            raise ValueError(f"a row with NULL first for {sql!r}")
         size = next(size for size in _BULK_SIZES if size >= len(chunk))
         statement, width = _bulk_statement(sql, size)
         values = [value for row in chunk for value in row]
