@@ -609,6 +609,18 @@ class CheckpointerTests(SynchronousTestCase):
             self.writer.run_next()
         return self.successResultOf(d)
 
+    def assertStoppedWithTwoTickets(self) -> None:
+        """
+        After stop(): no checkpoint starts however long the clock runs, and
+        the file holds the two tickets bought, verified clean.
+        """
+        self.clock.advance(CHECKPOINT_INTERVAL * 2)
+        self.assertEqual(self.checkpointer.jobs, [])
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM tickets").fetchone(), (2,))
+        self.assertEqual(verify(db).findings, [])
+
     def run_checkpoint(self) -> None:
         self.checkpointer.run_job()
         self.checkpointer.answer()
@@ -841,12 +853,7 @@ class CheckpointerTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertRaises(sqlite3.ProgrammingError, checkpointer.execute, "SELECT 1")
         self.assertRaises(sqlite3.ProgrammingError, store._db.execute, "SELECT 1")
-        self.clock.advance(CHECKPOINT_INTERVAL * 2)
-        self.assertEqual(self.checkpointer.jobs, [])
-        db = sqlite3.connect(self.path)
-        self.addCleanup(db.close)
-        self.assertEqual(db.execute("SELECT COUNT(*) FROM tickets").fetchone(), (2,))
-        self.assertEqual(verify(db).findings, [])
+        self.assertStoppedWithTwoTickets()
 
     def test_checkpoint_answered_after_stop(self) -> None:
         """
@@ -864,12 +871,7 @@ class CheckpointerTests(SynchronousTestCase):
         self.successResultOf(bought)
         self.checkpointer.answer()
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(CHECKPOINT_INTERVAL * 2)
-        self.assertEqual(self.checkpointer.jobs, [])
-        db = sqlite3.connect(self.path)
-        self.addCleanup(db.close)
-        self.assertEqual(db.execute("SELECT COUNT(*) FROM tickets").fetchone(), (2,))
-        self.assertEqual(verify(db).findings, [])
+        self.assertStoppedWithTwoTickets()
 
     def test_failed_restart_fails_no_write(self) -> None:
         """

@@ -129,6 +129,13 @@ class EncodedCacheTests(SynchronousTestCase):
 _TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12)
 
 
+def _encoder_text(value: object) -> str:
+    """
+    The protocol encoder's text of a wire form.
+    """
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 class TicketJSONTests(SynchronousTestCase):
     @settings(max_examples=300)
     @given(
@@ -156,7 +163,7 @@ class TicketJSONTests(SynchronousTestCase):
         """
         self.assertEqual(
             wire.ticket_json(ticket),
-            json.dumps(wire.ticket(ticket), ensure_ascii=False, separators=(",", ":")),
+            _encoder_text(wire.ticket(ticket)),
         )
 
 
@@ -193,7 +200,7 @@ class HoldJSONTests(SynchronousTestCase):
         """
         self.assertEqual(
             wire.hold_json(hold),
-            json.dumps(wire.hold(hold), ensure_ascii=False, separators=(",", ":")),
+            _encoder_text(wire.hold(hold)),
         )
 
     def test_same_flight_other_seats(self) -> None:
