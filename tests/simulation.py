@@ -250,8 +250,16 @@ class TrustingRules(SeatRules):
         return [leg.seat for leg in legs if leg.seat is not None]
 
     def take(
-        self, tx: Tx, legs: list[LegRequest], seats: list[str], hold_id: str | None, ticket_id: str | None
+        self,
+        tx: Tx,
+        legs: list[LegRequest],
+        seats: list[str],
+        hold_id: str | None,
+        ticket_id: str | None,
+        expires_at: float | None = None,
     ) -> None:
+        # Its rows refer to the hold's, which the store may have kept.
+        tx.appended()
         tx.executemany(
             "INSERT OR REPLACE INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)",
             [(leg.flight.flight_id, seat, hold_id, ticket_id) for leg, seat in zip(legs, seats)],

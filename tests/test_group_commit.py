@@ -352,9 +352,9 @@ class GroupCommitTests(SynchronousTestCase):
 
     def test_batch_inserts_its_rows_together(self) -> None:
         """
-        The tickets, sold seats, audit rows and tickets' legs of a batch's
-        purchases are inserted by one multi-row statement each, before its
-        COMMIT, tickets first, in order; a held seat goes in at once.
+        The tickets, holds, seats, audit rows, tickets' and holds' legs of a
+        batch's purchases and holds are inserted by one multi-row statement
+        each, before its COMMIT, tickets and holds first, in order.
         """
         calls: list[tuple[str, int]] = []
         real = self.store._db
@@ -384,15 +384,13 @@ class GroupCommitTests(SynchronousTestCase):
         )
         self.store._db = real
         self.assertEqual(
-            [c for c in calls if not c[0].startswith("INSERT INTO holds") and not c[0].startswith("INSERT INTO hold_legs")],
+            calls,
             # The purchase in flight,
             [("INSERT INTO tickets", 1), ("INSERT INTO seats", 1), ("INSERT INTO audit", 1),
              ("INSERT INTO ticket_legs", 1),
-             # then the batch of three: dave's held seat at once, then the
-             # rows of the batch.
-             ("INSERT INTO seats (many)", 1),
-             ("INSERT INTO tickets", 2), ("INSERT INTO seats", 3), ("INSERT INTO audit", 3),
-             ("INSERT INTO ticket_legs", 3)],
+             # then the batch of three, dave's hold with the rest.
+             ("INSERT INTO tickets", 2), ("INSERT INTO holds", 1), ("INSERT INTO seats", 4),
+             ("INSERT INTO audit", 3), ("INSERT INTO ticket_legs", 3), ("INSERT INTO hold_legs", 1)],
         )
         self.successResultOf(hold)
         tickets = [self.successResultOf(d).ticket_id for d in bought]

@@ -35,8 +35,8 @@ _State = Union[object, float]
 # Per flight: (taken seats, or 0 when it has none; its held seats' sorted expiries).
 Availability = dict[str, tuple[int, tuple[float, ...]]]
 
-# While temp.vp_marked has a row, inserting a sold seat reports nothing: the
-# writer's bulk insert of seats it marked itself (L{SeatMemory.sold}) calls
+# While temp.vp_marked has a row, inserting a seat reports nothing: the
+# writer's bulk insert of seats it marked itself (L{SeatMemory.mark}) calls
 # no Python function per row.
 MARKED_TABLE = "CREATE TEMP TABLE IF NOT EXISTS vp_marked (marked INTEGER)"
 MARKED_ON = "INSERT INTO temp.vp_marked VALUES (1)"
@@ -44,7 +44,7 @@ MARKED_OFF = "DELETE FROM temp.vp_marked"
 
 TRIGGERS = (
     "CREATE TEMP TRIGGER IF NOT EXISTS vp_seat_inserted AFTER INSERT ON main.seats"
-    " WHEN NEW.ticket_id IS NULL OR NOT EXISTS (SELECT 1 FROM temp.vp_marked) BEGIN"
+    " WHEN NOT EXISTS (SELECT 1 FROM temp.vp_marked) BEGIN"
     " SELECT vp_seat_taken(NEW.flight_id, NEW.seat, NEW.ticket_id IS NOT NULL,"
     " (SELECT expires_at FROM main.holds WHERE hold_id = NEW.hold_id)); END",
     "CREATE TEMP TRIGGER IF NOT EXISTS vp_seat_updated AFTER UPDATE ON main.seats BEGIN"
@@ -113,15 +113,16 @@ class SeatMemory:
     def _freed_row(self, flight_id: str, seat: str) -> None:
         self._set(flight_id, seat, _ABSENT)
 
-    def sold(self, flight_id: str, seat: str) -> bool:
+    def mark(self, flight_id: str, seat: str, expires_at: float | None) -> bool:
         """
-        Mark a seat sold ahead of its row, which the open transaction
-        inserts later between L{MARKED_ON} and L{MARKED_OFF}; C{False} (and
-        nothing marked) if the flight is not known here: insert it at once.
+        Mark a seat sold (C{expires_at} C{None}) or held until C{expires_at}
+        ahead of its row, which the open transaction inserts later between
+        L{MARKED_ON} and L{MARKED_OFF}; C{False} (and nothing marked) if the
+        flight is not known here: insert it at once.
         """
         if flight_id not in self._taken:
             return False
-        self._set(flight_id, seat, _SOLD)
+        self._set(flight_id, seat, _SOLD if expires_at is None else float(expires_at))
         return True
 
     def _known(self, execute: Callable[..., Any], flight: Flight) -> set[str]:

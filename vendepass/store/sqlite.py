@@ -17,7 +17,7 @@ import bisect
 import functools
 import sqlite3
 from collections import deque
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar, Union
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -31,7 +31,7 @@ from vendepass.model import Flight, Network
 from vendepass.store import IExecutor, IStore, schema
 from vendepass.store.common import booking_code, load_fixtures, read_network
 from vendepass.store.memory import MARKED_OFF, MARKED_ON, Availability, SeatMemory
-from vendepass.store.transactions import SEAT_INSERT, TICKET_ROW_INSERT, RulesStore, SeatRules, Tx
+from vendepass.store.transactions import HOLD_INSERT, SEAT_INSERT, TICKET_ROW_INSERT, RulesStore, SeatRules, Tx
 
 T = TypeVar("T")
 
@@ -39,6 +39,8 @@ T = TypeVar("T")
 _Refreshed = Availability
 # A write's outcome in a batch: (True, result) or (False, failure).
 _Outcome = tuple[bool, Any]
+# A queued write: its work, its Deferred, and the request it looks up first.
+_Queued = tuple[Callable[["Tx"], Any], Deferred[Any], Union[tuple[str, str], None]]
 
 
 _SCHEMA_1 = schema.render(
@@ -134,9 +136,9 @@ MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_5, 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-# Kept rows are inserted tickets first, then seats (which refer to them),
-# then the rest in the order they were first kept.
-_KEPT_ORDER = {TICKET_ROW_INSERT: 0, SEAT_INSERT: 1}
+# Kept rows are inserted tickets and holds first, then seats (which refer to
+# them), then the rest in the order they were first kept.
+_KEPT_ORDER = {TICKET_ROW_INSERT: 0, HOLD_INSERT: 0, SEAT_INSERT: 1}
 # How many rows one statement of a bulk insert carries: the smallest of
 # these that holds them all (the rest padded with rows of NULLs, which it
 # leaves out), or the largest, again and again.
@@ -206,6 +208,59 @@ class TicketCodes:
         return self._free.pop()
 
 
+# A request's key, and its kind and outcome (None: not done yet).
+_RequestKey = tuple[str, str]
+_RequestOutcome = Union[tuple[str, str], None]
+
+
+def read_requests(execute: Callable[..., Any], keys: list[_RequestKey]) -> dict[_RequestKey, _RequestOutcome]:
+    """
+    The outcome of each of these requests (C{(username, request_id)}), in as
+    few statements as L{_BULK_SIZES} allows: C{None} for those not done.
+    """
+    found: dict[_RequestKey, _RequestOutcome] = dict.fromkeys(keys)
+    unique = list(found)
+    largest = _BULK_SIZES[-1]
+    for start in range(0, len(unique), largest):
+        chunk = unique[start:start + largest]
+        size = next(size for size in _BULK_SIZES if size >= len(chunk))
+        values: list[str | None] = [value for key in chunk for value in key]
+        # Padding rows of NULLs match no request.
+        values.extend([None] * (2 * (size - len(chunk))))
+        for username, request_id, kind, outcome in execute(_requests_statement(size), values).fetchall():
+            found[(username, request_id)] = (str(kind), str(outcome))
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _requests_statement(rows: int) -> str:
+    return (
+        "SELECT r.username, r.request_id, r.kind, r.outcome FROM (VALUES "
+        + ", ".join(["(?, ?)"] * rows)
+        + ") v JOIN requests r ON r.username = v.column1 AND r.request_id = v.column2"
+    )
+
+
+class Kept:
+    """
+    The rows that a group commit's transactions keep to insert together
+    before its COMMIT (L{SQLiteTx.append}, L{SQLiteTx.keep}), by statement,
+    in order; the keys of what they hold that a statement of the batch may
+    read back (L{Tx.keep}): a hook naming one of them inserts them all
+    first; and the outcomes of the batch's requests, read for all of them
+    at once when it began (a request that a transaction of the batch
+    remembers is asked of the database again).
+    """
+
+    def __init__(self, requests: dict[_RequestKey, _RequestOutcome] | None = None) -> None:
+        self.rows: dict[str, list[tuple[Any, ...]]] = {}
+        self.keys: set[tuple[str, ...]] = set()
+        self.requests = {} if requests is None else requests
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+
 class SQLiteTx(Tx):
     """
     A transaction on the store's one connection. SQLite has one writer at a
@@ -223,7 +278,7 @@ class SQLiteTx(Tx):
         db: sqlite3.Connection,
         now: float,
         seats: SeatMemory | None = None,
-        later: dict[str, list[tuple[Any, ...]]] | None = None,
+        later: Kept | None = None,
         codes: TicketCodes | None = None,
     ) -> None:
         super().__init__(now)
@@ -239,38 +294,81 @@ class SQLiteTx(Tx):
         later = self.later
         if later is None:
             super().append(sql, rows)
-        elif sql in later:
-            later[sql].extend(rows)
+        elif sql in later.rows:
+            later.rows[sql].extend(rows)
         else:
-            later[sql] = list(rows)
+            later.rows[sql] = list(rows)
+
+    def keep(self, sql: str, rows: list[tuple[Any, ...]], keys: Iterable[tuple[str, ...]]) -> None:
+        self.append(sql, rows)
+        later = self.later
+        if later is not None:
+            for key in keys:
+                later.keys.add(key)
+                if key[0] == "request":
+                    # Its outcome, read when the batch began, is stale now.
+                    later.requests.pop((key[1], key[2]), None)
+
+    def request_outcome(self, username: str, request_id: str) -> tuple[str, str] | None:
+        later = self.later
+        if later is not None:
+            try:
+                return later.requests[(username, request_id)]
+            except KeyError:
+                pass
+        return super().request_outcome(username, request_id)
+
+    def _read_back(self, key: tuple[str, ...]) -> None:
+        later = self.later
+        if later is not None and key in later.keys:
+            self.appended()
+
+    def lock_request(self, username: str, request_id: str) -> None:
+        self._read_back(("request", username, request_id))
+
+    def lock_user(self, username: str) -> None:
+        self._read_back(("user", username))
+
+    def reading_hold(self, hold_id: str) -> None:
+        self._read_back(("hold", hold_id))
 
     def appended(self) -> None:
         later = self.later
         if later:
-            for sql in sorted(later, key=lambda sql: _KEPT_ORDER.get(sql, 2)):
+            kept = later.rows
+            for sql in sorted(kept, key=lambda sql: _KEPT_ORDER.get(sql, 2)):
                 if sql == SEAT_INSERT:
                     # Seats marked in memory already (L{insert_seats}).
                     self.execute(MARKED_ON)
                     try:
-                        insert_rows(self.execute, sql, later[sql])
+                        insert_rows(self.execute, sql, kept[sql])
                     finally:
                         self.execute(MARKED_OFF)
                 else:
-                    insert_rows(self.execute, sql, later[sql])
-            later.clear()
+                    insert_rows(self.execute, sql, kept[sql])
+            kept.clear()
+            later.keys.clear()
 
-    def insert_seats(self, rows: list[tuple[str, str, str | None, str | None]]) -> None:
-        # A batch's sold seats are marked in memory (which claims ask) and
-        # inserted with the batch's kept rows; held seats go in at once, and
-        # the triggers report them with their hold's expiry.
+    def insert_seats(
+        self, rows: list[tuple[str, str, str | None, str | None]], expires_at: float | None = None
+    ) -> None:
+        # A batch's seats are marked in memory (which claims ask) and
+        # inserted with the batch's kept rows (after their tickets and
+        # holds). A seat of a flight not known in memory goes in at once,
+        # the triggers reporting it: the kept rows it refers to first.
         seats = self.seats
-        if self.later is not None and seats is not None and all(row[3] is not None for row in rows):
-            marked = [row for row in rows if seats.sold(row[0], row[1])]
+        if self.later is not None and seats is not None:
+            marked = [
+                row for row in rows
+                if (row[3] is not None or expires_at is not None)
+                and seats.mark(row[0], row[1], None if row[3] is not None else expires_at)
+            ]
             if marked:
                 self.append(SEAT_INSERT, marked)
             if len(marked) == len(rows):
                 return
             rows = [row for row in rows if row not in marked]
+            self.appended()
         super().insert_seats(rows)
 
     def fresh_ticket(self, username: str, price_cents: int, currency: str) -> str | None:
@@ -407,11 +505,11 @@ class SQLiteStore(RulesStore):
         self._clock = clock
         self._executor = executor
         # Group commit: writes wait here while a batch is in flight.
-        self._pending: deque[tuple[Callable[[Tx], Any], Deferred[Any]]] = deque()
+        self._pending: deque[_Queued] = deque()
         self._batching = False
         # A batch's answers are going out (see L{_next_batch}).
         self._answering = False
-        self._held_answers: deque[tuple[Any, list[tuple[Callable[[Tx], Any], Deferred[Any]]]]] = deque()
+        self._held_answers: deque[tuple[Any, list[_Queued]]] = deque()
         self._watchers: list[Callable[[str, str], None]] = []
         self.batches = 0
         self.batched_writes = 0
@@ -605,7 +703,7 @@ class SQLiteStore(RulesStore):
 
     # -- transactions -------------------------------------------------------
 
-    def _write(self, work: Callable[[Tx], T]) -> Deferred[T]:
+    def _write(self, work: Callable[[Tx], T], request: tuple[str, str] | None = None) -> Deferred[T]:
         """
         Run C{work(tx)} atomically in a write transaction on the executor,
         and fire with its outcome once that transaction is on disk.
@@ -619,7 +717,7 @@ class SQLiteStore(RulesStore):
         """
         if self.max_batch > 1:
             d: Deferred[T] = Deferred()
-            self._pending.append((work, d))
+            self._pending.append((work, d, request))
             if not self._batching:
                 self._next_batch()
             return d
@@ -636,16 +734,17 @@ class SQLiteStore(RulesStore):
         self._batching = True
         self.batches += 1
         self.batched_writes += len(batch)
-        works = [work for work, _ in batch]
+        works = [work for work, _, _ in batch]
+        requests = [request for _, _, request in batch if request is not None]
         # A method and its arguments, not a closure: nothing here refers
         # back to itself, so a batch's Deferreds and works are freed as soon
         # as it is answered, not left to the garbage collector.
-        self._executor.submit(self._guarded(functools.partial(self._run_batch, works))).addBoth(self._deliver, batch)
+        self._executor.submit(self._guarded(functools.partial(self._run_batch, works, requests))).addBoth(self._deliver, batch)
 
     def _deliver(
         self,
         done: tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]] | Failure,
-        batch: list[tuple[Callable[[Tx], Any], Deferred[Any]]],
+        batch: list[_Queued],
     ) -> None:
         """
         On the reactor: answer the writes of a batch that was written.
@@ -666,14 +765,14 @@ class SQLiteStore(RulesStore):
             if overlapped:
                 self._next_batch()
             if isinstance(done, Failure):
-                for _, d in batch:
+                for _, d, _ in batch:
                     d.errback(done)
                 return
             outcomes, refreshed, ended = done
             self._checkpoint()
             self._refreshed(refreshed)
             self._report(ended)
-            for (ok, value), (_, d) in zip(outcomes, batch):
+            for (ok, value), (_, d, _) in zip(outcomes, batch):
                 if ok:
                     d.callback(value)
                 else:
@@ -685,7 +784,9 @@ class SQLiteStore(RulesStore):
             if not overlapped:
                 self._next_batch()
 
-    def _run_batch(self, works: list[Callable[[Tx], Any]]) -> tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]]:
+    def _run_batch(
+        self, works: list[Callable[[Tx], Any]], requests: list[_RequestKey] | None = None
+    ) -> tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]]:
         """
         Run C{works} in one transaction and commit once. Returns C{(True,
         result)} or C{(False, failure)} per work, the availability of the
@@ -711,9 +812,11 @@ class SQLiteStore(RulesStore):
         while True:
             outcomes: list[_Outcome] = []
             ended: list[tuple[str, str]] = []
-            later: dict[str, list[tuple[Any, ...]]] | None = {} if together else None
             db.execute("BEGIN IMMEDIATE")
             try:
+                # The outcomes of the batch's requests, in one statement or so
+                # rather than one per request.
+                later = Kept(read_requests(db.execute, requests) if requests else None) if together else None
                 seats.begun(self._clock.seconds())
                 for i, work in enumerate(works):
                     if i in failed:

@@ -158,6 +158,32 @@ class Tx:
         Take turns with every other claim of these flights.
         """
 
+    def request_outcome(self, username: str, request_id: str) -> tuple[str, str] | None:
+        """
+        The kind and outcome recorded for a request, or C{None}: asked
+        after L{lock_request}. A store may answer from what it read for
+        many transactions at once.
+        """
+        row = self.one("SELECT kind, outcome FROM requests WHERE username = ? AND request_id = ?", (username, request_id))
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def reading_hold(self, hold_id: str) -> None:
+        """
+        The transaction is about to read or end hold C{hold_id}: a store
+        that keeps a new hold's rows for later (L{keep}) writes them now.
+        """
+
+    def keep(self, sql: str, rows: list[tuple[Any, ...]], keys: Iterable[tuple[str, ...]]) -> None:
+        """
+        Insert rows that a statement reads back only after one of the hooks
+        that C{keys} name, or after L{appended}: C{("request", username,
+        request_id)} for L{lock_request}, C{("user", username)} for
+        L{lock_user}, C{("hold", hold_id)} for L{reading_hold}. Here at
+        once; a store may keep them as L{append} does, and insert them when
+        such a hook is called.
+        """
+        self.append(sql, rows)
+
     def append(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """
         Insert rows that no statement reads back before L{appended} is
@@ -177,11 +203,15 @@ class Tx:
         reads tickets' legs.
         """
 
-    def insert_seats(self, rows: list[tuple[str, str, str | None, str | None]]) -> None:
+    def insert_seats(
+        self, rows: list[tuple[str, str, str | None, str | None]], expires_at: float | None = None
+    ) -> None:
         """
-        Insert seat rows C{(flight_id, seat, hold_id, ticket_id)}: here at
-        once. A store whose claims are answered from memory may keep a
-        ticket's seats for L{appended} (marking them taken there first).
+        Insert seat rows C{(flight_id, seat, hold_id, ticket_id)} (all of a
+        ticket, or all of a hold that runs until C{expires_at}, whose row
+        L{keep} was given first): here at once. A store whose claims are
+        answered from memory may keep them for L{appended} (marking them
+        taken there first).
         """
         self.executemany(SEAT_INSERT, rows)
 
@@ -253,6 +283,11 @@ TICKET_LEG_INSERT = (
 SEAT_INSERT = "INSERT INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)"
 AUDIT_INSERT = "INSERT INTO audit (at, username, action, hold_id, ticket_id, seats) VALUES (?, ?, ?, ?, ?, ?)"
 REQUEST_INSERT = "INSERT INTO requests (username, request_id, kind, outcome, created_at) VALUES (?, ?, ?, ?, ?)"
+HOLD_INSERT = (
+    "INSERT INTO holds (hold_id, username, session_id, created_at, expires_at, price_cents, state)"
+    " VALUES (?, ?, ?, ?, ?, ?, 'active')"
+)
+HOLD_LEG_INSERT = "INSERT INTO hold_legs (hold_id, leg, flight_id, seat) VALUES (?, ?, ?, ?)"
 
 
 def new_ticket_legs(legs: Iterable[tuple[Flight, str]]) -> tuple[TicketLeg, ...]:
@@ -386,19 +421,19 @@ class SeatRules:
         if request_id is None:
             return None
         tx.lock_request(username, request_id)
-        row = tx.one("SELECT kind, outcome FROM requests WHERE username = ? AND request_id = ?", (username, request_id))
+        row = tx.request_outcome(username, request_id)
         if row is None:
             return None
         if row[0] != kind:
             raise request_reused(request_id, row[0])
-        return str(row[1])
+        return row[1]
 
     def remember(self, tx: Tx, username: str, request_id: str | None, kind: str, outcome: str) -> None:
         # Two servers doing the same request at once: the second one's
         # insert fails with a unique violation, and its retry replays the
         # first one's outcome.
         if request_id is not None:
-            tx.execute(REQUEST_INSERT, (username, request_id, kind, outcome, tx.now))
+            tx.keep(REQUEST_INSERT, [(username, request_id, kind, outcome, tx.now)], [("request", username, request_id)])
 
     def audit(
         self,
@@ -438,6 +473,7 @@ class SeatRules:
         the hold first: of two transactions ending it, the second finds it
         ended and does nothing.
         """
+        tx.reading_hold(hold_id)
         ended = tx.one(
             "UPDATE holds SET state = ?, ended_at = ? WHERE hold_id = ? AND state = 'active'"
             " RETURNING username, session_id",
@@ -456,6 +492,7 @@ class SeatRules:
         """
         End the holds on these flights whose time is up.
         """
+        tx.appended()
         for (hold_id,) in tx.all(
             f"SELECT DISTINCT s.hold_id FROM seats s{tx.held_seats_index} JOIN holds h ON h.hold_id = s.hold_id"
             f" WHERE s.flight_id IN ({_marks(len(flight_ids))}) AND s.hold_id IS NOT NULL AND h.state = 'active'"
@@ -469,6 +506,7 @@ class SeatRules:
         Lock C{hold_id} and check that it is an active hold of C{username};
         if its time is up, end it (that commits) and refuse.
         """
+        tx.reading_hold(hold_id)
         row = tx.one(
             f"SELECT username, state, expires_at FROM holds WHERE hold_id = ?{tx.for_update()}", (hold_id,)
         )
@@ -494,6 +532,7 @@ class SeatRules:
         self.remember(tx, username, request_id, "release", hold_id)
 
     def release_session(self, tx: Tx, session_id: str) -> list[str]:
+        tx.appended()
         holds = tx.all(
             f"SELECT hold_id FROM holds WHERE session_id = ? AND state = 'active' ORDER BY {tx.hold_order('holds', 'hold_id')}",
             (session_id,),
@@ -501,6 +540,7 @@ class SeatRules:
         return [hold_id for (hold_id,) in holds if self.end_hold(tx, hold_id, "released")]
 
     def expire_hold(self, tx: Tx, hold_id: str) -> str | None:
+        tx.reading_hold(hold_id)
         row = tx.one(f"SELECT state, expires_at FROM holds WHERE hold_id = ?{tx.for_update()}", (hold_id,))
         if row is None:
             return None
@@ -516,6 +556,7 @@ class SeatRules:
         another server's sweep is ending right now), and forget the
         requests and ended holds older than L{REQUEST_RETENTION}.
         """
+        tx.appended()
         rows = tx.all(
             "SELECT hold_id, session_id FROM holds WHERE state = 'active' AND expires_at <= ?"
             f" ORDER BY {tx.hold_order('holds', 'hold_id')} LIMIT {int(limit)}{tx.skip_locked()}",
@@ -586,12 +627,21 @@ class SeatRules:
                 raise over_limit(limit, flight_id, mine)
 
     def take(
-        self, tx: Tx, legs: list[LegRequest], seats: list[str], hold_id: str | None, ticket_id: str | None
+        self,
+        tx: Tx,
+        legs: list[LegRequest],
+        seats: list[str],
+        hold_id: str | None,
+        ticket_id: str | None,
+        expires_at: float | None = None,
     ) -> None:
         """
-        Claim the seats L{claim} chose for a hold or a ticket.
+        Claim the seats L{claim} chose for a hold (until C{expires_at}) or a
+        ticket.
         """
-        tx.insert_seats([(leg.flight.flight_id, seat, hold_id, ticket_id) for leg, seat in zip(legs, seats)])
+        tx.insert_seats(
+            [(leg.flight.flight_id, seat, hold_id, ticket_id) for leg, seat in zip(legs, seats)], expires_at
+        )
 
     def hold(
         self,
@@ -613,8 +663,10 @@ class SeatRules:
         # One hold at a time per customer, whichever server: the limit on
         # held seats cannot be passed by holding on two at once.
         tx.lock_user(username)
+        # By the customer's active holds: SQLite's planner would rather
+        # read every active hold not yet expired, one per customer holding.
         (held,) = tx.one(
-            "SELECT COUNT(*) FROM holds h JOIN hold_legs l ON l.hold_id = h.hold_id"
+            f"SELECT COUNT(*) FROM holds h{tx.index_hint('holds_user')} JOIN hold_legs l ON l.hold_id = h.hold_id"
             " WHERE h.username = ? AND h.state = 'active' AND h.expires_at > ?",
             (username, tx.now),
         )
@@ -625,15 +677,17 @@ class SeatRules:
         hold_id = hold_code(tx.now)
         expires_at = tx.now + seconds
         price = Money(sum(leg.flight.fare.cents for leg in legs), self.currency)
-        tx.execute(
-            "INSERT INTO holds (hold_id, username, session_id, created_at, expires_at, price_cents, state)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'active')",
-            (hold_id, username, session_id, tx.now, expires_at, price.cents),
+        # Read back by its id, its customer's next hold, or its session's end.
+        tx.keep(
+            HOLD_INSERT,
+            [(hold_id, username, session_id, tx.now, expires_at, price.cents)],
+            [("hold", hold_id), ("user", username)],
         )
-        self.take(tx, legs, seats, hold_id, None)
-        tx.executemany(
-            "INSERT INTO hold_legs (hold_id, leg, flight_id, seat) VALUES (?, ?, ?, ?)",
+        self.take(tx, legs, seats, hold_id, None, expires_at)
+        tx.keep(
+            HOLD_LEG_INSERT,
             [(hold_id, i, leg.flight.flight_id, seat) for i, (leg, seat) in enumerate(zip(legs, seats))],
+            [("hold", hold_id)],
         )
         self.audit(tx, username, "hold", [(leg.flight.flight_id, seat) for leg, seat in zip(legs, seats)],
                    hold_id=hold_id)
@@ -647,6 +701,7 @@ class SeatRules:
         )
 
     def hold_by_id(self, tx: Tx, hold_id: str) -> Hold:
+        tx.reading_hold(hold_id)
         username, expires_at, price = tx.one(
             "SELECT username, expires_at, price_cents FROM holds WHERE hold_id = ?", (hold_id,)
         )
@@ -710,6 +765,7 @@ class SeatRules:
         if done is not None:
             return self.ticket_as_bought(tx, done)
         # The hold (locked) and its legs in one statement.
+        tx.reading_hold(hold_id)
         rows = tx.all(
             "SELECT h.username, h.state, h.expires_at, l.flight_id, l.seat FROM holds h"
             " JOIN hold_legs l ON l.hold_id = h.hold_id"
@@ -836,6 +892,7 @@ class SeatRules:
     # -- reading seats ------------------------------------------------------
 
     def seats(self, tx: Tx, flight: Flight) -> list[SeatState]:
+        tx.appended()
         rows = tx.all(
             "SELECT s.seat, h.username, h.expires_at, t.username FROM seats s"
             " LEFT JOIN holds h ON h.hold_id = s.hold_id"
@@ -849,6 +906,7 @@ class SeatRules:
         The free seats of each flight: its capacity less its sold seats and
         those of holds whose time is not up.
         """
+        tx.appended()
         result = {flight.flight_id: flight.aircraft.capacity for flight in flights}
         ids = list(result)
         for start in range(0, len(ids), 500):
@@ -863,6 +921,10 @@ class SeatRules:
         return result
 
 
+def _request(username: str, request_id: str | None) -> tuple[str, str] | None:
+    return None if request_id is None else (username, request_id)
+
+
 class RulesStore:
     """
     The L{vendepass.store.IStore} methods that change or read seats, each
@@ -875,7 +937,12 @@ class RulesStore:
     _watchers: list[Callable[[str, str], None]]
     _log = Logger()
 
-    def _write(self, work: Callable[[Tx], T]) -> Deferred[T]:
+    def _write(self, work: Callable[[Tx], T], request: tuple[str, str] | None = None) -> Deferred[T]:
+        """
+        C{request}: the C{(username, request_id)} whose outcome C{work}
+        looks up first (L{SeatRules.replay}), for a store that reads many
+        at once.
+        """
         raise NotImplementedError
 
     def _read(self, work: Callable[[Tx], T]) -> Deferred[T]:
@@ -927,10 +994,15 @@ class RulesStore:
         alive: Callable[[], bool],
         request_id: str | None = None,
     ) -> Deferred[Hold]:
-        return self._write(lambda tx: self.rules.hold(tx, username, session_id, legs, seconds, alive, request_id))
+        return self._write(
+            lambda tx: self.rules.hold(tx, username, session_id, legs, seconds, alive, request_id),
+            _request(username, request_id),
+        )
 
     def release(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[None]:
-        return self._write(lambda tx: self.rules.release(tx, hold_id, username, request_id))
+        return self._write(
+            lambda tx: self.rules.release(tx, hold_id, username, request_id), _request(username, request_id)
+        )
 
     def release_session(self, session_id: str) -> Deferred[list[str]]:
         return self._write(lambda tx: self.rules.release_session(tx, session_id))
@@ -942,10 +1014,12 @@ class RulesStore:
         return self._write(self.rules.expired_holds)
 
     def buy_hold(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
-        return self._write(lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id))
+        return self._write(
+            lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id), _request(username, request_id)
+        )
 
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
-        return self._write(lambda tx: self.rules.buy(tx, username, legs, request_id))
+        return self._write(lambda tx: self.rules.buy(tx, username, legs, request_id), _request(username, request_id))
 
     def tickets(self, username: str) -> Deferred[list[Ticket]]:
         return self._read(lambda tx: self.rules.tickets(tx, username))
@@ -956,7 +1030,9 @@ class RulesStore:
         return self._read(lambda tx: self.rules.ticket_page(tx, username, limit, after, active_only))
 
     def cancel(self, ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
-        return self._write(lambda tx: self.rules.cancel(tx, ticket_id, username, request_id))
+        return self._write(
+            lambda tx: self.rules.cancel(tx, ticket_id, username, request_id), _request(username, request_id)
+        )
 
     def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
         return self._read(lambda tx: self.rules.seats(tx, flight))
