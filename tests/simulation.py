@@ -249,15 +249,8 @@ class TrustingRules(SeatRules):
             self.end_expired_on(tx, [leg.flight.flight_id])
         return [leg.seat for leg in legs if leg.seat is not None]
 
-    def take(
-        self,
-        tx: Tx,
-        legs: list[LegRequest],
-        seats: list[str],
-        hold_id: str | None,
-        ticket_id: str | None,
-        expires_at: float | None = None,
-    ) -> None:
+    def take(self, tx: Tx, legs: list[LegRequest], seats: list[str], *claimant: Any) -> None:
+        hold_id, ticket_id = claimant[:2]
         # Its rows refer to the hold's, which the store may have kept.
         tx.appended()
         tx.executemany(
@@ -332,9 +325,9 @@ class ForcedTicketRules(SeatRules):
 
     forced_ticket: str | None = None
 
-    def new_ticket(self, tx: Tx, username: str, flights: list[Flight], at_once: bool = False) -> str:
+    def new_ticket(self, tx: Tx, username: str, flights: list[Flight]) -> str:
         if self.forced_ticket is None:
-            return super().new_ticket(tx, username, flights, at_once)
+            return super().new_ticket(tx, username, flights)
         tx.execute(
             "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
             " VALUES (?, ?, 'active', ?, ?, ?)",

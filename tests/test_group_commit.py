@@ -21,7 +21,7 @@ from tests.common import BIG, FAST_HASHER, MINI, START, TINY, QueueExecutor
 from tests.test_storage_faults import FaultyConnection
 from tests.test_store import SQLiteMemoryStoreTests
 from vendepass.admin import verify
-from vendepass.errors import HoldExpired, SeatUnavailable, StorageUnavailable
+from vendepass.errors import HoldExpired, HoldNotFound, SeatUnavailable, StorageUnavailable, TooManyHolds
 from vendepass.fixtures import load
 from vendepass.model import Ticket
 from vendepass.schedule import flight_by_id
@@ -458,6 +458,109 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(verify(self.store._db).findings, [])
         self.assertSeatsInMemory(self.store)
 
+    # -- kept rows read back in their batch (Tx.keep) ----------------------
+
+    def hold(self, username: str, *flights: Any, request_id: str | None = None, session: str = "S1") -> Deferred[Any]:
+        legs = [LegRequest(flight, None) for flight in flights]
+        return self.store.hold(username, session, legs, 30, lambda: True, request_id)
+
+    def test_next_hold_of_a_customer_counts_a_kept_hold(self) -> None:
+        """
+        A customer's second hold in the batch that keeps the first one's
+        rows counts the first one's seats against the limit.
+        """
+        self.store.max_held_seats = 1
+        first, second = self.queue_behind_one(lambda: self.hold("dave", self.big), lambda: self.hold("dave", self.tiny))
+        self.successResultOf(first)
+        self.assertEqual(self.failureResultOf(second, TooManyHolds).value.code, "too_many_holds")
+        self.assertEqual(verify(self.store._db).findings, [])
+        self.assertSeatsInMemory(self.store)
+
+    def test_session_end_releases_a_kept_hold(self) -> None:
+        """
+        A session that ends in the batch that keeps its hold's rows releases
+        that hold, and its seat is free again.
+        """
+        held, released = self.queue_behind_one(
+            lambda: self.hold("dave", self.big, self.tiny), lambda: self.store.release_session("S1")
+        )
+        hold = self.successResultOf(held)
+        self.assertEqual(self.successResultOf(released), [hold.hold_id])
+        self.assertEqual(
+            self.store._db.execute("SELECT state FROM holds WHERE hold_id = ?", (hold.hold_id,)).fetchone(), ("released",)
+        )
+        self.assertEqual(self.store._db.execute("SELECT COUNT(*) FROM seats WHERE hold_id IS NOT NULL").fetchone(), (0,))
+        self.assertEqual(verify(self.store._db).findings, [])
+        self.assertSeatsInMemory(self.store)
+
+    def test_hold_retried_in_its_batch(self) -> None:
+        """
+        A hold's retry in the batch that keeps the first attempt's rows
+        answers with that hold, legs and all, and holds nothing more.
+        """
+        first, retry = self.queue_behind_one(
+            lambda: self.hold("dave", self.big, self.tiny, request_id="h1"),
+            lambda: self.hold("dave", self.big, self.tiny, request_id="h1"),
+        )
+        self.assertEqual(self.successResultOf(retry), self.successResultOf(first))
+        self.assertEqual(self.store._db.execute("SELECT COUNT(*) FROM holds").fetchone(), (1,))
+        self.assertSeatsInMemory(self.store)
+
+    def held(self, username: str, *flights: Any) -> Any:
+        """
+        A hold made in a batch of its own.
+        """
+        d = self.hold(username, *flights)
+        self.executor.run_next()
+        return self.successResultOf(d)
+
+    def test_hold_bought_twice_in_a_batch(self) -> None:
+        """
+        Of two purchases of one hold in a batch (the first one's sale kept
+        for the batch's end), the second finds it bought: one ticket, and a
+        release after them in the batch finds no hold either.
+        """
+        hold = self.held("dave", self.big, self.tiny)
+        first, second, release = self.queue_behind_one(
+            lambda: self.store.buy_hold(hold.hold_id, "dave"),
+            lambda: self.store.buy_hold(hold.hold_id, "dave"),
+            lambda: self.store.release(hold.hold_id, "dave"),
+        )
+        ticket = self.successResultOf(first)
+        self.assertEqual([leg.seat for leg in ticket.legs], [leg.seat for leg in hold.legs])
+        self.failureResultOf(second, HoldNotFound)
+        self.failureResultOf(release, HoldNotFound)
+        self.assertEqual(
+            self.store._db.execute("SELECT COUNT(*) FROM seats WHERE ticket_id = ?", (ticket.ticket_id,)).fetchone(), (2,)
+        )
+        self.assertEqual(verify(self.store._db).findings, [])
+        self.assertSeatsInMemory(self.store)
+
+    def test_kept_sale_of_a_hold_checked(self) -> None:
+        """
+        A kept sale of a hold whose seat rows are not what the hold says
+        (planted: one deleted behind the rules' back) is caught when the
+        batch's sales are written: the batch runs again with each write on
+        its own, and only that purchase fails; the hold keeps its seats.
+        """
+        hold = self.held("dave", self.big, self.tiny)
+        self.store._db.execute("DELETE FROM seats WHERE hold_id = ? AND flight_id = ?", (hold.hold_id, TINY))
+        before, bought, after = self.queue_behind_one(
+            lambda: self.buy("bob", (self.big, None)),
+            lambda: self.store.buy_hold(hold.hold_id, "dave"),
+            lambda: self.buy("carol", (self.big, None)),
+        )
+        self.failureResultOf(bought, RuntimeError)
+        self.successResultOf(before)
+        self.successResultOf(after)
+        self.assertEqual(
+            self.store._db.execute("SELECT COUNT(*) FROM seats WHERE hold_id = ?", (hold.hold_id,)).fetchone(), (1,)
+        )
+        self.assertEqual(
+            self.store._db.execute("SELECT state FROM holds WHERE hold_id = ?", (hold.hold_id,)).fetchone(), ("active",)
+        )
+        self.assertSeatsInMemory(self.store)
+
     def test_callbacks_join_the_next_batch_in_order(self) -> None:
         """
         Writes started by the callbacks of a batch's answers queue behind the
@@ -502,16 +605,21 @@ class BookingCodeClashTests(SynchronousTestCase):
     def test_taken_code_drawn_again(self) -> None:
         """
         A booking code that is already taken is never given out twice: the
-        rules draw another (a hold being bought inserts its ticket at once).
+        rules draw another (in a transaction that keeps no rows for later,
+        as when a batch is done again transaction by transaction).
         """
         import vendepass.store.transactions as transactions
+        from vendepass.store.sqlite import SQLiteTx
 
         first = self.successResultOf(self.store.buy("bob", [LegRequest(self.big, None)]))
         drawn = self.clashing(transactions, [first.ticket_id, first.ticket_id])
-        hold = self.successResultOf(self.store.hold("bob", "S1", [LegRequest(self.big, None)], 30, lambda: True))
-        second = self.successResultOf(self.store.buy_hold(hold.hold_id, "bob"))
-        self.assertNotEqual(second.ticket_id, first.ticket_id)
+        db = self.store._db
+        db.execute("BEGIN IMMEDIATE")
+        second = self.store.rules.new_ticket(SQLiteTx(db, START), "bob", [self.big])
+        db.execute("COMMIT")
+        self.assertNotEqual(second, first.ticket_id)
         self.assertEqual(drawn, [START, START, START])
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM tickets").fetchone(), (2,))
 
     def test_codes_drawn_ahead_are_checked_free(self) -> None:
         """

@@ -35,9 +35,9 @@ _State = Union[object, float]
 # Per flight: (taken seats, or 0 when it has none; its held seats' sorted expiries).
 Availability = dict[str, tuple[int, tuple[float, ...]]]
 
-# While temp.vp_marked has a row, inserting a seat reports nothing: the
-# writer's bulk insert of seats it marked itself (L{SeatMemory.mark}) calls
-# no Python function per row.
+# While temp.vp_marked has a row, inserting or updating a seat reports
+# nothing: the writer's bulk statements for seats it marked itself
+# (L{SeatMemory.mark}) call no Python function per row.
 MARKED_TABLE = "CREATE TEMP TABLE IF NOT EXISTS vp_marked (marked INTEGER)"
 MARKED_ON = "INSERT INTO temp.vp_marked VALUES (1)"
 MARKED_OFF = "DELETE FROM temp.vp_marked"
@@ -47,7 +47,8 @@ TRIGGERS = (
     " WHEN NOT EXISTS (SELECT 1 FROM temp.vp_marked) BEGIN"
     " SELECT vp_seat_taken(NEW.flight_id, NEW.seat, NEW.ticket_id IS NOT NULL,"
     " (SELECT expires_at FROM main.holds WHERE hold_id = NEW.hold_id)); END",
-    "CREATE TEMP TRIGGER IF NOT EXISTS vp_seat_updated AFTER UPDATE ON main.seats BEGIN"
+    "CREATE TEMP TRIGGER IF NOT EXISTS vp_seat_updated AFTER UPDATE ON main.seats"
+    " WHEN NOT EXISTS (SELECT 1 FROM temp.vp_marked) BEGIN"
     " SELECT vp_seat_taken(NEW.flight_id, NEW.seat, NEW.ticket_id IS NOT NULL,"
     " (SELECT expires_at FROM main.holds WHERE hold_id = NEW.hold_id)); END",
     "CREATE TEMP TRIGGER IF NOT EXISTS vp_seat_deleted AFTER DELETE ON main.seats BEGIN"
@@ -112,6 +113,12 @@ class SeatMemory:
 
     def _freed_row(self, flight_id: str, seat: str) -> None:
         self._set(flight_id, seat, _ABSENT)
+
+    def __contains__(self, flight_id: object) -> bool:
+        """
+        Whether flight C{flight_id}'s seats are known here.
+        """
+        return flight_id in self._taken
 
     def mark(self, flight_id: str, seat: str, expires_at: float | None) -> bool:
         """

@@ -31,7 +31,16 @@ from vendepass.model import Flight, Network
 from vendepass.store import IExecutor, IStore, schema
 from vendepass.store.common import booking_code, load_fixtures, read_network
 from vendepass.store.memory import MARKED_OFF, MARKED_ON, Availability, SeatMemory
-from vendepass.store.transactions import HOLD_INSERT, SEAT_INSERT, TICKET_ROW_INSERT, RulesStore, SeatRules, Tx
+from vendepass.store.transactions import (
+    HOLD_INSERT,
+    HOLDS_BOUGHT,
+    SEAT_INSERT,
+    SEATS_SOLD,
+    TICKET_ROW_INSERT,
+    RulesStore,
+    SeatRules,
+    Tx,
+)
 
 T = TypeVar("T")
 
@@ -138,7 +147,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # Kept rows are inserted tickets and holds first, then seats (which refer to
 # them), then the rest in the order they were first kept.
-_KEPT_ORDER = {TICKET_ROW_INSERT: 0, HOLD_INSERT: 0, SEAT_INSERT: 1}
+_KEPT_ORDER = {TICKET_ROW_INSERT: 0, HOLD_INSERT: 0, SEAT_INSERT: 1, SEATS_SOLD: 1}
+# The statements of seats marked in memory already (L{SeatMemory.mark}).
+_MARKED = (SEAT_INSERT, SEATS_SOLD)
 # How many rows one statement of a bulk insert carries: the smallest of
 # these that holds them all (the rest padded with rows of NULLs, which it
 # leaves out), or the largest, again and again.
@@ -148,9 +159,16 @@ _BULK_SIZES = (8, 64, 256)
 @functools.lru_cache(maxsize=64)
 def _bulk_statement(sql: str, rows: int) -> tuple[str, int]:
     """
-    C{sql} (C{INSERT INTO t (...) VALUES (...)}) made to insert up to
-    C{rows} rows given at once, and how many values a row has.
+    C{sql} (C{INSERT INTO t (...) VALUES (...)}, or C{UPDATE ... FROM
+    (VALUES (...)) AS v WHERE ... = v.column1}) made to insert or update
+    with up to C{rows} rows given at once, and how many values a row has.
     """
+    if sql.startswith("UPDATE"):
+        # A padding row's NULL first value matches no row.
+        head, rest = sql.split("(VALUES ", 1)
+        values, tail = rest.split(")", 1)
+        values += ")"
+        return f"{head}(VALUES {', '.join([values] * rows)}{tail}", values.count("?")
     head, values = sql.split(" VALUES ")
     return (
         f"{head} SELECT * FROM (VALUES {', '.join([values] * rows)}) WHERE column1 IS NOT NULL",
@@ -158,13 +176,15 @@ def _bulk_statement(sql: str, rows: int) -> tuple[str, int]:
     )
 
 
-def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...]]) -> None:
+def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...]]) -> int:
     """
-    Insert C{rows} (whose first value is never C{NULL}) with C{sql}, in as
-    few statements as L{_BULK_SIZES} allows, in order, rather than one step
-    per row: each step lets the GIL go and must win it back, and while the
-    reactor is busy that wait, not SQLite, is most of a row's cost.
+    Insert C{rows} (whose first value is never C{NULL}) with C{sql} (or
+    update with them), in as few statements as L{_BULK_SIZES} allows, in
+    order, rather than one step per row: each step lets the GIL go and must
+    win it back, and while the reactor is busy that wait, not SQLite, is
+    most of a row's cost. Returns how many rows the statements changed.
     """
+    changed = 0
     largest = _BULK_SIZES[-1]
     for start in range(0, len(rows), largest):
         chunk = rows[start:start + largest]
@@ -175,7 +195,8 @@ def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...
         statement, width = _bulk_statement(sql, size)
         values = [value for row in chunk for value in row]
         values.extend([None] * (width * (size - len(chunk))))
-        execute(statement, values)
+        changed += execute(statement, values).rowcount
+    return changed
 
 
 class TicketCodes:
@@ -255,6 +276,8 @@ class Kept:
     def __init__(self, requests: dict[_RequestKey, _RequestOutcome] | None = None) -> None:
         self.rows: dict[str, list[tuple[Any, ...]]] = {}
         self.keys: set[tuple[str, ...]] = set()
+        # How many seats the kept sales of holds (SEATS_SOLD) must move.
+        self.sold = 0
         self.requests = {} if requests is None else requests
 
     def __bool__(self) -> bool:
@@ -337,17 +360,22 @@ class SQLiteTx(Tx):
         if later:
             kept = later.rows
             for sql in sorted(kept, key=lambda sql: _KEPT_ORDER.get(sql, 2)):
-                if sql == SEAT_INSERT:
-                    # Seats marked in memory already (L{insert_seats}).
+                rows = kept[sql]
+                if sql in _MARKED:
+                    # Seats marked in memory already (L{insert_seats}, L{sell_hold}).
                     self.execute(MARKED_ON)
                     try:
-                        insert_rows(self.execute, sql, kept[sql])
+                        changed = insert_rows(self.execute, sql, rows)
                     finally:
                         self.execute(MARKED_OFF)
                 else:
-                    insert_rows(self.execute, sql, kept[sql])
+                    changed = insert_rows(self.execute, sql, rows)
+                if sql == SEATS_SOLD and changed != later.sold:
+                    # Then the batch is done again, each transaction alone.
+                    raise RuntimeError(f"the holds bought cover {changed} seats, expected {later.sold}")
             kept.clear()
             later.keys.clear()
+            later.sold = 0
 
     def insert_seats(
         self, rows: list[tuple[str, str, str | None, str | None]], expires_at: float | None = None
@@ -370,6 +398,19 @@ class SQLiteTx(Tx):
             rows = [row for row in rows if row not in marked]
             self.appended()
         super().insert_seats(rows)
+
+    def sell_hold(self, hold_id: str, username: str, ticket_id: str, seats: list[tuple[str, str]]) -> None:
+        later, memory = self.later, self.seats
+        if later is None or memory is None or not all(flight_id in memory for flight_id, _ in seats):
+            # At once: after what it refers to (the ticket may be kept).
+            self.appended()
+            super().sell_hold(hold_id, username, ticket_id, seats)
+            return
+        for flight_id, seat in seats:
+            memory.mark(flight_id, seat, None)
+        self.keep(SEATS_SOLD, [(hold_id, ticket_id)], [("hold", hold_id), ("user", username)])
+        self.append(HOLDS_BOUGHT, [(hold_id, self.now)])
+        later.sold += len(seats)
 
     def fresh_ticket(self, username: str, price_cents: int, currency: str) -> str | None:
         if self.later is None or self.codes is None:

@@ -215,6 +215,23 @@ class Tx:
         """
         self.executemany(SEAT_INSERT, rows)
 
+    def sell_hold(self, hold_id: str, username: str, ticket_id: str, seats: list[tuple[str, str]]) -> None:
+        """
+        Give the seats C{(flight_id, seat)} of active hold C{hold_id} (read
+        locked) of C{username} to ticket C{ticket_id}, and end the hold as
+        bought: here at once, checking that the hold claims exactly those
+        seats. A store may keep this for L{appended} (marking the seats
+        sold first), as L{keep} does.
+        """
+        changed = self.execute(
+            "UPDATE seats SET hold_id = NULL, ticket_id = ? WHERE hold_id = ?", (ticket_id, hold_id)
+        ).rowcount
+        if changed != len(seats):
+            raise RuntimeError(f"hold {hold_id} covers {changed} seats, expected {len(seats)}")
+        self.execute(
+            "UPDATE holds SET state = 'bought', ended_at = ? WHERE hold_id = ? AND state = 'active'", (self.now, hold_id)
+        )
+
     def fresh_ticket(self, username: str, price_cents: int, currency: str) -> str | None:
         """
         Insert a new ticket (without its legs) under a booking code the
@@ -288,6 +305,17 @@ HOLD_INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, 'active')"
 )
 HOLD_LEG_INSERT = "INSERT INTO hold_legs (hold_id, leg, flight_id, seat) VALUES (?, ?, ?, ?)"
+# A hold bought: its seats go to the ticket, and the hold is ended, for
+# rows (hold_id, ticket_id) and (hold_id, ended_at): one statement each for
+# many holds (the VALUES list repeated).
+SEATS_SOLD = (
+    "UPDATE seats SET hold_id = NULL, ticket_id = v.column2 FROM (VALUES (?, ?)) AS v"
+    " WHERE seats.hold_id = v.column1"
+)
+HOLDS_BOUGHT = (
+    "UPDATE holds SET state = 'bought', ended_at = v.column2 FROM (VALUES (?, ?)) AS v"
+    " WHERE holds.hold_id = v.column1 AND holds.state = 'active'"
+)
 
 
 def new_ticket_legs(legs: Iterable[tuple[Flight, str]]) -> tuple[TicketLeg, ...]:
@@ -713,17 +741,15 @@ class SeatRules:
 
     # -- tickets ------------------------------------------------------------
 
-    def new_ticket(self, tx: Tx, username: str, flights: list[Flight], at_once: bool = False) -> str:
+    def new_ticket(self, tx: Tx, username: str, flights: list[Flight]) -> str:
         """
-        Insert a ticket (without its legs) under a fresh booking code;
-        C{at_once}: the caller's next statement refers to it, so the store
-        may not keep its row for later (L{Tx.fresh_ticket}).
+        Insert a ticket (without its legs) under a fresh booking code (the
+        store may keep its row for later: L{Tx.fresh_ticket}).
         """
         price = sum(flight.fare.cents for flight in flights)
-        if not at_once:
-            fresh = tx.fresh_ticket(username, price, self.currency)
-            if fresh is not None:
-                return fresh
+        fresh = tx.fresh_ticket(username, price, self.currency)
+        if fresh is not None:
+            return fresh
         for attempt in range(16):
             # After a few clashes (a day of hundreds of millions of sales),
             # any free code will do.
@@ -779,14 +805,8 @@ class SeatRules:
             if flight.departs_ts <= tx.now:
                 raise departed(flight)
             legs.append((flight, seat))
-        ticket_id = self.new_ticket(tx, username, [flight for flight, _ in legs], at_once=True)
-        # The conditional update: only seats still claimed by this hold.
-        changed = tx.execute("UPDATE seats SET hold_id = NULL, ticket_id = ? WHERE hold_id = ?", (ticket_id, hold_id)).rowcount
-        if changed != len(legs):
-            raise RuntimeError(f"hold {hold_id} covers {changed} seats, expected {len(legs)}")
-        tx.execute(
-            "UPDATE holds SET state = 'bought', ended_at = ? WHERE hold_id = ? AND state = 'active'", (tx.now, hold_id)
-        )
+        ticket_id = self.new_ticket(tx, username, [flight for flight, _ in legs])
+        tx.sell_hold(hold_id, username, ticket_id, [(flight.flight_id, seat) for flight, seat in legs])
         self.audit(tx, username, "buy", [(f.flight_id, seat) for f, seat in legs], hold_id=hold_id, ticket_id=ticket_id)
         self.remember(tx, username, request_id, "buy", ticket_id)
         return self.ticket_legs(tx, ticket_id, username, legs)
