@@ -536,6 +536,28 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(verify(self.store._db).findings, [])
         self.assertSeatsInMemory(self.store)
 
+    def test_hold_ended_then_bought_in_a_batch(self) -> None:
+        """
+        A hold that a write of the batch releases, or whose session ends,
+        before its purchase in the same batch is not sold: the purchase
+        does not answer from the hold as the batch first read it.
+        """
+        released = self.held("dave", self.big)
+        ended = self.held("erin", self.tiny)
+        release, buy, session, buy_ended = self.queue_behind_one(
+            lambda: self.store.release(released.hold_id, "dave"),
+            lambda: self.store.buy_hold(released.hold_id, "dave"),
+            lambda: self.store.release_session("S1"),
+            lambda: self.store.buy_hold(ended.hold_id, "erin"),
+        )
+        self.successResultOf(release)
+        self.successResultOf(session)
+        self.failureResultOf(buy, HoldNotFound)
+        self.failureResultOf(buy_ended, HoldNotFound)
+        self.assertEqual(self.store._db.execute("SELECT COUNT(*) FROM seats").fetchone(), (1,))
+        self.assertEqual(verify(self.store._db).findings, [])
+        self.assertSeatsInMemory(self.store)
+
     def test_kept_sale_of_a_hold_checked(self) -> None:
         """
         A kept sale of a hold whose seat rows are not what the hold says

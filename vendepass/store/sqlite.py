@@ -48,8 +48,9 @@ T = TypeVar("T")
 _Refreshed = Availability
 # A write's outcome in a batch: (True, result) or (False, failure).
 _Outcome = tuple[bool, Any]
-# A queued write: its work, its Deferred, and the request it looks up first.
-_Queued = tuple[Callable[["Tx"], Any], Deferred[Any], Union[tuple[str, str], None]]
+# A queued write: its work, its Deferred, the request it looks up first,
+# and the hold it buys.
+_Queued = tuple[Callable[["Tx"], Any], Deferred[Any], Union[tuple[str, str], None], Union[str, None]]
 
 
 _SCHEMA_1 = schema.render(
@@ -253,6 +254,33 @@ def read_requests(execute: Callable[..., Any], keys: list[_RequestKey]) -> dict[
     return found
 
 
+def read_holds(execute: Callable[..., Any], hold_ids: list[str]) -> dict[str, list[tuple[Any, ...]]]:
+    """
+    These holds and their legs, as L{Tx.hold_for_sale} reads one, in as few
+    statements as L{_BULK_SIZES} allows: no rows for a hold that is not.
+    """
+    found: dict[str, list[tuple[Any, ...]]] = {hold_id: [] for hold_id in hold_ids}
+    unique = list(found)
+    largest = _BULK_SIZES[-1]
+    for start in range(0, len(unique), largest):
+        chunk: list[str | None] = list(unique[start:start + largest])
+        size = next(size for size in _BULK_SIZES if size >= len(chunk))
+        chunk.extend([None] * (size - len(chunk)))
+        for hold_id, *row in execute(_holds_statement(size), chunk).fetchall():
+            found[hold_id].append(tuple(row))
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _holds_statement(rows: int) -> str:
+    return (
+        "SELECT h.hold_id, h.username, h.state, h.expires_at, l.flight_id, l.seat FROM (VALUES "
+        + ", ".join(["(?)"] * rows)
+        + ") v JOIN holds h ON h.hold_id = v.column1 JOIN hold_legs l ON l.hold_id = h.hold_id"
+        " ORDER BY h.hold_id, l.leg"
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _requests_statement(rows: int) -> str:
     return (
@@ -273,12 +301,19 @@ class Kept:
     remembers is asked of the database again).
     """
 
-    def __init__(self, requests: dict[_RequestKey, _RequestOutcome] | None = None) -> None:
+    def __init__(
+        self,
+        requests: dict[_RequestKey, _RequestOutcome] | None = None,
+        holds: dict[str, list[tuple[Any, ...]]] | None = None,
+    ) -> None:
         self.rows: dict[str, list[tuple[Any, ...]]] = {}
         self.keys: set[tuple[str, ...]] = set()
         # How many seats the kept sales of holds (SEATS_SOLD) must move.
         self.sold = 0
         self.requests = {} if requests is None else requests
+        # The holds that the batch's purchases of holds buy, read when it
+        # began; one is forgotten once a write of the batch reads or ends it.
+        self.holds = {} if holds is None else holds
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -328,9 +363,11 @@ class SQLiteTx(Tx):
         if later is not None:
             for key in keys:
                 later.keys.add(key)
+                # What was read of it when the batch began is stale now.
                 if key[0] == "request":
-                    # Its outcome, read when the batch began, is stale now.
                     later.requests.pop((key[1], key[2]), None)
+                elif key[0] == "hold":
+                    later.holds.pop(key[1], None)
 
     def request_outcome(self, username: str, request_id: str) -> tuple[str, str] | None:
         later = self.later
@@ -353,7 +390,25 @@ class SQLiteTx(Tx):
         self._read_back(("user", username))
 
     def reading_hold(self, hold_id: str) -> None:
+        later = self.later
+        if later is not None:
+            # The hold as read when the batch began may change from now on.
+            later.holds.pop(hold_id, None)
         self._read_back(("hold", hold_id))
+
+    def ending_holds(self) -> None:
+        if self.later is not None:
+            self.later.holds.clear()
+        self.appended()
+
+    def hold_for_sale(self, hold_id: str) -> list[tuple[Any, ...]]:
+        later = self.later
+        if later is not None:
+            rows = later.holds.pop(hold_id, None)
+            if rows is not None:
+                # Read when the batch began, and untouched by its writes since.
+                return rows
+        return super().hold_for_sale(hold_id)
 
     def appended(self) -> None:
         later = self.later
@@ -744,7 +799,9 @@ class SQLiteStore(RulesStore):
 
     # -- transactions -------------------------------------------------------
 
-    def _write(self, work: Callable[[Tx], T], request: tuple[str, str] | None = None) -> Deferred[T]:
+    def _write(
+        self, work: Callable[[Tx], T], request: tuple[str, str] | None = None, hold: str | None = None
+    ) -> Deferred[T]:
         """
         Run C{work(tx)} atomically in a write transaction on the executor,
         and fire with its outcome once that transaction is on disk.
@@ -758,7 +815,7 @@ class SQLiteStore(RulesStore):
         """
         if self.max_batch > 1:
             d: Deferred[T] = Deferred()
-            self._pending.append((work, d, request))
+            self._pending.append((work, d, request, hold))
             if not self._batching:
                 self._next_batch()
             return d
@@ -775,12 +832,13 @@ class SQLiteStore(RulesStore):
         self._batching = True
         self.batches += 1
         self.batched_writes += len(batch)
-        works = [work for work, _, _ in batch]
-        requests = [request for _, _, request in batch if request is not None]
+        works = [work for work, *_ in batch]
+        requests = [request for _, _, request, _ in batch if request is not None]
+        holds = [hold for *_, hold in batch if hold is not None]
         # A method and its arguments, not a closure: nothing here refers
         # back to itself, so a batch's Deferreds and works are freed as soon
         # as it is answered, not left to the garbage collector.
-        self._executor.submit(self._guarded(functools.partial(self._run_batch, works, requests))).addBoth(self._deliver, batch)
+        self._executor.submit(self._guarded(functools.partial(self._run_batch, works, requests, holds))).addBoth(self._deliver, batch)
 
     def _deliver(
         self,
@@ -806,14 +864,14 @@ class SQLiteStore(RulesStore):
             if overlapped:
                 self._next_batch()
             if isinstance(done, Failure):
-                for _, d, _ in batch:
+                for _, d, *_ in batch:
                     d.errback(done)
                 return
             outcomes, refreshed, ended = done
             self._checkpoint()
             self._refreshed(refreshed)
             self._report(ended)
-            for (ok, value), (_, d, _) in zip(outcomes, batch):
+            for (ok, value), (_, d, *_) in zip(outcomes, batch):
                 if ok:
                     d.callback(value)
                 else:
@@ -826,7 +884,10 @@ class SQLiteStore(RulesStore):
                 self._next_batch()
 
     def _run_batch(
-        self, works: list[Callable[[Tx], Any]], requests: list[_RequestKey] | None = None
+        self,
+        works: list[Callable[[Tx], Any]],
+        requests: list[_RequestKey] | None = None,
+        holds: list[str] | None = None,
     ) -> tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]]:
         """
         Run C{works} in one transaction and commit once. Returns C{(True,
@@ -855,9 +916,12 @@ class SQLiteStore(RulesStore):
             ended: list[tuple[str, str]] = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                # The outcomes of the batch's requests, in one statement or so
-                # rather than one per request.
-                later = Kept(read_requests(db.execute, requests) if requests else None) if together else None
+                # The outcomes of the batch's requests and the holds it buys,
+                # in a statement or so each rather than one per write.
+                later = Kept(
+                    read_requests(db.execute, requests) if requests else None,
+                    read_holds(db.execute, holds) if holds else None,
+                ) if together else None
                 seats.begun(self._clock.seconds())
                 for i, work in enumerate(works):
                     if i in failed:

@@ -167,6 +167,29 @@ class Tx:
         row = self.one("SELECT kind, outcome FROM requests WHERE username = ? AND request_id = ?", (username, request_id))
         return None if row is None else (str(row[0]), str(row[1]))
 
+    def ending_holds(self) -> None:
+        """
+        The transaction is about to read, end or forget holds it finds by
+        something else than their id (a session, their expiry): a store that
+        keeps rows for later writes them now, and forgets what it read.
+        """
+        self.appended()
+
+    def hold_for_sale(self, hold_id: str) -> list[tuple[Any, ...]]:
+        """
+        Hold C{hold_id} (locked) and its legs, in one statement: a row
+        C{(username, state, expires_at, flight_id, seat)} per leg, in order;
+        none if there is no such hold. A store may answer from what it read
+        for many transactions at once.
+        """
+        self.reading_hold(hold_id)
+        return self.all(
+            "SELECT h.username, h.state, h.expires_at, l.flight_id, l.seat FROM holds h"
+            " JOIN hold_legs l ON l.hold_id = h.hold_id"
+            f" WHERE h.hold_id = ? ORDER BY l.leg{self.for_update('h')}",
+            (hold_id,),
+        )
+
     def reading_hold(self, hold_id: str) -> None:
         """
         The transaction is about to read or end hold C{hold_id}: a store
@@ -520,7 +543,7 @@ class SeatRules:
         """
         End the holds on these flights whose time is up.
         """
-        tx.appended()
+        tx.ending_holds()
         for (hold_id,) in tx.all(
             f"SELECT DISTINCT s.hold_id FROM seats s{tx.held_seats_index} JOIN holds h ON h.hold_id = s.hold_id"
             f" WHERE s.flight_id IN ({_marks(len(flight_ids))}) AND s.hold_id IS NOT NULL AND h.state = 'active'"
@@ -560,7 +583,7 @@ class SeatRules:
         self.remember(tx, username, request_id, "release", hold_id)
 
     def release_session(self, tx: Tx, session_id: str) -> list[str]:
-        tx.appended()
+        tx.ending_holds()
         holds = tx.all(
             f"SELECT hold_id FROM holds WHERE session_id = ? AND state = 'active' ORDER BY {tx.hold_order('holds', 'hold_id')}",
             (session_id,),
@@ -584,7 +607,7 @@ class SeatRules:
         another server's sweep is ending right now), and forget the
         requests and ended holds older than L{REQUEST_RETENTION}.
         """
-        tx.appended()
+        tx.ending_holds()
         rows = tx.all(
             "SELECT hold_id, session_id FROM holds WHERE state = 'active' AND expires_at <= ?"
             f" ORDER BY {tx.hold_order('holds', 'hold_id')} LIMIT {int(limit)}{tx.skip_locked()}",
@@ -790,14 +813,7 @@ class SeatRules:
         done = self.replay(tx, username, request_id, "buy")
         if done is not None:
             return self.ticket_as_bought(tx, done)
-        # The hold (locked) and its legs in one statement.
-        tx.reading_hold(hold_id)
-        rows = tx.all(
-            "SELECT h.username, h.state, h.expires_at, l.flight_id, l.seat FROM holds h"
-            " JOIN hold_legs l ON l.hold_id = h.hold_id"
-            f" WHERE h.hold_id = ? ORDER BY l.leg{tx.for_update('h')}",
-            (hold_id,),
-        )
+        rows = tx.hold_for_sale(hold_id)
         self.check_active(tx, hold_id, username, rows[0][:3] if rows else None)
         legs = []
         for _, _, _, flight_id, seat in rows:
@@ -957,11 +973,13 @@ class RulesStore:
     _watchers: list[Callable[[str, str], None]]
     _log = Logger()
 
-    def _write(self, work: Callable[[Tx], T], request: tuple[str, str] | None = None) -> Deferred[T]:
+    def _write(
+        self, work: Callable[[Tx], T], request: tuple[str, str] | None = None, hold: str | None = None
+    ) -> Deferred[T]:
         """
         C{request}: the C{(username, request_id)} whose outcome C{work}
-        looks up first (L{SeatRules.replay}), for a store that reads many
-        at once.
+        looks up first (L{SeatRules.replay}); C{hold}: the hold it buys
+        (L{Tx.hold_for_sale}); for a store that reads many at once.
         """
         raise NotImplementedError
 
@@ -1035,7 +1053,7 @@ class RulesStore:
 
     def buy_hold(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         return self._write(
-            lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id), _request(username, request_id)
+            lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id), _request(username, request_id), hold_id
         )
 
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
