@@ -558,6 +558,33 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(verify(self.store._db).findings, [])
         self.assertSeatsInMemory(self.store)
 
+    def test_held_seats_counted_after_changes_in_the_batch(self) -> None:
+        """
+        A customer's held seats, read for the batch when it began, are
+        counted again after a write of the batch bought or released one of
+        their holds, and a hold whose time is up counts for nothing.
+        """
+        self.store.max_held_seats = 1
+        bought, released = self.held("dave", self.big), self.held("erin", self.big)
+        # Its time is up, but no claim of its flight ends it before carol's
+        # next hold counts it.
+        short = self.store.hold("carol", "S2", [LegRequest(self.tiny, None)], 5, lambda: True)
+        self.executor.run_next()
+        self.successResultOf(short)
+        self.clock.advance(10)
+        # The first four share a batch, carol's hold is the next one's.
+        writes = self.queue_behind_one(
+            lambda: self.store.buy_hold(bought.hold_id, "dave"),
+            lambda: self.hold("dave", self.big),
+            lambda: self.store.release(released.hold_id, "erin"),
+            lambda: self.hold("erin", self.big),
+            lambda: self.hold("carol", self.big),
+        )
+        for d in writes:
+            self.successResultOf(d)
+        self.assertEqual(verify(self.store._db).findings, [])
+        self.assertSeatsInMemory(self.store)
+
     def test_kept_sale_of_a_hold_checked(self) -> None:
         """
         A kept sale of a hold whose seat rows are not what the hold says

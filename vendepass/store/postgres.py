@@ -93,6 +93,7 @@ from vendepass.store.common import (
     seat_taken,
 )
 from vendepass.store.transactions import (
+    Reads,
     RulesStore,
     SeatRules,
     Tx,
@@ -1440,9 +1441,7 @@ class PostgresStore(RulesStore):
                 pass
             conn.close()
 
-    def _write(
-        self, work: Callable[[Tx], T], request: tuple[str, str] | None = None, hold: str | None = None
-    ) -> Deferred[T]:
+    def _write(self, work: Callable[[Tx], T], reads: Reads = ()) -> Deferred[T]:
         """
         Run C{work(tx)} in one transaction on the executor, retrying it from
         the start when it lost a race; fire with its outcome once committed.

@@ -33,6 +33,7 @@ from vendepass.store.common import booking_code, load_fixtures, read_network
 from vendepass.store.memory import MARKED_OFF, MARKED_ON, Availability, SeatMemory
 from vendepass.store.transactions import (
     HOLD_INSERT,
+    Reads,
     HOLDS_BOUGHT,
     SEAT_INSERT,
     SEATS_SOLD,
@@ -48,9 +49,8 @@ T = TypeVar("T")
 _Refreshed = Availability
 # A write's outcome in a batch: (True, result) or (False, failure).
 _Outcome = tuple[bool, Any]
-# A queued write: its work, its Deferred, the request it looks up first,
-# and the hold it buys.
-_Queued = tuple[Callable[["Tx"], Any], Deferred[Any], Union[tuple[str, str], None], Union[str, None]]
+# A queued write: its work, its Deferred, and what it reads first.
+_Queued = tuple[Callable[["Tx"], Any], Deferred[Any], Reads]
 
 
 _SCHEMA_1 = schema.render(
@@ -271,6 +271,33 @@ def read_holds(execute: Callable[..., Any], hold_ids: list[str]) -> dict[str, li
     return found
 
 
+def read_held(execute: Callable[..., Any], usernames: list[str]) -> dict[str, list[tuple[float, int]]]:
+    """
+    The active holds of these customers, as C{(expires_at, seats)}, in as
+    few statements as L{_BULK_SIZES} allows (for L{Tx.held_seats}).
+    """
+    found: dict[str, list[tuple[float, int]]] = {username: [] for username in usernames}
+    unique = list(found)
+    largest = _BULK_SIZES[-1]
+    for start in range(0, len(unique), largest):
+        chunk: list[str | None] = list(unique[start:start + largest])
+        size = next(size for size in _BULK_SIZES if size >= len(chunk))
+        chunk.extend([None] * (size - len(chunk)))
+        for username, expires_at, seats in execute(_held_statement(size), chunk).fetchall():
+            found[username].append((float(expires_at), int(seats)))
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _held_statement(rows: int) -> str:
+    return (
+        "SELECT h.username, h.expires_at, COUNT(*) FROM (VALUES "
+        + ", ".join(["(?)"] * rows)
+        + ") v JOIN holds h INDEXED BY holds_user ON h.username = v.column1 AND h.state = 'active'"
+        " JOIN hold_legs l ON l.hold_id = h.hold_id GROUP BY h.hold_id"
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _holds_statement(rows: int) -> str:
     return (
@@ -301,19 +328,28 @@ class Kept:
     remembers is asked of the database again).
     """
 
-    def __init__(
-        self,
-        requests: dict[_RequestKey, _RequestOutcome] | None = None,
-        holds: dict[str, list[tuple[Any, ...]]] | None = None,
-    ) -> None:
+    def __init__(self, execute: Callable[..., Any] | None = None, reads: Reads = ()) -> None:
         self.rows: dict[str, list[tuple[Any, ...]]] = {}
         self.keys: set[tuple[str, ...]] = set()
         # How many seats the kept sales of holds (SEATS_SOLD) must move.
         self.sold = 0
-        self.requests = {} if requests is None else requests
-        # The holds that the batch's purchases of holds buy, read when it
-        # began; one is forgotten once a write of the batch reads or ends it.
-        self.holds = {} if holds is None else holds
+        # What the batch's writes read first (their C{reads}), read for all
+        # of them when it began, in a statement or so each; an entry is
+        # forgotten once a write of the batch may have changed it: the
+        # requests' outcomes, the holds bought, the customers' active holds.
+        self.requests: dict[_RequestKey, _RequestOutcome] = {}
+        self.holds: dict[str, list[tuple[Any, ...]]] = {}
+        self.held: dict[str, list[tuple[float, int]]] = {}
+        if execute is not None and reads:
+            requests = [(key[1], key[2]) for key in reads if key[0] == "request"]
+            holds = [key[1] for key in reads if key[0] == "hold"]
+            users = [key[1] for key in reads if key[0] == "user"]
+            if requests:
+                self.requests = read_requests(execute, requests)
+            if holds:
+                self.holds = read_holds(execute, holds)
+            if users:
+                self.held = read_held(execute, users)
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -368,6 +404,8 @@ class SQLiteTx(Tx):
                     later.requests.pop((key[1], key[2]), None)
                 elif key[0] == "hold":
                     later.holds.pop(key[1], None)
+                elif key[0] == "user":
+                    later.held.pop(key[1], None)
 
     def request_outcome(self, username: str, request_id: str) -> tuple[str, str] | None:
         later = self.later
@@ -392,13 +430,25 @@ class SQLiteTx(Tx):
     def reading_hold(self, hold_id: str) -> None:
         later = self.later
         if later is not None:
-            # The hold as read when the batch began may change from now on.
+            # The hold as read when the batch began may change from now on,
+            # and so may its customer's (not known here) active holds.
             later.holds.pop(hold_id, None)
+            later.held.clear()
         self._read_back(("hold", hold_id))
+
+    def held_seats(self, username: str) -> int:
+        later = self.later
+        if later is not None:
+            holds = later.held.get(username)
+            if holds is not None:
+                # Read when the batch began, and untouched by its writes since.
+                return sum(seats for expires_at, seats in holds if expires_at > self.now)
+        return super().held_seats(username)
 
     def ending_holds(self) -> None:
         if self.later is not None:
             self.later.holds.clear()
+            self.later.held.clear()
         self.appended()
 
     def hold_for_sale(self, hold_id: str) -> list[tuple[Any, ...]]:
@@ -458,6 +508,8 @@ class SQLiteTx(Tx):
         later, memory = self.later, self.seats
         if later is None or memory is None or not all(flight_id in memory for flight_id, _ in seats):
             # At once: after what it refers to (the ticket may be kept).
+            if later is not None:
+                later.held.pop(username, None)
             self.appended()
             super().sell_hold(hold_id, username, ticket_id, seats)
             return
@@ -799,9 +851,7 @@ class SQLiteStore(RulesStore):
 
     # -- transactions -------------------------------------------------------
 
-    def _write(
-        self, work: Callable[[Tx], T], request: tuple[str, str] | None = None, hold: str | None = None
-    ) -> Deferred[T]:
+    def _write(self, work: Callable[[Tx], T], reads: Reads = ()) -> Deferred[T]:
         """
         Run C{work(tx)} atomically in a write transaction on the executor,
         and fire with its outcome once that transaction is on disk.
@@ -815,7 +865,7 @@ class SQLiteStore(RulesStore):
         """
         if self.max_batch > 1:
             d: Deferred[T] = Deferred()
-            self._pending.append((work, d, request, hold))
+            self._pending.append((work, d, reads))
             if not self._batching:
                 self._next_batch()
             return d
@@ -832,13 +882,12 @@ class SQLiteStore(RulesStore):
         self._batching = True
         self.batches += 1
         self.batched_writes += len(batch)
-        works = [work for work, *_ in batch]
-        requests = [request for _, _, request, _ in batch if request is not None]
-        holds = [hold for *_, hold in batch if hold is not None]
+        works = [work for work, _, _ in batch]
+        reads = tuple(key for _, _, keys in batch for key in keys)
         # A method and its arguments, not a closure: nothing here refers
         # back to itself, so a batch's Deferreds and works are freed as soon
         # as it is answered, not left to the garbage collector.
-        self._executor.submit(self._guarded(functools.partial(self._run_batch, works, requests, holds))).addBoth(self._deliver, batch)
+        self._executor.submit(self._guarded(functools.partial(self._run_batch, works, reads))).addBoth(self._deliver, batch)
 
     def _deliver(
         self,
@@ -864,14 +913,14 @@ class SQLiteStore(RulesStore):
             if overlapped:
                 self._next_batch()
             if isinstance(done, Failure):
-                for _, d, *_ in batch:
+                for _, d, _ in batch:
                     d.errback(done)
                 return
             outcomes, refreshed, ended = done
             self._checkpoint()
             self._refreshed(refreshed)
             self._report(ended)
-            for (ok, value), (_, d, *_) in zip(outcomes, batch):
+            for (ok, value), (_, d, _) in zip(outcomes, batch):
                 if ok:
                     d.callback(value)
                 else:
@@ -886,8 +935,7 @@ class SQLiteStore(RulesStore):
     def _run_batch(
         self,
         works: list[Callable[[Tx], Any]],
-        requests: list[_RequestKey] | None = None,
-        holds: list[str] | None = None,
+        reads: Reads = (),
     ) -> tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]]:
         """
         Run C{works} in one transaction and commit once. Returns C{(True,
@@ -916,12 +964,7 @@ class SQLiteStore(RulesStore):
             ended: list[tuple[str, str]] = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                # The outcomes of the batch's requests and the holds it buys,
-                # in a statement or so each rather than one per write.
-                later = Kept(
-                    read_requests(db.execute, requests) if requests else None,
-                    read_holds(db.execute, holds) if holds else None,
-                ) if together else None
+                later = Kept(db.execute, reads) if together else None
                 seats.begun(self._clock.seconds())
                 for i, work in enumerate(works):
                     if i in failed:

@@ -167,6 +167,21 @@ class Tx:
         row = self.one("SELECT kind, outcome FROM requests WHERE username = ? AND request_id = ?", (username, request_id))
         return None if row is None else (str(row[0]), str(row[1]))
 
+    def held_seats(self, username: str) -> int:
+        """
+        How many seats C{username}'s active holds whose time is not up
+        hold: asked after L{lock_user}. A store may answer from what it read
+        for many transactions at once.
+        """
+        # By the customer's active holds: SQLite's planner would rather
+        # read every active hold not yet expired, one per customer holding.
+        (held,) = self.one(
+            f"SELECT COUNT(*) FROM holds h{self.index_hint('holds_user')} JOIN hold_legs l ON l.hold_id = h.hold_id"
+            " WHERE h.username = ? AND h.state = 'active' AND h.expires_at > ?",
+            (username, self.now),
+        )
+        return int(held)
+
     def ending_holds(self) -> None:
         """
         The transaction is about to read, end or forget holds it finds by
@@ -714,13 +729,7 @@ class SeatRules:
         # One hold at a time per customer, whichever server: the limit on
         # held seats cannot be passed by holding on two at once.
         tx.lock_user(username)
-        # By the customer's active holds: SQLite's planner would rather
-        # read every active hold not yet expired, one per customer holding.
-        (held,) = tx.one(
-            f"SELECT COUNT(*) FROM holds h{tx.index_hint('holds_user')} JOIN hold_legs l ON l.hold_id = h.hold_id"
-            " WHERE h.username = ? AND h.state = 'active' AND h.expires_at > ?",
-            (username, tx.now),
-        )
+        held = tx.held_seats(username)
         if held + len(legs) > self.max_held_seats:
             raise too_many_holds(self.max_held_seats, held)
         seats = self.claim(tx, legs)
@@ -957,8 +966,14 @@ class SeatRules:
         return result
 
 
-def _request(username: str, request_id: str | None) -> tuple[str, str] | None:
-    return None if request_id is None else (username, request_id)
+# What a write reads first, named as Tx.keep's keys: ("request", username,
+# request_id), ("hold", hold_id) (a hold bought), ("user", username) (the
+# customer's held seats counted).
+Reads = tuple[tuple[str, ...], ...]
+
+
+def _request(username: str, request_id: str | None, *more: tuple[str, ...]) -> Reads:
+    return more if request_id is None else (("request", username, request_id), *more)
 
 
 class RulesStore:
@@ -973,13 +988,11 @@ class RulesStore:
     _watchers: list[Callable[[str, str], None]]
     _log = Logger()
 
-    def _write(
-        self, work: Callable[[Tx], T], request: tuple[str, str] | None = None, hold: str | None = None
-    ) -> Deferred[T]:
+    def _write(self, work: Callable[[Tx], T], reads: Reads = ()) -> Deferred[T]:
         """
-        C{request}: the C{(username, request_id)} whose outcome C{work}
-        looks up first (L{SeatRules.replay}); C{hold}: the hold it buys
-        (L{Tx.hold_for_sale}); for a store that reads many at once.
+        C{reads}: what C{work} reads first (L{SeatRules.replay},
+        L{Tx.hold_for_sale}, L{Tx.held_seats}), for a store that reads it
+        for many writes at once.
         """
         raise NotImplementedError
 
@@ -1034,7 +1047,7 @@ class RulesStore:
     ) -> Deferred[Hold]:
         return self._write(
             lambda tx: self.rules.hold(tx, username, session_id, legs, seconds, alive, request_id),
-            _request(username, request_id),
+            _request(username, request_id, ("user", username)),
         )
 
     def release(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[None]:
@@ -1053,7 +1066,8 @@ class RulesStore:
 
     def buy_hold(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         return self._write(
-            lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id), _request(username, request_id), hold_id
+            lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id),
+            _request(username, request_id, ("hold", hold_id)),
         )
 
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
