@@ -9,6 +9,7 @@ time the call returns. (No L{ThreadExecutor} or real reactor is needed.)
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -1024,6 +1025,42 @@ class CodeTests(SynchronousTestCase):
         self.assertTrue(all(400 < n < 780 for n in letters.values()), letters)
         untimed = {booking_code() for _ in range(300)}
         self.assertGreater(len({c[:2] for c in untimed}), 100)
+
+    def test_random_bytes_given_out_once(self) -> None:
+        """
+        The randomness drawn ahead is given out once: across draws, in
+        another thread, and in a forked child (which draws afresh).
+        """
+        import threading
+
+        from vendepass.store import common
+
+        self.patch(common, "_RANDOM_DRAW", 64)
+        common._forget_random()
+        drawn = [common.random_bytes(5) for _ in range(100)]
+        self.assertEqual([len(b) for b in drawn], [5] * 100)
+        other: list[bytes] = []
+        thread = threading.Thread(target=lambda: other.extend(common.random_bytes(5) for _ in range(100)))
+        thread.start()
+        thread.join()
+        chunks = drawn + other
+        # 200 draws of 40 random bits: a repeat means bytes given out twice.
+        self.assertEqual(len(set(chunks)), len(chunks))
+        self.assertEqual(len(common.random_bytes(100)), 100)
+        # Bytes left in this thread's draw when it forks.
+        common.random_bytes(5)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            os.write(write, common.random_bytes(5))
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 5)
+        os.close(read)
+        os.waitpid(pid, 0)
+        self.assertEqual(len(child), 5)
+        self.assertNotEqual(child, common.random_bytes(5))
 
     def test_hold_code(self) -> None:
         from vendepass.store.common import hold_code

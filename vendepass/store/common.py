@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
+import threading
 from typing import Any, Callable, Iterable
 
 from vendepass.errors import SeatUnavailable, SoldOut, UnknownSeat, echo
@@ -36,13 +36,52 @@ _LETTER_OF_BYTE = bytes(_CODE_ALPHABET.encode("ascii")[b % len(_CODE_ALPHABET)] 
 _UNEVEN_BYTES = bytes(range(256 - 256 % len(_CODE_ALPHABET), 256))
 
 
+class _RandomBytes(threading.local):
+    """
+    A thread's bytes of the operating system's randomness, drawn ahead.
+    """
+
+    def __init__(self) -> None:
+        self.drawn = b""
+        self.used = 0
+
+
+_RANDOM = _RandomBytes()
+# How many bytes one draw takes.
+_RANDOM_DRAW = 4096
+
+
+def _forget_random() -> None:
+    # A forked child must not give out its parent's bytes again.
+    _RANDOM.drawn, _RANDOM.used = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
+def random_bytes(n: int) -> bytes:
+    """
+    C{n} bytes of the operating system's randomness (C{os.urandom}, as
+    C{secrets} uses), drawn 4 KiB at a time per thread: each draw is a
+    system call that lets the GIL go and must win it back, which a busy
+    database writer pays for dearly (one per hold id, one per booking code).
+    Each byte is given out once.
+    """
+    r = _RANDOM
+    if r.used + n > len(r.drawn):
+        r.drawn, r.used = os.urandom(max(_RANDOM_DRAW, n)), 0
+    start = r.used
+    r.used += n
+    return r.drawn[start:r.used]
+
+
 def _random_code(length: int) -> str:
     """
     C{length} uniformly random letters of the booking code alphabet, from
-    the operating system's randomness (one call, not one per letter).
+    the operating system's randomness (L{random_bytes}).
     """
     while True:
-        letters = os.urandom(length + 4).translate(_LETTER_OF_BYTE, _UNEVEN_BYTES)
+        letters = random_bytes(length + 4).translate(_LETTER_OF_BYTE, _UNEVEN_BYTES)
         if len(letters) >= length:
             return letters[:length].decode("ascii")
 
@@ -76,7 +115,7 @@ def hold_random() -> str:
     The random part of a new hold id (the PostgreSQL store's hold function
     puts the minute of the database's clock before it).
     """
-    return secrets.token_hex(5)
+    return random_bytes(5).hex()
 
 
 def read_network(db: Any) -> Network:
