@@ -323,9 +323,8 @@ class Kept:
     before its COMMIT (L{SQLiteTx.append}, L{SQLiteTx.keep}), by statement,
     in order; the keys of what they hold that a statement of the batch may
     read back (L{Tx.keep}): a hook naming one of them inserts them all
-    first; and the outcomes of the batch's requests, read for all of them
-    at once when it began (a request that a transaction of the batch
-    remembers is asked of the database again).
+    first; and what the batch's writes read first, read for all of them at
+    once when it began.
     """
 
     def __init__(self, execute: Callable[..., Any] | None = None, reads: Reads = ()) -> None:
