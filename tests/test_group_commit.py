@@ -585,6 +585,20 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(verify(self.store._db).findings, [])
         self.assertSeatsInMemory(self.store)
 
+    def test_requests_read_ahead_in_chunks(self) -> None:
+        """
+        A batch's requests are read ahead by statements of up to 256 keys
+        (padded with keys of NULLs, which match nothing): each found, or
+        C{None}.
+        """
+        db = self.store._db
+        db.executemany(
+            "INSERT INTO requests (username, request_id, kind, outcome, created_at) VALUES ('bob', ?, 'buy', ?, 0)",
+            [(f"r{i}", f"T{i}") for i in range(0, 300, 7)],
+        )
+        found = sqlite_store.read_requests(db.execute, [("bob", f"r{i}") for i in range(300)] + [("bob", "r7")])
+        self.assertEqual(found, {("bob", f"r{i}"): ("buy", f"T{i}") if i % 7 == 0 else None for i in range(300)})
+
     def test_kept_sale_of_a_hold_checked(self) -> None:
         """
         A kept sale of a hold whose seat rows are not what the hold says

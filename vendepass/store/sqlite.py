@@ -235,86 +235,78 @@ _RequestKey = tuple[str, str]
 _RequestOutcome = Union[tuple[str, str], None]
 
 
-def read_requests(execute: Callable[..., Any], keys: list[_RequestKey]) -> dict[_RequestKey, _RequestOutcome]:
+# What a batch reads ahead for its writes (Kept), each statement for many
+# keys at once: {values} becomes the keys' VALUES rows.
+_REQUESTS_AHEAD = (
+    "SELECT r.username, r.request_id, r.kind, r.outcome FROM (VALUES {values}) v"
+    " JOIN requests r ON r.username = v.column1 AND r.request_id = v.column2"
+)
+_HOLDS_AHEAD = (
+    "SELECT h.hold_id, h.username, h.state, h.expires_at, l.flight_id, l.seat FROM (VALUES {values}) v"
+    " JOIN holds h ON h.hold_id = v.column1 JOIN hold_legs l ON l.hold_id = h.hold_id ORDER BY h.hold_id, l.leg"
+)
+_HELD_AHEAD = (
+    "SELECT h.username, h.expires_at, COUNT(*) FROM (VALUES {values}) v"
+    " JOIN holds h INDEXED BY holds_user ON h.username = v.column1 AND h.state = 'active'"
+    " JOIN hold_legs l ON l.hold_id = h.hold_id GROUP BY h.hold_id"
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _ahead_statement(template: str, width: int, rows: int) -> str:
+    row = "(" + ", ".join(["?"] * width) + ")"
+    return template.format(values=", ".join([row] * rows))
+
+
+def _read_ahead(execute: Callable[..., Any], template: str, keys: list[tuple[str, ...]]) -> list[Any]:
     """
-    The outcome of each of these requests (C{(username, request_id)}), in as
-    few statements as L{_BULK_SIZES} allows: C{None} for those not done.
+    The rows of C{template} for these keys (of one width), in as few
+    statements as L{_BULK_SIZES} allows, each padded with rows of NULLs
+    (which match nothing).
     """
-    found: dict[_RequestKey, _RequestOutcome] = dict.fromkeys(keys)
-    unique = list(found)
+    found: list[Any] = []
     largest = _BULK_SIZES[-1]
-    for start in range(0, len(unique), largest):
-        chunk = unique[start:start + largest]
+    width = len(keys[0]) if keys else 0
+    for start in range(0, len(keys), largest):
+        chunk = keys[start:start + largest]
         size = next(size for size in _BULK_SIZES if size >= len(chunk))
         values: list[str | None] = [value for key in chunk for value in key]
-        # Padding rows of NULLs match no request.
-        values.extend([None] * (2 * (size - len(chunk))))
-        for username, request_id, kind, outcome in execute(_requests_statement(size), values).fetchall():
-            found[(username, request_id)] = (str(kind), str(outcome))
+        values.extend([None] * (width * (size - len(chunk))))
+        found.extend(execute(_ahead_statement(template, width, size), values).fetchall())
+    return found
+
+
+def read_requests(execute: Callable[..., Any], keys: list[_RequestKey]) -> dict[_RequestKey, _RequestOutcome]:
+    """
+    The outcome of each of these requests (C{(username, request_id)}):
+    C{None} for those not done.
+    """
+    found: dict[_RequestKey, _RequestOutcome] = dict.fromkeys(keys)
+    for username, request_id, kind, outcome in _read_ahead(execute, _REQUESTS_AHEAD, list(found)):
+        found[(username, request_id)] = (str(kind), str(outcome))
     return found
 
 
 def read_holds(execute: Callable[..., Any], hold_ids: list[str]) -> dict[str, list[tuple[Any, ...]]]:
     """
-    These holds and their legs, as L{Tx.hold_for_sale} reads one, in as few
-    statements as L{_BULK_SIZES} allows: no rows for a hold that is not.
+    These holds and their legs, as L{Tx.hold_for_sale} reads one: no rows
+    for a hold that is not.
     """
     found: dict[str, list[tuple[Any, ...]]] = {hold_id: [] for hold_id in hold_ids}
-    unique = list(found)
-    largest = _BULK_SIZES[-1]
-    for start in range(0, len(unique), largest):
-        chunk: list[str | None] = list(unique[start:start + largest])
-        size = next(size for size in _BULK_SIZES if size >= len(chunk))
-        chunk.extend([None] * (size - len(chunk)))
-        for hold_id, *row in execute(_holds_statement(size), chunk).fetchall():
-            found[hold_id].append(tuple(row))
+    for hold_id, *row in _read_ahead(execute, _HOLDS_AHEAD, [(hold_id,) for hold_id in found]):
+        found[hold_id].append(tuple(row))
     return found
 
 
 def read_held(execute: Callable[..., Any], usernames: list[str]) -> dict[str, list[tuple[float, int]]]:
     """
-    The active holds of these customers, as C{(expires_at, seats)}, in as
-    few statements as L{_BULK_SIZES} allows (for L{Tx.held_seats}).
+    The active holds of these customers, as C{(expires_at, seats)} (for
+    L{Tx.held_seats}).
     """
     found: dict[str, list[tuple[float, int]]] = {username: [] for username in usernames}
-    unique = list(found)
-    largest = _BULK_SIZES[-1]
-    for start in range(0, len(unique), largest):
-        chunk: list[str | None] = list(unique[start:start + largest])
-        size = next(size for size in _BULK_SIZES if size >= len(chunk))
-        chunk.extend([None] * (size - len(chunk)))
-        for username, expires_at, seats in execute(_held_statement(size), chunk).fetchall():
-            found[username].append((float(expires_at), int(seats)))
+    for username, expires_at, seats in _read_ahead(execute, _HELD_AHEAD, [(username,) for username in found]):
+        found[username].append((float(expires_at), int(seats)))
     return found
-
-
-@functools.lru_cache(maxsize=8)
-def _held_statement(rows: int) -> str:
-    return (
-        "SELECT h.username, h.expires_at, COUNT(*) FROM (VALUES "
-        + ", ".join(["(?)"] * rows)
-        + ") v JOIN holds h INDEXED BY holds_user ON h.username = v.column1 AND h.state = 'active'"
-        " JOIN hold_legs l ON l.hold_id = h.hold_id GROUP BY h.hold_id"
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _holds_statement(rows: int) -> str:
-    return (
-        "SELECT h.hold_id, h.username, h.state, h.expires_at, l.flight_id, l.seat FROM (VALUES "
-        + ", ".join(["(?)"] * rows)
-        + ") v JOIN holds h ON h.hold_id = v.column1 JOIN hold_legs l ON l.hold_id = h.hold_id"
-        " ORDER BY h.hold_id, l.leg"
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _requests_statement(rows: int) -> str:
-    return (
-        "SELECT r.username, r.request_id, r.kind, r.outcome FROM (VALUES "
-        + ", ".join(["(?, ?)"] * rows)
-        + ") v JOIN requests r ON r.username = v.column1 AND r.request_id = v.column2"
-    )
 
 
 class Kept:
