@@ -345,6 +345,26 @@ class Kept:
     def __bool__(self) -> bool:
         return bool(self.rows)
 
+    def forget(self, key: tuple[str, ...]) -> None:
+        """
+        Forget what was read ahead of C{key} (a key of L{Tx.keep}): a write
+        of the batch may have changed it.
+        """
+        if key[0] == "request":
+            self.requests.pop((key[1], key[2]), None)
+        elif key[0] == "hold":
+            self.holds.pop(key[1], None)
+        elif key[0] == "user":
+            self.held.pop(key[1], None)
+
+    def forget_holds(self) -> None:
+        """
+        Forget every hold and customer's holds read ahead: a write of the
+        batch ends holds whose customers are not known here.
+        """
+        self.holds.clear()
+        self.held.clear()
+
 
 class SQLiteTx(Tx):
     """
@@ -371,7 +391,7 @@ class SQLiteTx(Tx):
         self.execute = db.execute  # type: ignore[method-assign,assignment]
         self.executemany = db.executemany  # type: ignore[method-assign,assignment]
         self.seats = seats
-        # The batch's rows kept by append, by statement, in order.
+        # What the batch keeps for later and read ahead (None: nothing kept).
         self.later = later
         self.codes = codes
 
@@ -390,13 +410,7 @@ class SQLiteTx(Tx):
         if later is not None:
             for key in keys:
                 later.keys.add(key)
-                # What was read of it when the batch began is stale now.
-                if key[0] == "request":
-                    later.requests.pop((key[1], key[2]), None)
-                elif key[0] == "hold":
-                    later.holds.pop(key[1], None)
-                elif key[0] == "user":
-                    later.held.pop(key[1], None)
+                later.forget(key)
 
     def request_outcome(self, username: str, request_id: str) -> tuple[str, str] | None:
         later = self.later
@@ -421,9 +435,9 @@ class SQLiteTx(Tx):
     def reading_hold(self, hold_id: str) -> None:
         later = self.later
         if later is not None:
-            # The hold as read when the batch began may change from now on,
-            # and so may its customer's (not known here) active holds.
-            later.holds.pop(hold_id, None)
+            # It may change from now on, and so may its customer's (not
+            # known here) active holds.
+            later.forget(("hold", hold_id))
             later.held.clear()
         self._read_back(("hold", hold_id))
 
@@ -438,8 +452,7 @@ class SQLiteTx(Tx):
 
     def ending_holds(self) -> None:
         if self.later is not None:
-            self.later.holds.clear()
-            self.later.held.clear()
+            self.later.forget_holds()
         self.appended()
 
     def hold_for_sale(self, hold_id: str) -> list[tuple[Any, ...]]:
@@ -500,7 +513,7 @@ class SQLiteTx(Tx):
         if later is None or memory is None or not all(flight_id in memory for flight_id, _ in seats):
             # At once: after what it refers to (the ticket may be kept).
             if later is not None:
-                later.held.pop(username, None)
+                later.forget(("user", username))
             self.appended()
             super().sell_hold(hold_id, username, ticket_id, seats)
             return
