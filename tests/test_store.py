@@ -890,6 +890,18 @@ class SQLiteFileStoreTests(StoreContractMixin, SynchronousTestCase):
         self.store = store
         return store
 
+    def test_transient_data_in_memory(self) -> None:
+        """
+        The writer's and the reader's statement journals and transient
+        tables stay in memory (C{temp_store} 2): a batch's multi-row INSERT
+        needs a statement journal, which would otherwise spill to a new
+        temporary file, written and unlinked again, in every batch.
+        """
+        store = self.store
+        assert isinstance(store, SQLiteStore) and store._reader is not None
+        for db in (store._db, store._reader):
+            self.assertEqual(db.execute("PRAGMA temp_store").fetchone(), (2,))
+
     def test_reads_beside_the_writer(self) -> None:
         """
         With a read executor, reads (tickets, seat maps, password hashes)
