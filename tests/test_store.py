@@ -1122,6 +1122,7 @@ class ShippedMigrationTests(SynchronousTestCase):
             "45a19617cf352209754ad61be3cda892db120abdd265d28bc7f8b27a9a26a087",
             "57bcb6e40b1d1759b864aff33ae1b6f0b0232d7721812fae87802eb7d91aee15",
             "8b0d8c7fee245271be52e68675338c50d7074b2c6bd2732d8d17489ef1b6a458",
+            "2a81b59d9711ecd29058d3b4a57c8725aec314a2c3f8f57f65c881b28ac9093f",
         ],
         "postgres": [
             "3f43835c81291776b4bf8c6a64698a13c38b04520641fb49dc0ee1a1bf8cbd69",
@@ -1148,6 +1149,55 @@ class ShippedMigrationTests(SynchronousTestCase):
         indexes = {name for (name,) in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertNotIn("seats_ticket", indexes)
         self.assertIn("seats_hold", indexes)
+
+    def test_tickets_indexed_once_per_status(self) -> None:
+        """
+        SQLite migration 8: a customer's tickets have one index per status
+        (a purchase writes one of them), and no index of all of them. A
+        purchase is in the active one only, a cancellation moves it to the
+        other, and every page and list of a customer's tickets is read on
+        those two: none reads the whole table.
+        """
+        from tests.common import FAST_HASHER, MINI, TINY
+        from vendepass.fixtures import load
+        from vendepass.schedule import flight_by_id
+        from vendepass.store import InlineExecutor, LegRequest
+        from vendepass.store.sqlite import SQLiteStore
+
+        clock = Clock()
+        store = SQLiteStore.open(":memory:", clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+        self.addCleanup(store.stop)
+        db = store._db
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        self.assertNotIn("tickets_user", indexes)
+        self.assertIn("tickets_user_active", indexes)
+        self.assertIn("tickets_user_cancelled", indexes)
+
+        def indexed(index: str) -> list[str]:
+            return [t for (t,) in db.execute(f"SELECT ticket_id FROM tickets INDEXED BY {index} WHERE username = 'alice'"
+                                             f" AND status = '{index.rsplit('_', 1)[1]}'")]
+
+        tiny = flight_by_id(store.network(), TINY)
+        first = self.successResultOf(store.buy("alice", [LegRequest(tiny, "1A")]))
+        second = self.successResultOf(store.buy("alice", [LegRequest(tiny, "1B")]))
+        self.assertEqual(sorted(indexed("tickets_user_active")), sorted([first.ticket_id, second.ticket_id]))
+        self.assertEqual(indexed("tickets_user_cancelled"), [])
+        self.successResultOf(store.cancel(first.ticket_id, "alice"))
+        self.assertEqual(indexed("tickets_user_active"), [second.ticket_id])
+        self.assertEqual(indexed("tickets_user_cancelled"), [first.ticket_id])
+
+        statements: list[str] = []
+        db.set_trace_callback(statements.append)
+        self.assertEqual([t.ticket_id for t in self.successResultOf(store.tickets("alice"))],
+                         [first.ticket_id, second.ticket_id])
+        for active_only in (False, True):
+            self.successResultOf(store.ticket_page("alice", 1, None, active_only))
+        db.set_trace_callback(None)
+        read = [sql for sql in statements if "FROM tickets" in sql]
+        self.assertEqual(len(read), 6)
+        plans = [str(row[-1]) for sql in read for row in db.execute("EXPLAIN QUERY PLAN " + sql)]
+        self.assertTrue(any("tickets_user_cancelled" in plan for plan in plans), plans)
+        self.assertFalse([plan for plan in plans if plan.startswith("SCAN")], plans)
 
     def test_unchanged(self) -> None:
         import hashlib

@@ -440,6 +440,11 @@ def _seat_names(seats: Iterable[tuple[str, str]]) -> str:
     return json.dumps(names)
 
 
+# A customer's tickets of each status, and the index of them (SQLite has one
+# per status, so that a purchase writes one; PostgreSQL plans on its own).
+_TICKET_INDEXES = (("active", "tickets_user_active"), ("cancelled", "tickets_user_cancelled"))
+
+
 @attrs.define(eq=False)
 class SeatRules:
     """
@@ -837,7 +842,13 @@ class SeatRules:
         return self.ticket_legs(tx, ticket_id, username, legs)
 
     def tickets(self, tx: Tx, username: str) -> list[Ticket]:
-        return self.find_tickets(tx, "t.username = ?", (username,))
+        # A customer's tickets by the index of each status (a purchase keeps
+        # only one of them up to date: the active one).
+        mine = " UNION ALL ".join(
+            f"SELECT ticket_id FROM tickets{tx.index_hint(index)} WHERE username = ? AND status = '{status}'"
+            for status, index in _TICKET_INDEXES
+        )
+        return self.find_tickets(tx, f"t.ticket_id IN ({mine})", (username,) * len(_TICKET_INDEXES))
 
     def ticket_page(
         self, tx: Tx, username: str, limit: int, after: tuple[float, int] | None = None, active_only: bool = False
@@ -845,24 +856,25 @@ class SeatRules:
         """
         At most C{limit} tickets of C{username}, newest first (by purchase
         time, then order of sale), starting after the key C{after}: a
-        keyset page that reads about C{limit} rows of an index whatever
-        the customer's history.
+        keyset page that reads at most C{limit} + 1 rows of the index of
+        each status it shows, whatever the customer's history.
         """
         order = tx.ticket_order
-        where = "username = ?"
-        args: list[Any] = [username]
-        index = "tickets_user"
-        if active_only:
-            where += " AND status = 'active'"
-            index = "tickets_user_active"
-        if after is not None:
-            where += f" AND (bought_at, {order}) < (?, ?)"
-            args += list(after)
-        keys = tx.all(
-            f"SELECT ticket_id, bought_at, {order} FROM tickets{tx.index_hint(index)} WHERE {where}"
-            f" ORDER BY bought_at DESC, {order} DESC LIMIT ?",
-            (*args, limit + 1),
-        )
+        keys: list[tuple[Any, ...]] = []
+        # One keyset read per status, each on its own index, merged: each
+        # reads at most limit + 1 rows whatever the customer's history.
+        for status, index in _TICKET_INDEXES[:1] if active_only else _TICKET_INDEXES:
+            where = f"username = ? AND status = '{status}'"
+            args: list[Any] = [username]
+            if after is not None:
+                where += f" AND (bought_at, {order}) < (?, ?)"
+                args += list(after)
+            keys += tx.all(
+                f"SELECT ticket_id, bought_at, {order} FROM tickets{tx.index_hint(index)} WHERE {where}"
+                f" ORDER BY bought_at DESC, {order} DESC LIMIT ?",
+                (*args, limit + 1),
+            )
+        keys.sort(key=lambda key: (key[1], key[2]), reverse=True)
         more = len(keys) > limit
         keys = keys[:limit]
         if not keys:
