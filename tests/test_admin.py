@@ -81,7 +81,11 @@ class VerifyTests(SynchronousTestCase):
             "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
             " VALUES ('DOUBLE22', 'bob', 'active', 100, 'BRL', 0)"
         )
-        self.db.execute("INSERT INTO ticket_legs VALUES ('DOUBLE22', 0, ?, 'VP100', 'SSA', 'REC', '', '', '1A', 100)", (TINY,))
+        self.db.execute(
+            "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure, arrival,"
+            " seat, price_cents, bought_at) VALUES ('DOUBLE22', 0, ?, 'VP100', 'SSA', 'REC', '', '', '1A', 100, 0)",
+            (TINY,),
+        )
         self.db.execute("UPDATE seats SET ticket_id = 'DOUBLE22' WHERE flight_id = ? AND seat = '1A'", (TINY,))
         findings = verify(self.db).findings
         self.assertIn(f"seat 1A on {TINY} is sold to DOUBLE22 but the audit log says {kept}", findings)
@@ -92,6 +96,16 @@ class VerifyTests(SynchronousTestCase):
         self.db.execute("DELETE FROM seats WHERE ticket_id = ? AND seat = '10C'", (kept,))
         findings = verify(self.db).findings
         self.assertIn(f"ticket {kept}: seat 10C on {BIG} is not sold to it", findings)
+
+    def test_leg_under_another_time_of_sale(self) -> None:
+        """
+        SQLite finds a ticket's legs by its time of sale: a leg filed under
+        another one would be lost to its ticket, and is found.
+        """
+        kept = self.busy_day()["kept"]
+        self.db.execute("UPDATE ticket_legs SET bought_at = bought_at + 1 WHERE ticket_id = ?", (kept,))
+        findings = verify(self.db).findings
+        self.assertIn(f"ticket {kept}: leg 0 is filed under another time of sale than its ticket's", findings)
 
     def test_sold_seat_without_ticket(self) -> None:
         kept = self.busy_day()["kept"]

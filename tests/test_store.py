@@ -1123,6 +1123,7 @@ class ShippedMigrationTests(SynchronousTestCase):
             "57bcb6e40b1d1759b864aff33ae1b6f0b0232d7721812fae87802eb7d91aee15",
             "8b0d8c7fee245271be52e68675338c50d7074b2c6bd2732d8d17489ef1b6a458",
             "2a81b59d9711ecd29058d3b4a57c8725aec314a2c3f8f57f65c881b28ac9093f",
+            "2dc350c63581abda5a0b17e557fb5ce710b7b284a54bdcc6743331be753a835d",
         ],
         "postgres": [
             "3f43835c81291776b4bf8c6a64698a13c38b04520641fb49dc0ee1a1bf8cbd69",
@@ -1198,6 +1199,39 @@ class ShippedMigrationTests(SynchronousTestCase):
         plans = [str(row[-1]) for sql in read for row in db.execute("EXPLAIN QUERY PLAN " + sql)]
         self.assertTrue(any("tickets_user_cancelled" in plan for plan in plans), plans)
         self.assertFalse([plan for plan in plans if plan.startswith("SCAN")], plans)
+
+    def test_ticket_legs_keyed_by_time_of_sale(self) -> None:
+        """
+        SQLite migration 9: a ticket's legs are keyed by its time of sale
+        first, so that later purchases' legs go after earlier ones in the
+        table (not at the random places of their booking codes), and each
+        ticket still has its legs.
+        """
+        from tests.common import BIG, FAST_HASHER, MINI
+        from vendepass.fixtures import load
+        from vendepass.schedule import flight_by_id
+        from vendepass.store import InlineExecutor, LegRequest
+        from vendepass.store.sqlite import SQLiteStore
+
+        clock = Clock()
+        clock.advance(START)
+        store = SQLiteStore.open(":memory:", clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
+        self.addCleanup(store.stop)
+        db = store._db
+        key = [name for _, name, _, _, _, pk in db.execute("PRAGMA table_info(ticket_legs)") if pk]
+        order = {name: pk for _, name, _, _, _, pk in db.execute("PRAGMA table_info(ticket_legs)") if pk}
+        self.assertEqual(sorted(key, key=order.__getitem__), ["bought_at", "ticket_id", "leg"])
+        big = flight_by_id(store.network(), BIG)
+        bought = []
+        for _ in range(20):
+            clock.advance(1)
+            bought.append(self.successResultOf(store.buy("alice", [LegRequest(big, None)])).ticket_id)
+        self.assertNotEqual(bought, sorted(bought), "the codes are random")
+        self.assertEqual([t for (t,) in db.execute("SELECT ticket_id FROM ticket_legs")], bought)
+        self.assertEqual(
+            [(t.ticket_id, len(t.legs)) for t in self.successResultOf(store.tickets("alice"))],
+            [(t, 1) for t in bought],
+        )
 
     def test_unchanged(self) -> None:
         import hashlib

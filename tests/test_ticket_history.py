@@ -148,7 +148,7 @@ class TicketHistoryTests(ServerTestCase):
             at = now - HISTORY + i
             rows.append((code, ALICE[0], 59990, "BRL", at, at + 0.5))
             legs.append((code, 0, f"VP200-{tomorrow}", "VP200", "REC", "MAO", f"{tomorrow}T11:00:00-03:00",
-                         f"{tomorrow}T15:00:00-04:00", f"{1 + i % 30}{'ABCDEF'[i % 6]}", 59990))
+                         f"{tomorrow}T15:00:00-04:00", f"{1 + i % 30}{'ABCDEF'[i % 6]}", 59990, at))
         db = sqlite3.connect(str(self.directory / "vendepass.sqlite3"), isolation_level=None)
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -159,7 +159,7 @@ class TicketHistoryTests(ServerTestCase):
             )
             db.executemany(
                 "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
-                " arrival, seat, price_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " arrival, seat, price_cents, bought_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 legs,
             )
             db.execute("COMMIT")

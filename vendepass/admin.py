@@ -109,6 +109,13 @@ def verify(db: Any) -> Report:
         ):
             if db_sold.get((flight_id, seat)) != ticket_id:
                 report.find(f"ticket {ticket_id}: seat {seat} on {flight_id} is not sold to it")
+        if not postgres and "bought_at" in {row[1] for row in db.execute("PRAGMA table_info(ticket_legs)")}:
+            # SQLite finds a ticket's legs by its time of sale (migration 9).
+            for ticket_id, leg in db.execute(
+                "SELECT l.ticket_id, l.leg FROM ticket_legs l JOIN tickets t ON t.ticket_id = l.ticket_id"
+                " WHERE l.bought_at IS NOT t.bought_at ORDER BY l.ticket_id, l.leg"
+            ):
+                report.find(f"ticket {ticket_id}: leg {leg} is filed under another time of sale than its ticket's")
         for seat, ticket_id in sorted(db_sold.items()):
             if active.get(ticket_id) != "active":
                 report.find(f"seat {seat[1]} on {seat[0]} is sold without an active ticket ({ticket_id})")

@@ -95,7 +95,7 @@ def prefill(
             )
             db.executemany(
                 "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
-                " arrival, seat, price_cents) VALUES (?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " arrival, seat, price_cents, bought_at) VALUES (?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 batch["legs"],
             )
             db.executemany("INSERT INTO seats (flight_id, seat, ticket_id) VALUES (?, ?, ?)", batch["seats"])
@@ -132,7 +132,7 @@ def prefill(
                     batch["tickets"].append((code, username, cents, network.currency, bought_at))
                     batch["legs"].append(
                         (code, flight.flight_id, flight.number, flight.origin, flight.destination, departure,
-                         arrival, seat, cents)
+                         arrival, seat, cents, bought_at)
                     )
                     batch["seats"].append((flight.flight_id, seat, code))
                     batch["audit"].append((bought_at, username, code, json.dumps([f"{flight.flight_id}/{seat}"])))

@@ -874,6 +874,8 @@ class PostgresTx(Tx):
 
     seat_list = "string_agg(seat, ' ')"
     ticket_order = "n"
+    legs_by_time = False
+    legs_of_ticket = "l.ticket_id = t.ticket_id"
 
     def __init__(self, cur: psycopg.Cursor[Any], now: float) -> None:
         super().__init__(now)

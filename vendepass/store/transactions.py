@@ -89,6 +89,11 @@ class Tx:
     held_seats_index = ""
     # The column that orders tickets bought at the same time.
     ticket_order = "rowid"
+    # Whether a ticket's legs carry its time of sale, keyed by it first
+    # (SQLite's migration 9); how they are inserted; and how they (l) are
+    # found from the ticket (t).
+    legs_by_time = True
+    legs_of_ticket = "l.bought_at = t.bought_at AND l.ticket_id = t.ticket_id"
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -335,6 +340,12 @@ TICKET_LEG_INSERT = (
     "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
     " arrival, seat, price_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# The same where a ticket's legs carry its time of sale: SQLite keys them by
+# it (its migration 9), so that a batch's legs go at the end of the table.
+TIMED_TICKET_LEG_INSERT = (
+    "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
+    " arrival, seat, price_cents, bought_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 SEAT_INSERT = "INSERT INTO seats (flight_id, seat, hold_id, ticket_id) VALUES (?, ?, ?, ?)"
 AUDIT_INSERT = "INSERT INTO audit (at, username, action, hold_id, ticket_id, seats) VALUES (?, ?, ?, ?, ?, ?)"
 REQUEST_INSERT = "INSERT INTO requests (username, request_id, kind, outcome, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -372,12 +383,17 @@ def new_ticket_legs(legs: Iterable[tuple[Flight, str]]) -> tuple[TicketLeg, ...]
     )
 
 
-def ticket_leg_rows(ticket_id: str, legs: tuple[TicketLeg, ...]) -> list[tuple[Any, ...]]:
-    return [
+def ticket_leg_rows(ticket_id: str, legs: tuple[TicketLeg, ...], bought_at: float | None) -> list[tuple[Any, ...]]:
+    """
+    The rows of a ticket's legs, with its time of sale last unless it is
+    C{None} (a schema whose legs do not carry it).
+    """
+    rows = [
         (ticket_id, i, leg.flight_id, leg.number, leg.origin, leg.destination, leg.departure, leg.arrival,
          leg.seat, leg.price.cents)
         for i, leg in enumerate(legs)
     ]
+    return rows if bought_at is None else [(*row, bought_at) for row in rows]
 
 
 # The refusals the rules decide inside a transaction, said once (the
@@ -800,7 +816,10 @@ class SeatRules:
         Record the legs of a new ticket and return it.
         """
         ticket_legs = new_ticket_legs(legs)
-        tx.append(TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs))
+        if tx.legs_by_time:
+            tx.append(TIMED_TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs, tx.now))
+        else:
+            tx.append(TICKET_LEG_INSERT, ticket_leg_rows(ticket_id, ticket_legs, None))
         return self.new_ticket_value(ticket_id, username, ticket_legs, tx.now)
 
     def new_ticket_value(self, ticket_id: str, username: str, legs: tuple[TicketLeg, ...], now: float) -> Ticket:
@@ -895,7 +914,7 @@ class SeatRules:
              flight_id, number, origin, destination, departure, arrival, seat, cents) in tx.all(
             "SELECT t.ticket_id, t.username, t.status, t.price_cents, t.currency, t.bought_at, t.cancelled_at,"
             " l.flight_id, l.number, l.origin, l.destination, l.departure, l.arrival, l.seat, l.price_cents"
-            f" FROM tickets t JOIN ticket_legs l ON l.ticket_id = t.ticket_id WHERE {where}"
+            f" FROM tickets t JOIN ticket_legs l ON {tx.legs_of_ticket} WHERE {where}"
             f" ORDER BY t.bought_at, t.{tx.ticket_order}, l.leg" + (tx.for_update("t") if lock else ""),
             args,
         ):
