@@ -1218,9 +1218,8 @@ class ShippedMigrationTests(SynchronousTestCase):
         store = SQLiteStore.open(":memory:", clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash)
         self.addCleanup(store.stop)
         db = store._db
-        key = [name for _, name, _, _, _, pk in db.execute("PRAGMA table_info(ticket_legs)") if pk]
-        order = {name: pk for _, name, _, _, _, pk in db.execute("PRAGMA table_info(ticket_legs)") if pk}
-        self.assertEqual(sorted(key, key=order.__getitem__), ["bought_at", "ticket_id", "leg"])
+        key = sorted((pk, name) for _, name, _, _, _, pk in db.execute("PRAGMA table_info(ticket_legs)") if pk)
+        self.assertEqual([name for _, name in key], ["bought_at", "ticket_id", "leg"])
         big = flight_by_id(store.network(), BIG)
         bought = []
         for _ in range(20):

@@ -30,6 +30,7 @@ from vendepass.schedule import _instance
 from vendepass.store import InlineExecutor
 from vendepass.store.common import booking_code
 from vendepass.store.sqlite import SQLiteStore
+from vendepass.store.transactions import TICKET_ROW_INSERT, TIMED_TICKET_LEG_INSERT
 
 # Rows written per transaction.
 CHUNK = 20_000
@@ -88,16 +89,8 @@ def prefill(
 
         def flush() -> None:
             db.execute("BEGIN")
-            db.executemany(
-                "INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)"
-                " VALUES (?, ?, 'active', ?, ?, ?)",
-                batch["tickets"],
-            )
-            db.executemany(
-                "INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure,"
-                " arrival, seat, price_cents, bought_at) VALUES (?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                batch["legs"],
-            )
+            db.executemany(TICKET_ROW_INSERT, batch["tickets"])
+            db.executemany(TIMED_TICKET_LEG_INSERT, batch["legs"])
             db.executemany("INSERT INTO seats (flight_id, seat, ticket_id) VALUES (?, ?, ?)", batch["seats"])
             db.executemany(
                 "INSERT INTO audit (at, username, action, ticket_id, seats) VALUES (?, ?, 'buy', ?, ?)",
@@ -131,7 +124,7 @@ def prefill(
                     cents = flight.fare.cents
                     batch["tickets"].append((code, username, cents, network.currency, bought_at))
                     batch["legs"].append(
-                        (code, flight.flight_id, flight.number, flight.origin, flight.destination, departure,
+                        (code, 0, flight.flight_id, flight.number, flight.origin, flight.destination, departure,
                          arrival, seat, cents, bought_at)
                     )
                     batch["seats"].append((flight.flight_id, seat, code))

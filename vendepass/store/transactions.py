@@ -90,8 +90,7 @@ class Tx:
     # The column that orders tickets bought at the same time.
     ticket_order = "rowid"
     # Whether a ticket's legs carry its time of sale, keyed by it first
-    # (SQLite's migration 9); how they are inserted; and how they (l) are
-    # found from the ticket (t).
+    # (SQLite's migration 9), and how they (l) are found from the ticket (t).
     legs_by_time = True
     legs_of_ticket = "l.bought_at = t.bought_at AND l.ticket_id = t.ticket_id"
 
