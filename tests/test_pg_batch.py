@@ -20,7 +20,7 @@ from tests import pg
 from tests.common import FAST_HASHER, MINI, QueueExecutor
 from tests.test_pg_outcomes import _terminate
 from tests.test_postgres import _day_after_tomorrow
-from vendepass.errors import OutcomeUnknown, SeatUnavailable, VendePassError
+from vendepass.errors import OutcomeUnknown, PurchaseLimit, SeatUnavailable, VendePassError
 from vendepass.fixtures import load
 from vendepass.model import Ticket
 from vendepass.schedule import flight_by_id
@@ -104,6 +104,7 @@ class GroupCommitTests(TestCase):
             self.assertIsInstance(got[i], Ticket)
         self.assertEqual(len(self.seats_sold()), 3)
         self.assertEqual(self.store.buy_batches, 1)
+        self.assertEqual(self.calls.count(postgres.BUY_CALL), 1, "the batch was not run again alone")
 
     def test_raise_is_its_own(self) -> None:
         """
@@ -147,3 +148,74 @@ class GroupCommitTests(TestCase):
         self.assertIsInstance(got[3], OutcomeUnknown)
         self.assertEqual(len(self.seats_sold()), 2)
         self.assertIsInstance(got[1], VendePassError)
+
+    def test_same_request_twice_in_a_batch(self) -> None:
+        """
+        A purchase retried (the same C{request_id}) in the batch of its
+        first try gets the first try's ticket: one ticket, one seat.
+        """
+        got = self.buys([("bob", None, None), ("bob", None, None), ("alice", None, "r1"), ("alice", None, "r1"),
+                         ("alice", None, "r2")])
+        self.assertTrue(all(isinstance(t, Ticket) for t in got), got)
+        self.assertEqual(got[2].ticket_id, got[3].ticket_id)
+        self.assertEqual(got[2].legs, got[3].legs)
+        self.assertEqual(len({t.ticket_id for t in got}), 4)
+        self.assertEqual(len(self.seats_sold()), 4)
+        self.assertEqual(self.store.buy_batches, 1)
+
+    def test_picked_in_seat_map_order(self) -> None:
+        """
+        Seats the server picks for purchases of one batch are the first
+        free ones in seat map order, each once, passing over a seat chosen
+        by an earlier purchase of the batch.
+        """
+        letters = self.flight.aircraft.letters
+        got = self.buys([("bob", "9C", None), ("alice", None, None), ("bob", f"1{letters[1]}", None),
+                         ("alice", None, None), ("bob", None, None)])
+        self.assertTrue(all(isinstance(t, Ticket) for t in got), got)
+        self.assertEqual([t.legs[0].seat for t in got[1:]], [f"1{letters[0]}", f"1{letters[1]}", f"1{letters[2]}",
+                                                               f"1{letters[3]}"])
+        self.assertEqual(self.calls.count(postgres.BUY_CALL), 1, "the batch was not run again alone")
+
+    def test_limit_counts_the_batch(self) -> None:
+        """
+        The seats-per-flight limit counts the customer's seats bought by
+        earlier purchases of the same batch.
+        """
+        self.store.max_seats_per_flight = 2
+        got = self.buys([("bob", None, None), ("alice", None, None), ("bob", None, None), ("alice", None, None),
+                         ("alice", None, None)])
+        self.assertEqual([type(t) for t in got], [Ticket, Ticket, Ticket, Ticket, PurchaseLimit])
+        self.assertEqual(len(self.seats_sold()), 4)
+
+    def test_booking_codes_taken(self) -> None:
+        """
+        A purchase whose first booking code is a ticket's already sold
+        moves on to its next candidate that no purchase of the batch has:
+        here the first purchase's second candidate is the second purchase's
+        first, so it gets its third; the third purchase's first is the
+        second's too, so it gets its second. One call, a code each, each
+        with its seat and leg.
+        """
+        taken = self.buys([("bob", None, None)])[0].ticket_id
+        day, real = taken[:2], postgres._codes
+        candidates = iter([
+            real(),  # the first goes alone
+            [taken[2:], "QQQQQQ", "PPPPPP", *real()[3:]],
+            ["QQQQQQ", *real()[1:]],
+            ["QQQQQQ", "MMMMMM", *real()[2:]],
+        ])
+        self.patch(postgres, "_codes", lambda: next(candidates))
+        got = self.buys([("bob", None, None), ("alice", None, None), ("bob", None, None), ("alice", None, None)])
+        self.assertTrue(all(isinstance(t, Ticket) for t in got), got)
+        self.assertEqual([t.ticket_id[2:] for t in got[1:]], ["PPPPPP", "QQQQQQ", "MMMMMM"])
+        self.assertEqual({t.ticket_id[:2] for t in got}, {day})
+        self.assertEqual(self.calls.count(postgres.BUY_BATCH_CALL), 1)
+        with psycopg.connect(self.url) as conn:
+            rows = conn.execute(
+                "SELECT t.ticket_id, t.username, count(l.leg), count(s.seat) FROM tickets t"
+                " JOIN ticket_legs l USING (ticket_id) JOIN seats s ON s.ticket_id = t.ticket_id GROUP BY 1, 2"
+            ).fetchall()
+        self.assertEqual(
+            sorted(rows), sorted([(taken, "bob", 1, 1)] + [(t.ticket_id, t.username, 1, 1) for t in got])
+        )

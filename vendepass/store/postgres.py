@@ -814,7 +814,311 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_BUY_BATCH, _SCHEMA_6]
+# Version 7: the batch of one-step purchases decides each purchase first
+# and writes the batch's rows after, one statement per table for the whole
+# batch (before: some ten statements per purchase, each paying for its own
+# plan and executor). The locks and their order are those of version 5:
+# every request advisory lock sorted by key, then every flight advisory
+# lock sorted by key, all before anything is read. Then, for each purchase
+# in order, what L{SeatRules.buy} decides, in its order: the request's
+# replay (one of an earlier purchase of the batch too), the departures, the
+# end of its flights' expired holds (written at once, with their audit rows
+# and NOTIFYs, as before), each seat looked at or picked, the
+# seats-per-flight limit; the seats of the batch's earlier purchases count
+# as taken, and as the customer's. A refusal is that purchase's answer
+# only; a purchase that is not refused gets a booking code (its first
+# candidate that no purchase of the batch has). Then the writes, in the
+# order of a single purchase's and in purchase order within each: the
+# tickets (a code found taken by a ticket already in the database moves to
+# its purchase's next candidate, alone), the seats, the audit rows, the
+# requests, the ticket legs. C{vendepass_buy} is now a batch of one: the
+# rules of a one-step purchase are written once.
+_SCHEMA_7 = """
+CREATE OR REPLACE FUNCTION vendepass_buy_batch(p_buys JSONB) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    alphabet CONSTANT TEXT := 'ABCDEFGHJKMNPQRSTUVWXYZ23456789';
+    answers JSONB[] := '{}';
+    -- The purchases to be sold (w_), their seats (s_) and their requests (r_).
+    w_buy INTEGER[] := '{}';
+    w_user TEXT[] := '{}';
+    w_request TEXT[] := '{}';
+    w_code TEXT[] := '{}';
+    w_try INTEGER[] := '{}';
+    w_price BIGINT[] := '{}';
+    w_currency TEXT[] := '{}';
+    w_t DOUBLE PRECISION[] := '{}';
+    w_names TEXT[] := '{}';
+    w_chosen JSONB[] := '{}';
+    w_ended JSONB[] := '{}';
+    s_w INTEGER[] := '{}';
+    s_leg INTEGER[] := '{}';
+    s_flight TEXT[] := '{}';
+    s_seat TEXT[] := '{}';
+    s_user TEXT[] := '{}';
+    s_name TEXT[] := '{}';
+    r_request TEXT[] := '{}';
+    r_w INTEGER[] := '{}';
+    b JSONB;
+    legs JSONB;
+    lg JSONB;
+    u TEXT;
+    rid TEXT;
+    t DOUBLE PRECISION;
+    v_count INTEGER;
+    ended JSONB;
+    flights TEXT[];
+    chosen TEXT[];
+    names TEXT[];
+    v_flight TEXT;
+    v_seat TEXT;
+    v_user TEXT;
+    v_session TEXT;
+    k INTEGER;
+    nl INTEGER;
+    places INTEGER[];
+    r RECORD;
+    mine BIGINT;
+    price BIGINT;
+    day BIGINT;
+    code TEXT;
+    got TEXT[];
+    w INTEGER;
+BEGIN
+    FOR k IN SELECT DISTINCT (x->>2)::int FROM jsonb_array_elements(p_buys) x
+        WHERE x->>2 IS NOT NULL ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(1448083458, k);
+    END LOOP;
+    FOR k IN SELECT DISTINCT f::int FROM jsonb_array_elements(p_buys) x, jsonb_array_elements_text(x->4) f ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(1448083457, k);
+    END LOOP;
+    <<buys>>
+    FOR b IN SELECT x FROM jsonb_array_elements(p_buys) x LOOP
+        u := b->>0;
+        rid := b->>1;
+        t := coalesce((b->>3)::float8, extract(epoch FROM now())::float8);
+        legs := b->5;
+        v_count := jsonb_array_length(legs);
+        ended := '[]';
+        chosen := '{}';
+        names := '{}';
+        flights := '{}';
+        price := 0;
+        IF rid IS NOT NULL THEN
+            w := r_w[array_position(r_request, jsonb_build_array(u, rid)::text)];
+            IF w IS NOT NULL THEN
+                -- The same request as an earlier purchase of the batch: its replay.
+                answers := answers || jsonb_build_object('replay_of', w, 'now', t, 'ended', ended);
+                CONTINUE buys;
+            END IF;
+            SELECT kind, outcome INTO r FROM requests WHERE username = u AND request_id = rid;
+            IF FOUND THEN
+                IF r.kind <> 'buy' THEN
+                    answers := answers || jsonb_build_object('refused', 'request_kind', 'kind', r.kind, 'ended', ended);
+                ELSE
+                    answers := answers || jsonb_build_object('replay', r.outcome, 'now', t, 'ended', ended);
+                END IF;
+                CONTINUE buys;
+            END IF;
+        END IF;
+        FOR i IN 0 .. v_count - 1 LOOP
+            IF (legs->i->>'departs')::float8 <= t THEN
+                answers := answers || jsonb_build_object('refused', 'flight_departed', 'leg', i, 'ended', ended);
+                CONTINUE buys;
+            END IF;
+            flights := flights || (legs->i->>'flight');
+        END LOOP;
+        FOR r IN SELECT DISTINCT st.hold_id FROM seats st JOIN holds h ON h.hold_id = st.hold_id
+            WHERE st.flight_id = ANY(flights) AND st.hold_id IS NOT NULL AND h.state = 'active' AND h.expires_at <= t
+            ORDER BY st.hold_id
+        LOOP
+            UPDATE holds SET state = 'expired', ended_at = t WHERE hold_id = r.hold_id AND state = 'active'
+                RETURNING username, session_id INTO v_user, v_session;
+            IF FOUND THEN
+                INSERT INTO audit (at, username, action, hold_id, ticket_id, seats)
+                    SELECT t, v_user, 'expire', r.hold_id, NULL, to_jsonb(array_agg(flight_id || '/' || seat ORDER BY leg))::text
+                    FROM hold_legs WHERE hold_id = r.hold_id;
+                DELETE FROM seats WHERE hold_id = r.hold_id;
+                ended := ended || jsonb_build_array(jsonb_build_array(r.hold_id, v_session));
+                PERFORM pg_notify('vendepass_expired', r.hold_id || ' ' || v_session);
+            END IF;
+        END LOOP;
+        FOR i IN 0 .. v_count - 1 LOOP
+            lg := legs->i;
+            v_flight := lg->>'flight';
+            v_seat := lg->>'seat';
+            IF v_seat IS NULL THEN
+                -- The first free seat in seat map order: the taken seats (and
+                -- those this batch took on the flight) as their places in the
+                -- seat map, sorted; the first place missing is free.
+                nl := length(lg->>'letters');
+                SELECT array_agg(ix ORDER BY ix) INTO places FROM (
+                    SELECT (left(st.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(st.seat, 1)) - 1 AS ix
+                        FROM seats st WHERE st.flight_id = v_flight
+                    UNION ALL
+                    SELECT (left(c.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(c.seat, 1)) - 1
+                        FROM (SELECT substr(nm, length(v_flight) + 2) AS seat FROM unnest(s_name || names) nm
+                            WHERE left(nm, length(v_flight) + 1) = v_flight || '/') c
+                ) x;
+                k := coalesce(
+                    (SELECT min(g - 1) FROM generate_subscripts(places, 1) g WHERE places[g] <> g - 1),
+                    coalesce(array_length(places, 1), 0));
+                IF k >= (lg->>'rows')::int * nl THEN
+                    answers := answers || jsonb_build_object('refused', 'sold_out', 'leg', i, 'ended', ended);
+                    CONTINUE buys;
+                END IF;
+                v_seat := (k / nl + 1)::text || substr(lg->>'letters', k % nl + 1, 1);
+            ELSE
+                IF v_seat !~ '^[1-9][0-9]{0,2}[A-Z]$' OR substring(v_seat FROM '^[0-9]+')::int > (lg->>'rows')::int
+                    OR strpos(lg->>'letters', right(v_seat, 1)) = 0 THEN
+                    answers := answers || jsonb_build_object('refused', 'unknown_seat', 'leg', i, 'ended', ended);
+                    CONTINUE buys;
+                END IF;
+                IF v_flight || '/' || v_seat = ANY(names) THEN
+                    answers := answers || jsonb_build_object('refused', 'asked_twice', 'leg', i, 'ended', ended);
+                    CONTINUE buys;
+                END IF;
+                IF v_flight || '/' || v_seat = ANY(s_name) THEN
+                    -- Sold by an earlier purchase of the batch.
+                    answers := answers || jsonb_build_object('refused', 'seat_taken', 'leg', i, 'sold', true,
+                        'held_until', NULL, 'ended', ended);
+                    CONTINUE buys;
+                END IF;
+                SELECT st.ticket_id, h.expires_at INTO r FROM seats st LEFT JOIN holds h ON h.hold_id = st.hold_id
+                    WHERE st.flight_id = v_flight AND st.seat = v_seat;
+                IF FOUND THEN
+                    answers := answers || jsonb_build_object('refused', 'seat_taken', 'leg', i, 'sold', r.ticket_id IS NOT NULL,
+                        'held_until', r.expires_at, 'ended', ended);
+                    CONTINUE buys;
+                END IF;
+            END IF;
+            chosen := chosen || v_seat;
+            price := price + (lg->>'fare')::bigint;
+            names := names || (v_flight || '/' || v_seat);
+        END LOOP;
+        IF b->>6 IS NOT NULL THEN
+            FOR r IN SELECT l->>'flight' AS flight, COUNT(*) AS more FROM jsonb_array_elements(legs) l
+                GROUP BY 1 ORDER BY (l->>'flight') COLLATE "C"
+            LOOP
+                SELECT COUNT(*) INTO mine FROM seats st LEFT JOIN holds h ON h.hold_id = st.hold_id
+                    LEFT JOIN tickets tk ON tk.ticket_id = st.ticket_id
+                    WHERE st.flight_id = r.flight AND (tk.username = u OR h.username = u AND h.expires_at > t);
+                mine := mine + (SELECT COUNT(*) FROM unnest(s_user, s_flight) x(su, sf) WHERE su = u AND sf = r.flight);
+                IF mine + r.more > (b->>6)::int THEN
+                    answers := answers || jsonb_build_object('refused', 'purchase_limit', 'flight', r.flight, 'mine', mine,
+                        'ended', ended);
+                    CONTINUE buys;
+                END IF;
+            END LOOP;
+        END IF;
+        -- Sold: its first booking code that no purchase of the batch has.
+        day := floor(t / 86400)::bigint % 961;
+        code := NULL;
+        FOR a IN 0 .. coalesce(jsonb_array_length(b->8), 0) - 1 LOOP
+            code := b->8->>a;
+            IF length(code) = 6 THEN
+                code := substr(alphabet, (day / 31)::int + 1, 1) || substr(alphabet, (day % 31)::int + 1, 1) || code;
+            END IF;
+            k := a;
+            EXIT WHEN code <> ALL(w_code);
+            code := NULL;
+        END LOOP;
+        IF code IS NULL THEN
+            RAISE EXCEPTION 'no free booking code found';
+        END IF;
+        w := coalesce(array_length(w_buy, 1), 0) + 1;
+        w_buy := w_buy || coalesce(array_length(answers, 1), 0) + 1;
+        w_user := w_user || u;
+        w_request := w_request || rid;
+        w_code := w_code || code;
+        w_try := w_try || k;
+        w_price := w_price || price;
+        w_currency := w_currency || (b->>7);
+        w_t := w_t || t;
+        w_names := w_names || to_jsonb(names)::text;
+        w_chosen := w_chosen || to_jsonb(chosen);
+        w_ended := w_ended || ended;
+        FOR i IN 0 .. v_count - 1 LOOP
+            s_w := s_w || w;
+            s_leg := s_leg || i;
+            s_flight := s_flight || (legs->i->>'flight');
+            s_seat := s_seat || chosen[i + 1];
+            s_user := s_user || u;
+        END LOOP;
+        s_name := s_name || names;
+        IF rid IS NOT NULL THEN
+            r_request := r_request || jsonb_build_array(u, rid)::text;
+            r_w := r_w || w;
+        END IF;
+        answers := answers || NULL::jsonb;
+    END LOOP;
+    IF w_buy = '{}' THEN
+        RETURN to_jsonb(answers);
+    END IF;
+    WITH sold AS (
+        INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)
+            SELECT c, su, 'active', pr, cu, st FROM unnest(w_code, w_user, w_price, w_currency, w_t) WITH ORDINALITY
+                AS x(c, su, pr, cu, st, o) ORDER BY o
+            ON CONFLICT (ticket_id) DO NOTHING RETURNING ticket_id)
+    SELECT array_agg(ticket_id) INTO got FROM sold;
+    IF coalesce(array_length(got, 1), 0) < array_length(w_buy, 1) THEN
+        -- A code taken by a ticket already sold: that purchase's next candidates, alone.
+        FOR v IN 1 .. array_length(w_buy, 1) LOOP
+            CONTINUE WHEN w_code[v] = ANY(got);
+            b := p_buys->(w_buy[v] - 1);
+            day := floor(w_t[v] / 86400)::bigint % 961;
+            code := NULL;
+            FOR a IN w_try[v] + 1 .. coalesce(jsonb_array_length(b->8), 0) - 1 LOOP
+                code := b->8->>a;
+                IF length(code) = 6 THEN
+                    code := substr(alphabet, (day / 31)::int + 1, 1) || substr(alphabet, (day % 31)::int + 1, 1) || code;
+                END IF;
+                IF code <> ALL(w_code) THEN
+                    INSERT INTO tickets (ticket_id, username, status, price_cents, currency, bought_at)
+                        VALUES (code, w_user[v], 'active', w_price[v], w_currency[v], w_t[v]) ON CONFLICT (ticket_id) DO NOTHING;
+                    EXIT WHEN FOUND;
+                END IF;
+                code := NULL;
+            END LOOP;
+            IF code IS NULL THEN
+                RAISE EXCEPTION 'no free booking code found';
+            END IF;
+            w_code[v] := code;
+        END LOOP;
+    END IF;
+    INSERT INTO seats (flight_id, seat, hold_id, ticket_id)
+        SELECT sf, ss, NULL, w_code[sw] FROM unnest(s_flight, s_seat, s_w) AS x(sf, ss, sw);
+    INSERT INTO audit (at, username, action, hold_id, ticket_id, seats)
+        SELECT st, su, 'buy', NULL, c, nm FROM unnest(w_t, w_user, w_code, w_names) WITH ORDINALITY
+            AS x(st, su, c, nm, o) ORDER BY o;
+    INSERT INTO requests (username, request_id, kind, outcome, created_at)
+        SELECT su, sr, 'buy', c, st FROM unnest(w_user, w_request, w_code, w_t) AS x(su, sr, c, st) WHERE sr IS NOT NULL;
+    INSERT INTO ticket_legs (ticket_id, leg, flight_id, number, origin, destination, departure, arrival, seat, price_cents)
+        SELECT w_code[sw], sl, l->>'flight', l->>'number', l->>'origin', l->>'destination', l->>'departure', l->>'arrival',
+            ss, (l->>'fare')::bigint
+        FROM unnest(s_w, s_leg, s_seat) AS x(sw, sl, ss), LATERAL (SELECT p_buys->(w_buy[sw] - 1)->5->sl AS l) y;
+    FOR v IN 1 .. array_length(w_buy, 1) LOOP
+        answers[w_buy[v]] := jsonb_build_object('ticket', w_code[v], 'seats', w_chosen[v], 'now', w_t[v], 'ended', w_ended[v]);
+    END LOOP;
+    FOR v IN 1 .. coalesce(array_length(answers, 1), 0) LOOP
+        IF answers[v] ? 'replay_of' THEN
+            answers[v] := jsonb_build_object('replay', w_code[(answers[v]->>'replay_of')::int], 'now', answers[v]->'now',
+                'ended', answers[v]->'ended');
+        END IF;
+    END LOOP;
+    RETURN to_jsonb(answers);
+END $$;
+CREATE OR REPLACE FUNCTION vendepass_buy(
+    p_username TEXT, p_request_id TEXT, p_request_key INTEGER, p_now DOUBLE PRECISION,
+    p_flight_keys INTEGER[], p_legs JSONB, p_max_per_flight INTEGER, p_currency TEXT, p_codes TEXT[]
+) RETURNS JSONB LANGUAGE sql AS $$
+SELECT vendepass_buy_batch(jsonb_build_array(jsonb_build_array(p_username, p_request_id, p_request_key, p_now,
+    to_jsonb(p_flight_keys), p_legs, p_max_per_flight, p_currency, to_jsonb(p_codes))))->0
+$$;
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_1, _SCHEMA_2, _SCHEMA_3, _SCHEMA_4, _SCHEMA_BUY_BATCH, _SCHEMA_6, _SCHEMA_7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -832,11 +1136,16 @@ def _request_key(username: str, request_id: str) -> int:
     return _lock_key(f"{username}/{request_id}")
 
 
+# A flight's key, remembered: the flights of the sales window are few, and
+# each purchase and hold asks for its flights' keys.
+_flight_key = functools.lru_cache(maxsize=1 << 16)(_lock_key)
+
+
 def _flight_keys(flight_ids: list[str]) -> list[int]:
     """
     The advisory lock keys of flights, in the one order every server takes them.
     """
-    return sorted({_lock_key(f) for f in flight_ids})
+    return sorted({_flight_key(f) for f in flight_ids})
 
 
 def is_postgres_url(db: str) -> bool:
@@ -1171,7 +1480,8 @@ def _codes() -> list[str]:
     As L{SeatRules.new_ticket}: 8 booking codes that begin with the day (the
     database's: the function adds those two letters), then 8 wholly random.
     """
-    return [_random_code(6) for _ in range(8)] + [_random_code(8) for _ in range(8)]
+    letters = _random_code(6 * 8 + 8 * 8)  # one draw for all 16: each draw costs a call
+    return [letters[i : i + 6] for i in range(0, 48, 6)] + [letters[i : i + 8] for i in range(48, 112, 8)]
 
 
 def _ticket(row: dict[str, Any]) -> Ticket:
