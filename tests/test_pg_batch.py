@@ -177,6 +177,21 @@ class GroupCommitTests(TestCase):
                                                                f"1{letters[3]}"])
         self.assertEqual(self.calls.count(postgres.BUY_CALL), 1, "the batch was not run again alone")
 
+    def test_picked_into_a_gap(self) -> None:
+        """
+        A seat freed before seats sold after it (a cancellation) is the
+        first the server picks again, then the one after the last sold.
+        """
+        letters = self.flight.aircraft.letters
+        first = self.buys([("bob", None, None), ("alice", None, None), ("bob", None, None), ("alice", None, None)])
+        self.assertEqual([t.legs[0].seat for t in first], [f"1{x}" for x in letters[:4]])
+        cancelled = []
+        self.store.cancel(first[1].ticket_id, "alice").addBoth(cancelled.append)
+        self.executor.run()
+        self.assertEqual(cancelled[0].status, "cancelled")
+        got = self.buys([("bob", None, None), ("alice", None, None), ("bob", None, None)])
+        self.assertEqual([t.legs[0].seat for t in got], [f"1{letters[1]}", f"1{letters[4]}", f"1{letters[5]}"])
+
     def test_limit_counts_the_batch(self) -> None:
         """
         The seats-per-flight limit counts the customer's seats bought by

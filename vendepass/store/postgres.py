@@ -831,8 +831,11 @@ END $$;
 # order of a single purchase's and in purchase order within each: the
 # tickets (a code found taken by a ticket already in the database moves to
 # its purchase's next candidate, alone), the seats, the audit rows, the
-# requests, the ticket legs. C{vendepass_buy} is now a batch of one: the
-# rules of a one-step purchase are written once.
+# requests, the ticket legs. The first free seat is found from the count
+# of the flight's taken seats and the last of their places (no gap: the
+# next place), and from the places before it only when there is a gap.
+# C{vendepass_buy} is now a batch of one: the rules of a one-step purchase
+# are written once.
 _SCHEMA_7 = """
 CREATE OR REPLACE FUNCTION vendepass_buy_batch(p_buys JSONB) RETURNS JSONB LANGUAGE plpgsql AS $$
 DECLARE
@@ -875,7 +878,7 @@ DECLARE
     v_session TEXT;
     k INTEGER;
     nl INTEGER;
-    places INTEGER[];
+    v_last INTEGER;
     r RECORD;
     mine BIGINT;
     price BIGINT;
@@ -949,11 +952,13 @@ BEGIN
             v_flight := lg->>'flight';
             v_seat := lg->>'seat';
             IF v_seat IS NULL THEN
-                -- The first free seat in seat map order: the taken seats (and
+                -- The first free seat in seat map order. The taken seats (and
                 -- those this batch took on the flight) as their places in the
-                -- seat map, sorted; the first place missing is free.
+                -- seat map: k of them, the last at v_last. If v_last is k - 1,
+                -- the first k places are all taken and place k is free; else
+                -- one of the first k is free: the first not taken.
                 nl := length(lg->>'letters');
-                SELECT array_agg(ix ORDER BY ix) INTO places FROM (
+                SELECT count(*), max(ix) INTO k, v_last FROM (
                     SELECT (left(st.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(st.seat, 1)) - 1 AS ix
                         FROM seats st WHERE st.flight_id = v_flight
                     UNION ALL
@@ -961,9 +966,12 @@ BEGIN
                         FROM (SELECT substr(nm, length(v_flight) + 2) AS seat FROM unnest(s_name || names) nm
                             WHERE left(nm, length(v_flight) + 1) = v_flight || '/') c
                 ) x;
-                k := coalesce(
-                    (SELECT min(g - 1) FROM generate_subscripts(places, 1) g WHERE places[g] <> g - 1),
-                    coalesce(array_length(places, 1), 0));
+                IF v_last >= k THEN
+                    SELECT min(g) INTO k FROM generate_series(0, k - 1) g, LATERAL (
+                        SELECT (g / nl + 1)::text || substr(lg->>'letters', g % nl + 1, 1) AS seat) c
+                        WHERE v_flight || '/' || c.seat <> ALL(s_name || names)
+                            AND NOT EXISTS (SELECT 1 FROM seats st WHERE st.flight_id = v_flight AND st.seat = c.seat);
+                END IF;
                 IF k >= (lg->>'rows')::int * nl THEN
                     answers := answers || jsonb_build_object('refused', 'sold_out', 'leg', i, 'ended', ended);
                     CONTINUE buys;
