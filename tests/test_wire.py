@@ -13,7 +13,19 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vendepass import wire
 from vendepass.fixtures import BUNDLED, load
-from vendepass.model import Aircraft, Flight, HeldSeat, Hold, Itinerary, Money, SeatMap, SeatState, Ticket, TicketLeg
+from vendepass.model import (
+    Aircraft,
+    Flight,
+    HeldSeat,
+    Hold,
+    Itinerary,
+    Money,
+    SeatMap,
+    SeatState,
+    Ticket,
+    TicketLeg,
+    iso_utc,
+)
 from vendepass.schedule import Schedule
 from vendepass.service import SearchPage
 
@@ -134,6 +146,20 @@ def _encoder_text(value: object) -> str:
     The protocol encoder's text of a wire form.
     """
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class TimestampTests(SynchronousTestCase):
+    @given(st.floats(min_value=-2e9, max_value=4e9, allow_nan=False))
+    @settings(max_examples=500)
+    def test_iso_utc_of_each_second(self, ts: float) -> None:
+        """
+        L{iso_utc}, which formats each second once, gives what a
+        timestamp's own C{gmtime} gives: to the second, rounded down (before
+        1970 too).
+        """
+        self.assertEqual(iso_utc(ts), datetime.fromtimestamp(ts // 1, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self.assertEqual(iso_utc(1796320729.999999), "2026-12-03T17:58:49Z")
+        self.assertEqual(iso_utc(-0.5), "1969-12-31T23:59:59Z")
 
 
 class TicketJSONTests(SynchronousTestCase):

@@ -25,9 +25,17 @@ def iso_utc(ts: float) -> str:
     """
     A POSIX timestamp as ISO 8601 in UTC: C{2026-12-01T10:30:00Z}.
     """
-    # time.strftime over gmtime: half the cost of a datetime's isoformat,
-    # and this runs for every ticket and hold answered.
-    return _strftime("%Y-%m-%dT%H:%M:%SZ", _gmtime(ts))
+    # This runs for every ticket and hold answered, and the tickets of a
+    # batch were sold in the same second: each second is formatted once
+    # (gmtime floors a timestamp to its second, as here).
+    return _iso_second(int(ts // 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(second: int) -> str:
+    # time.strftime over gmtime: half the cost of a datetime's isoformat;
+    # glibc's strftime looks at the time zone each time (a system call).
+    return _strftime("%Y-%m-%dT%H:%M:%SZ", _gmtime(second))
 
 
 @frozen(order=True)
