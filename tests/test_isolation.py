@@ -169,7 +169,9 @@ MAX_PERMUTATIONS = 3000
 HOLD_SECONDS = 60.0
 
 # The tables emptied between permutations (users and the airline stay).
-_TABLES = ["seats", "hold_legs", "ticket_legs", "requests", "holds", "tickets", "audit"]
+_TABLES = [
+    "seats", "seats_freed", "seat_picks", "hold_legs", "ticket_legs", "requests", "holds", "tickets", "audit"
+]
 
 # Names of the statements whose table alone would not say what they do.
 _NAMES = [

@@ -185,12 +185,42 @@ class GroupCommitTests(TestCase):
         letters = self.flight.aircraft.letters
         first = self.buys([("bob", None, None), ("alice", None, None), ("bob", None, None), ("alice", None, None)])
         self.assertEqual([t.legs[0].seat for t in first], [f"1{x}" for x in letters[:4]])
-        cancelled = []
-        self.store.cancel(first[1].ticket_id, "alice").addBoth(cancelled.append)
-        self.executor.run()
-        self.assertEqual(cancelled[0].status, "cancelled")
+        self.assertEqual(self.done(self.store.cancel(first[1].ticket_id, "alice")).status, "cancelled")
         got = self.buys([("bob", None, None), ("alice", None, None), ("bob", None, None)])
         self.assertEqual([t.legs[0].seat for t in got], [f"1{letters[1]}", f"1{letters[4]}", f"1{letters[5]}"])
+
+    def done(self, d: Deferred[Any]) -> Any:
+        got: list[Any] = []
+        d.addBoth(got.append)
+        self.executor.run()
+        assert got, "the Deferred has not fired"
+        if isinstance(got[0], Failure):
+            got[0].raiseException()
+        return got[0]
+
+    def test_picked_past_holds_and_into_a_release(self) -> None:
+        """
+        A seat a hold took after the last pick is passed over (the next
+        place is only a start); the seat of a hold released below it is
+        the first picked again; what was freed and taken again is
+        forgotten.
+        """
+        letters = self.flight.aircraft.letters
+        first = self.buys([("bob", None, None), ("alice", None, None)])
+        self.assertEqual([t.legs[0].seat for t in first], [f"1{x}" for x in letters[:2]])
+        hold = self.done(self.store.hold("alice", "s1", [LegRequest(self.flight, None)], 60, lambda: True))
+        self.assertEqual(hold.legs[0].seat, f"1{letters[2]}")
+        got = self.buys([("bob", None, None), ("bob", None, None)])
+        self.assertEqual([t.legs[0].seat for t in got], [f"1{x}" for x in letters[3:5]])
+        self.done(self.store.release(hold.hold_id, "alice"))
+        got = self.buys([("bob", None, None), ("alice", None, None)])
+        self.assertEqual([t.legs[0].seat for t in got], [f"1{letters[2]}", f"1{letters[5]}"])
+        with psycopg.connect(self.url) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM seats_freed").fetchone(), (0,))
+            self.assertEqual(
+                conn.execute("SELECT next_place FROM seat_picks WHERE flight_id = %s", (self.flight.flight_id,)).fetchone(),
+                (6,),
+            )
 
     def test_limit_counts_the_batch(self) -> None:
         """

@@ -831,12 +831,38 @@ END $$;
 # order of a single purchase's and in purchase order within each: the
 # tickets (a code found taken by a ticket already in the database moves to
 # its purchase's next candidate, alone), the seats, the audit rows, the
-# requests, the ticket legs. The first free seat is found from the count
-# of the flight's taken seats and the last of their places (no gap: the
-# next place), and from the places before it only when there is a gap.
-# C{vendepass_buy} is now a batch of one: the rules of a one-step purchase
-# are written once.
+# requests, the ticket legs. C{vendepass_buy} is now a batch of one: the
+# rules of a one-step purchase are written once.
+#
+# The first free seat of a flight, in seat map order, without reading its
+# taken seats: C{seat_picks} keeps, per flight, a next place, written only
+# under the flight's advisory lock (by this function), such that every
+# place before it is taken or in C{seats_freed}; C{seats_freed} gets every
+# seat deleted from C{seats}, by any path (a statement trigger: releases,
+# expiries and cancellations take no flight lock, and only insert there,
+# so no lock is added to their order). The pick is the first place of a
+# freed seat before the next place that is free now, else the first free
+# place from the next place on (holds and chosen seats may have taken some:
+# each is looked up); the next place moves past a seat picked there. A
+# flight never picked on starts at place 0. Freed seats taken again are
+# forgotten by the next batch that picks on their flight.
 _SCHEMA_7 = """
+CREATE TABLE seat_picks (
+    flight_id TEXT PRIMARY KEY,
+    next_place INTEGER NOT NULL
+);
+CREATE TABLE seats_freed (
+    flight_id TEXT NOT NULL,
+    seat TEXT NOT NULL,
+    PRIMARY KEY (flight_id, seat)
+);
+CREATE FUNCTION vendepass_seats_freed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO seats_freed (flight_id, seat) SELECT flight_id, seat FROM gone ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER seats_freed AFTER DELETE ON seats REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION vendepass_seats_freed();
 CREATE OR REPLACE FUNCTION vendepass_buy_batch(p_buys JSONB) RETURNS JSONB LANGUAGE plpgsql AS $$
 DECLARE
     alphabet CONSTANT TEXT := 'ABCDEFGHJKMNPQRSTUVWXYZ23456789';
@@ -861,6 +887,14 @@ DECLARE
     s_name TEXT[] := '{}';
     r_request TEXT[] := '{}';
     r_w INTEGER[] := '{}';
+    -- The next place of each flight the batch picked on (n_), and this
+    -- purchase's (my_), kept if it is sold.
+    n_flight TEXT[] := '{}';
+    n_next INTEGER[] := '{}';
+    my_flight TEXT[];
+    my_next INTEGER[];
+    v_next INTEGER;
+    v_at INTEGER;
     b JSONB;
     legs JSONB;
     lg JSONB;
@@ -878,7 +912,6 @@ DECLARE
     v_session TEXT;
     k INTEGER;
     nl INTEGER;
-    v_last INTEGER;
     r RECORD;
     mine BIGINT;
     price BIGINT;
@@ -907,6 +940,8 @@ BEGIN
         chosen := '{}';
         names := '{}';
         flights := '{}';
+        my_flight := '{}';
+        my_next := '{}';
         price := 0;
         IF rid IS NOT NULL THEN
             w := r_w[array_position(r_request, jsonb_build_array(u, rid)::text)];
@@ -952,25 +987,33 @@ BEGIN
             v_flight := lg->>'flight';
             v_seat := lg->>'seat';
             IF v_seat IS NULL THEN
-                -- The first free seat in seat map order. The taken seats (and
-                -- those this batch took on the flight) as their places in the
-                -- seat map: k of them, the last at v_last. If v_last is k - 1,
-                -- the first k places are all taken and place k is free; else
-                -- one of the first k is free: the first not taken.
+                -- The first free seat in seat map order (see above): one freed
+                -- below the flight's next place and still free, else the
+                -- first free from the next place on.
                 nl := length(lg->>'letters');
-                SELECT count(*), max(ix) INTO k, v_last FROM (
-                    SELECT (left(st.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(st.seat, 1)) - 1 AS ix
-                        FROM seats st WHERE st.flight_id = v_flight
-                    UNION ALL
-                    SELECT (left(c.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(c.seat, 1)) - 1
-                        FROM (SELECT substr(nm, length(v_flight) + 2) AS seat FROM unnest(s_name || names) nm
-                            WHERE left(nm, length(v_flight) + 1) = v_flight || '/') c
-                ) x;
-                IF v_last >= k THEN
-                    SELECT min(g) INTO k FROM generate_series(0, k - 1) g, LATERAL (
-                        SELECT (g / nl + 1)::text || substr(lg->>'letters', g % nl + 1, 1) AS seat) c
-                        WHERE v_flight || '/' || c.seat <> ALL(s_name || names)
-                            AND NOT EXISTS (SELECT 1 FROM seats st WHERE st.flight_id = v_flight AND st.seat = c.seat);
+                v_at := array_position(n_flight, v_flight);
+                IF v_at IS NOT NULL THEN
+                    v_next := n_next[v_at];
+                ELSE
+                    v_next := coalesce((SELECT next_place FROM seat_picks WHERE flight_id = v_flight), 0);
+                END IF;
+                v_next := greatest(v_next, (SELECT max(x.k) FROM unnest(my_flight, my_next) x(f, k) WHERE x.f = v_flight));
+                SELECT min(p.place) INTO k FROM (
+                    SELECT (left(fr.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(fr.seat, 1)) - 1 AS place, fr.seat
+                        FROM seats_freed fr WHERE fr.flight_id = v_flight) p
+                    WHERE p.place < v_next AND v_flight || '/' || p.seat <> ALL(s_name || names)
+                        AND NOT EXISTS (SELECT 1 FROM seats st WHERE st.flight_id = v_flight AND st.seat = p.seat);
+                IF k IS NULL THEN
+                    k := v_next;
+                    LOOP
+                        EXIT WHEN k >= (lg->>'rows')::int * nl;
+                        v_seat := (k / nl + 1)::text || substr(lg->>'letters', k % nl + 1, 1);
+                        EXIT WHEN v_flight || '/' || v_seat <> ALL(s_name || names)
+                            AND NOT EXISTS (SELECT 1 FROM seats st WHERE st.flight_id = v_flight AND st.seat = v_seat);
+                        k := k + 1;
+                    END LOOP;
+                    my_flight := my_flight || v_flight;
+                    my_next := my_next || (k + 1);
                 END IF;
                 IF k >= (lg->>'rows')::int * nl THEN
                     answers := answers || jsonb_build_object('refused', 'sold_out', 'leg', i, 'ended', ended);
@@ -1055,6 +1098,15 @@ BEGIN
             s_user := s_user || u;
         END LOOP;
         s_name := s_name || names;
+        FOR a IN 1 .. coalesce(array_length(my_flight, 1), 0) LOOP
+            v_at := array_position(n_flight, my_flight[a]);
+            IF v_at IS NULL THEN
+                n_flight := n_flight || my_flight[a];
+                n_next := n_next || my_next[a];
+            ELSE
+                n_next[v_at] := greatest(n_next[v_at], my_next[a]);
+            END IF;
+        END LOOP;
         IF rid IS NOT NULL THEN
             r_request := r_request || jsonb_build_array(u, rid)::text;
             r_w := r_w || w;
@@ -1106,6 +1158,12 @@ BEGIN
         SELECT w_code[sw], sl, l->>'flight', l->>'number', l->>'origin', l->>'destination', l->>'departure', l->>'arrival',
             ss, (l->>'fare')::bigint
         FROM unnest(s_w, s_leg, s_seat) AS x(sw, sl, ss), LATERAL (SELECT p_buys->(w_buy[sw] - 1)->5->sl AS l) y;
+    IF n_flight <> '{}' THEN
+        INSERT INTO seat_picks (flight_id, next_place) SELECT * FROM unnest(n_flight, n_next)
+            ON CONFLICT (flight_id) DO UPDATE SET next_place = greatest(seat_picks.next_place, excluded.next_place);
+        DELETE FROM seats_freed fr WHERE fr.flight_id = ANY(n_flight)
+            AND EXISTS (SELECT 1 FROM seats st WHERE st.flight_id = fr.flight_id AND st.seat = fr.seat);
+    END IF;
     FOR v IN 1 .. array_length(w_buy, 1) LOOP
         answers[w_buy[v]] := jsonb_build_object('ticket', w_code[v], 'seats', w_chosen[v], 'now', w_t[v], 'ended', w_ended[v]);
     END LOOP;
