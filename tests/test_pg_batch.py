@@ -222,6 +222,23 @@ class GroupCommitTests(TestCase):
                 (6,),
             )
 
+    def test_freed_seat_taken_again_by_a_hold(self) -> None:
+        """
+        A seat freed, then held again (the hold's pick reads the flight),
+        stays among the freed seats and is passed over while held; freed
+        once more, it is the first picked again.
+        """
+        letters = self.flight.aircraft.letters
+        first = self.buys([("bob", None, None), ("alice", None, None), ("bob", None, None)])
+        self.done(self.store.cancel(first[1].ticket_id, "alice"))
+        hold = self.done(self.store.hold("alice", "s1", [LegRequest(self.flight, None)], 60, lambda: True))
+        self.assertEqual(hold.legs[0].seat, f"1{letters[1]}")
+        got = self.buys([("bob", None, None), ("bob", None, None)])
+        self.assertEqual([t.legs[0].seat for t in got], [f"1{x}" for x in letters[3:5]])
+        self.done(self.store.release(hold.hold_id, "alice"))
+        got = self.buys([("bob", None, None)])
+        self.assertEqual(got[0].legs[0].seat, f"1{letters[1]}")
+
     def test_limit_counts_the_batch(self) -> None:
         """
         The seats-per-flight limit counts the customer's seats bought by

@@ -844,8 +844,9 @@ END $$;
 # freed seat before the next place that is free now, else the first free
 # place from the next place on (holds and chosen seats may have taken some:
 # each is looked up); the next place moves past a seat picked there. A
-# flight never picked on starts at place 0. Freed seats taken again are
-# forgotten by the next batch that picks on their flight.
+# flight never picked on starts at place 0. The batch forgets the freed
+# seats it sells; one a hold took again stays (at most one row a seat),
+# passed over while it is taken.
 _SCHEMA_7 = """
 CREATE TABLE seat_picks (
     flight_id TEXT PRIMARY KEY,
@@ -1161,9 +1162,10 @@ BEGIN
     IF n_flight <> '{}' THEN
         INSERT INTO seat_picks (flight_id, next_place) SELECT * FROM unnest(n_flight, n_next)
             ON CONFLICT (flight_id) DO UPDATE SET next_place = greatest(seat_picks.next_place, excluded.next_place);
-        DELETE FROM seats_freed fr WHERE fr.flight_id = ANY(n_flight)
-            AND EXISTS (SELECT 1 FROM seats st WHERE st.flight_id = fr.flight_id AND st.seat = fr.seat);
     END IF;
+    -- Only the seats it sold: a seat it saw taken may be freed meanwhile by
+    -- a transaction that its statement does not see.
+    DELETE FROM seats_freed fr USING unnest(s_flight, s_seat) AS x(sf, ss) WHERE fr.flight_id = x.sf AND fr.seat = x.ss;
     FOR v IN 1 .. array_length(w_buy, 1) LOOP
         answers[w_buy[v]] := jsonb_build_object('ticket', w_code[v], 'seats', w_chosen[v], 'now', w_t[v], 'ended', w_ended[v]);
     END LOOP;
