@@ -823,7 +823,7 @@ END $$;
 # in order, what L{SeatRules.buy} decides, in its order: the request's
 # replay (one of an earlier purchase of the batch too), the departures, the
 # end of its flights' expired holds (written at once, with their audit rows
-# and NOTIFYs, as before), each seat looked at or picked, the
+# and NOTIFYs: migration 4's C{vendepass_end_expired_on}), each seat looked at or picked, the
 # seats-per-flight limit; the seats of the batch's earlier purchases count
 # as taken, and as the customer's. A refusal is that purchase's answer
 # only; a purchase that is not refused gets a booking code (its first
@@ -909,8 +909,6 @@ DECLARE
     names TEXT[];
     v_flight TEXT;
     v_seat TEXT;
-    v_user TEXT;
-    v_session TEXT;
     k INTEGER;
     nl INTEGER;
     r RECORD;
@@ -968,21 +966,7 @@ BEGIN
             END IF;
             flights := flights || (legs->i->>'flight');
         END LOOP;
-        FOR r IN SELECT DISTINCT st.hold_id FROM seats st JOIN holds h ON h.hold_id = st.hold_id
-            WHERE st.flight_id = ANY(flights) AND st.hold_id IS NOT NULL AND h.state = 'active' AND h.expires_at <= t
-            ORDER BY st.hold_id
-        LOOP
-            UPDATE holds SET state = 'expired', ended_at = t WHERE hold_id = r.hold_id AND state = 'active'
-                RETURNING username, session_id INTO v_user, v_session;
-            IF FOUND THEN
-                INSERT INTO audit (at, username, action, hold_id, ticket_id, seats)
-                    SELECT t, v_user, 'expire', r.hold_id, NULL, to_jsonb(array_agg(flight_id || '/' || seat ORDER BY leg))::text
-                    FROM hold_legs WHERE hold_id = r.hold_id;
-                DELETE FROM seats WHERE hold_id = r.hold_id;
-                ended := ended || jsonb_build_array(jsonb_build_array(r.hold_id, v_session));
-                PERFORM pg_notify('vendepass_expired', r.hold_id || ' ' || v_session);
-            END IF;
-        END LOOP;
+        ended := vendepass_end_expired_on(flights, t);
         FOR i IN 0 .. v_count - 1 LOOP
             lg := legs->i;
             v_flight := lg->>'flight';
@@ -998,7 +982,6 @@ BEGIN
                 ELSE
                     v_next := coalesce((SELECT next_place FROM seat_picks WHERE flight_id = v_flight), 0);
                 END IF;
-                v_next := greatest(v_next, (SELECT max(x.k) FROM unnest(my_flight, my_next) x(f, k) WHERE x.f = v_flight));
                 SELECT min(p.place) INTO k FROM (
                     SELECT (left(fr.seat, -1)::int - 1) * nl + strpos(lg->>'letters', right(fr.seat, 1)) - 1 AS place, fr.seat
                         FROM seats_freed fr WHERE fr.flight_id = v_flight) p
