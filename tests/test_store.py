@@ -1132,6 +1132,7 @@ class ShippedMigrationTests(SynchronousTestCase):
             "dfac7d72bfd0cfcb049ad5f462de8265f6067f9be6360beae3b438a142fdf9d9",
             "76a35a9b5bad97f11dd691da77d7dde1eb328b9878d34e988b7732e8d8232bcb",
             "d771acf84c668eb5417e2b8921b79ba050327dec215e12c3b30a8aefff5fa56e",
+            "0ea0d19b091036450da546aeadb72392f00cb7b1080543ee6eb6a1a99668e27b",
         ],
     }
 
