@@ -643,6 +643,129 @@ class GroupCommitTests(SynchronousTestCase):
 
 
 
+class WriterSendsNextBatchTests(SynchronousTestCase):
+    """
+    The writer sends the writes that queued while it wrote a batch as the
+    next batch itself, before the reactor answers the first: no round trip
+    through the reactor between two batches, answers still in order.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.executor = SplitExecutor()
+        self.store = SQLiteStore.open(
+            ":memory:", self.clock, self.executor, lambda: load(MINI), FAST_HASHER.hash, max_batch=2
+        )
+        self.addCleanup(self.store.stop)
+        self.store._db.executemany(
+            "INSERT OR IGNORE INTO users (username, password_hash, created_at) VALUES (?, 'x', 0)",
+            [(name,) for name in ("alice", "bob", "carol", "dave", "erin")],
+        )
+        self.big = flight_by_id(self.store.network(), BIG)
+
+    def buy(self, username: str) -> Deferred[Ticket]:
+        return self.store.buy(username, [LegRequest(self.big, None)])
+
+    def test_next_batch_sent_by_the_writer(self) -> None:
+        order: list[str] = []
+        def answered(ticket: Ticket, name: str) -> None:
+            order.append(f"{name} {ticket.legs[0].seat}")
+
+        for name in ("alice", "bob", "carol", "dave", "erin"):
+            self.buy(name).addCallback(answered, name)
+        self.assertEqual(len(self.executor.jobs), 1, "alice alone; the others queue")
+        self.executor.run_job()
+        self.assertEqual(len(self.executor.jobs), 1, "bob and carol sent by the writer, before any answer")
+        self.assertEqual(order, [])
+        self.executor.run_job()
+        self.assertEqual(len(self.executor.jobs), 1, "then dave and erin")
+        self.executor.run_job()
+        self.assertEqual(self.executor.jobs, [])
+        self.assertEqual(order, [])
+        for _ in range(3):
+            self.executor.answer()
+        self.assertEqual(order, ["alice 1A", "bob 1B", "carol 1C", "dave 1D", "erin 1E"])
+        self.assertEqual((self.store.batches, self.store.batched_writes), (3, 5))
+        self.assertEqual(self.executor.jobs, [])
+
+    def test_answers_in_order_on_an_inline_executor(self) -> None:
+        """
+        On an executor that runs jobs at once, a batch sent by the writer
+        runs (and its outcome arrives) inside the job before it: its answers
+        still wait for those of the batch before.
+        """
+        executor = FirstHeldExecutor()
+        store = SQLiteStore.open(":memory:", self.clock, executor, lambda: load(MINI), FAST_HASHER.hash, max_batch=2)
+        self.addCleanup(store.stop)
+        store._db.execute("INSERT OR IGNORE INTO users (username, password_hash, created_at) VALUES ('alice', 'x', 0)")
+        order: list[str] = []
+        for _ in range(6):
+            store.buy("alice", [LegRequest(self.big, None)]).addCallback(lambda t: order.append(t.legs[0].seat))
+        self.assertEqual(order, [])
+        executor.release()
+        self.assertEqual(order, ["1A", "1B", "1C", "1D", "1E", "1F"])
+        self.assertEqual((store.batches, store.batched_writes), (4, 6))
+        self.assertEqual(executor.nested, 3, "each batch sent by the job before it, inside it")
+
+    def test_writes_after_the_writer_found_none(self) -> None:
+        """
+        A write that queues after the writer found no more to send goes
+        next when the reactor answers the batch, as do the writes that the
+        answers' callbacks start, behind it.
+        """
+        order: list[str] = []
+
+        def then(ticket: Ticket) -> None:
+            order.append("alice")
+            self.buy("carol").addCallback(lambda t: order.append("carol"))
+
+        self.buy("alice").addCallback(then)
+        self.executor.run_job()
+        self.assertEqual(self.executor.jobs, [])
+        self.buy("bob").addCallback(lambda t: order.append("bob"))
+        self.assertEqual(self.executor.jobs, [], "a batch is still to be answered")
+        self.executor.answer()
+        self.assertEqual(order, ["alice"])
+        self.assertEqual(len(self.executor.jobs), 1)
+        self.executor.run_job()
+        self.executor.answer()
+        self.assertEqual(order, ["alice", "bob", "carol"])
+        self.assertEqual((self.store.batches, self.store.batched_writes), (2, 3))
+        # Nothing is waiting: the next write starts a batch at once.
+        self.buy("dave")
+        self.assertEqual(len(self.executor.jobs), 1)
+
+    def test_failed_batch_then_the_queued_ones(self) -> None:
+        """
+        A batch that cannot commit sends nothing after it: its answer (a
+        failure for each of its writes) does, and the queued writes commit.
+        """
+        first = self.buy("alice")
+        queued = self.buy("bob")
+        real = self.store._db
+        faulty = FaultyConnection(real)
+        execute = faulty.execute
+
+        def fail_commit(sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            return execute(sql, parameters)
+
+        faulty.execute = fail_commit  # type: ignore[method-assign]
+        self.store._db = faulty  # type: ignore[assignment]
+        self.executor.run_job()
+        self.store._db = real
+        self.assertEqual(self.executor.jobs, [], "a failed batch sends no next batch")
+        self.executor.answer()
+        self.failureResultOf(first, StorageUnavailable)
+        self.assertEqual(len(self.executor.jobs), 1, "the queued write goes once the failure is answered")
+        self.assertNoResult(queued)
+        self.executor.run_job()
+        self.executor.answer()
+        self.assertEqual(self.successResultOf(queued).legs[0].seat, "1A")
+
+
 class BookingCodeClashTests(SynchronousTestCase):
     def setUp(self) -> None:
         clock = Clock()
@@ -695,6 +818,40 @@ class BookingCodeClashTests(SynchronousTestCase):
         self.clashing(sqlite, ["AAAAAAAA", "BBBBBBBB", "AAAAAAAA", "AAAAAAAA", "BBBBBBBB", "CCCCCCCC"])
         bought = [self.successResultOf(self.store.buy("bob", [LegRequest(self.big, None)])).ticket_id for _ in range(3)]
         self.assertEqual(bought, ["AAAAAAAA", "BBBBBBBB", "CCCCCCCC"])
+
+
+class FirstHeldExecutor(InlineExecutor):
+    """
+    An L{InlineExecutor} that holds its first job until C{release}: the
+    jobs it then submits run at once, inside it.
+    """
+
+    def __init__(self) -> None:
+        self.held: tuple[Callable[[], Any], Deferred[Any]] | None = None
+        self.running = 0
+        self.nested = 0
+
+    def submit(self, job: Callable[[], T]) -> Deferred[T]:
+        if self.held is None and not self.running:
+            d: Deferred[T] = Deferred()
+            self.held = (job, d)
+            return d
+        self.nested += bool(self.running)
+        self.running += 1
+        try:
+            return super().submit(job)
+        finally:
+            self.running -= 1
+
+    def release(self) -> None:
+        assert self.held is not None
+        job, d = self.held
+        self.running += 1
+        try:
+            result = job()
+        finally:
+            self.running -= 1
+        d.callback(result)
 
 
 class SplitExecutor(QueueExecutor):

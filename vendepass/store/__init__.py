@@ -32,6 +32,9 @@ class IExecutor(Interface):
         """
         Run C{job}; the Deferred fires (on the reactor thread) with its result
         or fails with its exception.
+
+        A job may itself submit the job to run after it (the SQLite writer
+        sends its next batch so).
         """
 
     def start() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import sqlite3
+import threading
 from collections import deque
 from typing import Any, Callable, Iterable, TypeVar, Union
 
@@ -697,12 +698,18 @@ class SQLiteStore(RulesStore):
         self._db = db
         self._clock = clock
         self._executor = executor
-        # Group commit: writes wait here while a batch is in flight.
+        # Group commit: writes wait here while a batch is in flight. The
+        # reactor adds to it and the writer takes from it (see
+        # L{_batch_job}): both under this lock, with C{_batching} (a batch is
+        # being written, or its answers are still to go out).
         self._pending: deque[_Queued] = deque()
+        self._queue_lock = threading.Lock()
         self._batching = False
-        # A batch's answers are going out (see L{_next_batch}).
-        self._answering = False
-        self._held_answers: deque[tuple[Any, list[_Queued]]] = deque()
+        # Batches are numbered as they are taken; their answers go out in
+        # that order (an executor that runs jobs inline may bring the next
+        # batch's outcome first), the early ones waiting here.
+        self._answered = 0
+        self._early: dict[int, tuple[Any, list[_Queued]]] = {}
         self._watchers: list[Callable[[str, str], None]] = []
         self.batches = 0
         self.batched_writes = 0
@@ -910,58 +917,91 @@ class SQLiteStore(RulesStore):
         """
         if self.max_batch > 1:
             d: Deferred[T] = Deferred()
-            self._pending.append((work, d, reads))
-            if not self._batching:
-                self._next_batch()
+            with self._queue_lock:
+                self._pending.append((work, d, reads))
+                if self._batching:
+                    return d
+                self._batching = True
+                batch = self._take()
+            self._submit(self.batches, batch)
             return d
         return self._write_one(work)
 
-    def _next_batch(self) -> None:
+    def _take(self) -> list[_Queued]:
         """
-        Send the queued writes (up to C{max_batch}) to the executor as one transaction.
+        Under C{_queue_lock}: the next batch, the oldest queued writes (up
+        to C{max_batch}); empty if none is queued.
         """
-        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-        if not batch:
-            self._batching = False
-            return
-        self._batching = True
-        self.batches += 1
-        self.batched_writes += len(batch)
+        pending = self._pending
+        batch = [pending.popleft() for _ in range(min(self.max_batch, len(pending)))]
+        if batch:
+            self.batches += 1
+            self.batched_writes += len(batch)
+        return batch
+
+    def _submit(self, number: int, batch: list[_Queued]) -> None:
+        """
+        Send C{batch} (the C{number}th) to the executor as one transaction;
+        L{_deliver} answers it on the reactor. Called on the reactor, or by
+        the writer at the end of the batch before (L{_batch_job}).
+        """
         works = [work for work, _, _ in batch]
         reads = tuple(key for _, _, keys in batch for key in keys)
         # A method and its arguments, not a closure: nothing here refers
         # back to itself, so a batch's Deferreds and works are freed as soon
         # as it is answered, not left to the garbage collector.
-        self._executor.submit(self._guarded(functools.partial(self._run_batch, works, reads))).addBoth(self._deliver, batch)
+        self._executor.submit(functools.partial(self._batch_job, works, reads)).addBoth(self._deliver, number, batch)
+
+    def _batch_job(
+        self, works: list[Callable[[Tx], Any]], reads: Reads
+    ) -> tuple[tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]], bool]:
+        """
+        On the writer: write a batch (L{_run_batch}); then, if writes were
+        queued meanwhile, send them as the next batch at once, so that the
+        writer goes on with them while the reactor answers this one, with no
+        round trip through the reactor between two batches. Returns the
+        batch's outcome and whether it sent the next one.
+        """
+        done = self._guarded(functools.partial(self._run_batch, works, reads))()
+        with self._queue_lock:
+            batch = self._take()
+            number = self.batches
+        if batch:
+            self._submit(number, batch)
+        return done, bool(batch)
 
     def _deliver(
         self,
-        done: tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]] | Failure,
+        done: tuple[tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]], bool] | Failure,
+        number: int,
         batch: list[_Queued],
     ) -> None:
         """
-        On the reactor: answer the writes of a batch that was written.
+        On the reactor: answer the writes of the C{number}th batch once the
+        batches before it are answered.
         """
-        if self._answering:
-            # An executor that ran the next batch at once (not in a thread):
-            # its answers wait until this batch's are out.
-            self._held_answers.append((done, batch))
-            return
-        # Writes that came while this batch was written go to the writer
-        # first: it writes them while the reactor answers this batch (the two
-        # overlap). With none waiting, this store stays "batching" while the
-        # answers go out: writes that their callbacks start join the queue,
-        # in order, for the next batch.
-        overlapped = bool(self._pending)
-        self._answering = True
+        self._early[number] = (done, batch)
+        while self._answered + 1 in self._early:
+            self._answered += 1
+            self._answer(*self._early.pop(self._answered))
+
+    def _answer(
+        self,
+        done: tuple[tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]], bool] | Failure,
+        batch: list[_Queued],
+    ) -> None:
+        """
+        On the reactor: answer the writes of a batch that was written. Unless
+        it sent the next batch itself, writes queued since then (those that
+        these answers' callbacks start among them, in order) go next.
+        """
+        chained = False
         try:
-            if overlapped:
-                self._next_batch()
             if isinstance(done, Failure):
                 for _, d, _ in batch:
                     d.errback(done)
                 return
-            outcomes, refreshed, ended = done
+            (outcomes, refreshed, ended), chained = done
             self._checkpoint()
             self._refreshed(refreshed)
             self._report(ended)
@@ -971,11 +1011,13 @@ class SQLiteStore(RulesStore):
                 else:
                     d.errback(value)
         finally:
-            self._answering = False
-            if self._held_answers:
-                self._deliver(*self._held_answers.popleft())
-            if not overlapped:
-                self._next_batch()
+            if not chained:
+                with self._queue_lock:
+                    following = self._take()
+                    self._batching = bool(following)
+                    number = self.batches
+                if following:
+                    self._submit(number, following)
 
     def _run_batch(
         self,
