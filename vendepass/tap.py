@@ -33,9 +33,13 @@ DEFAULT_LISTEN = "tcp:65432"
 # 1 s, 3 s, 7 s...).
 DEFAULT_BACKLOG = 4096
 DEFAULT_MAX_BATCH = 256
-# Measured on PostgreSQL, 100 customers, one server: 2 connections 644
-# purchases/s, 4: 688, 8: 803-851, 16: 812 (each transaction is a dozen
-# round trips; more connections keep the server busy while others wait).
+# PostgreSQL connections (and threads). Chosen when a transaction was a
+# dozen round trips (100 customers, one server: 2 connections 644
+# purchases/s, 4: 688, 8: 803-851, 16: 812). Now each change of seat state is
+# one call, and one-step purchases go in batches on at most PG_BATCH_SLOTS of
+# these; the others run holds, ends of holds, reads and logins. Measured again
+# on 2026-12-03 (100 customers, hold then buy): 4 connections 792 purchases/s,
+# 8: 907 and 805, 16: 802, within the noise, so 8 stays.
 DEFAULT_DB_CONNECTIONS = 8
 # Files kept open for other things than customers' connections (listening
 # sockets, the database and its journals, PostgreSQL connections, logs, the
