@@ -923,7 +923,8 @@ class SQLiteStore(RulesStore):
                     return d
                 self._batching = True
                 batch = self._take()
-            self._submit(self.batches, batch)
+                number = self.batches
+            self._submit(number, batch)
             return d
         return self._write_one(work)
 
