@@ -402,27 +402,34 @@ class GroupCommitTests(SynchronousTestCase):
 
     def test_bulk_insert_sizes(self) -> None:
         """
-        Rows go in by statements of 8, 64 or 256 rows, padded with rows of
-        NULLs that are left out, in order.
+        Up to 16 rows go in by one plain multi-row statement of exactly
+        their number; more by statements of 64 or 256 rows, padded with rows
+        of NULLs that are left out; in order.
         """
         from vendepass.store.sqlite import insert_rows
 
         db = sqlite3.connect(":memory:")
         db.execute("CREATE TABLE t (n INTEGER NOT NULL, word TEXT)")
         sizes: list[int] = []
+        padded: list[bool] = []
 
         def execute(sql: str, values: list[Any]) -> sqlite3.Cursor:
             sizes.append(len(values) // 2)
+            padded.append("IS NOT NULL" in sql)
             return db.execute(sql, values)
 
-        for count in (1, 8, 9, 256, 300):
+        for count in (1, 4, 16, 17, 256, 300):
             db.execute("DELETE FROM t")
             insert_rows(execute, "INSERT INTO t (n, word) VALUES (?, ?)", [(i, f"w{i}") for i in range(count)])
             self.assertEqual(db.execute("SELECT n, word FROM t ORDER BY rowid").fetchall(),
                              [(i, f"w{i}") for i in range(count)])
-        self.assertEqual(sizes, [8, 8, 64, 256, 256, 64])
-        # A row that would be taken for padding is refused, not dropped.
-        self.assertRaises(ValueError, insert_rows, execute, "INSERT INTO t (n, word) VALUES (?, ?)", [(None, "x")])
+        self.assertEqual(sizes, [1, 4, 16, 64, 256, 256, 64])
+        self.assertEqual(padded, [False, False, False, True, True, True, True])
+        # A row that would be taken for padding is refused, not dropped,
+        # whatever the statement's size.
+        for count in (1, 17):
+            rows: list[tuple[Any, ...]] = [(i, "w") for i in range(count - 1)] + [(None, "x")]
+            self.assertRaises(ValueError, insert_rows, execute, "INSERT INTO t (n, word) VALUES (?, ?)", rows)
 
     def test_replay_in_the_same_batch_sees_the_legs(self) -> None:
         """

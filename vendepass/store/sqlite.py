@@ -187,18 +187,37 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _KEPT_ORDER = {TICKET_ROW_INSERT: 0, HOLD_INSERT: 0, SEAT_INSERT: 1, SEATS_SOLD: 1}
 # The statements of seats marked in memory already (L{SeatMemory.mark}).
 _MARKED = (SEAT_INSERT, SEATS_SOLD)
-# How many rows one statement of a bulk insert carries: the smallest of
-# these that holds them all (the rest padded with rows of NULLs, which it
-# leaves out), or the largest, again and again.
-_BULK_SIZES = (8, 64, 256)
+# How many rows one statement of a bulk insert carries: as many as there are
+# up to _EXACT_ROWS, else the smallest of _BULK_SIZES that holds them all
+# (the rest padded with rows of NULLs, which it leaves out), or the largest,
+# again and again. A statement of exactly its rows is a plain multi-row
+# VALUES; padding needs a SELECT around them to leave the NULL rows out,
+# which costs SQLite more than the rows themselves: 55 against 33 µs for
+# four tickets (8 rows, 4 of them padding). Group commit batches are mostly
+# small, and the statements of every size up to _EXACT_ROWS stay prepared
+# (the connections' statement cache holds 512).
+_EXACT_ROWS = 16
+_BULK_SIZES = (64, 256)
 
 
-@functools.lru_cache(maxsize=64)
+def _statement_rows(rows: int) -> int:
+    """
+    How many rows a statement carrying C{rows} (at most the largest of
+    L{_BULK_SIZES}) is made for.
+    """
+    if rows <= _EXACT_ROWS:
+        return rows
+    return next(size for size in _BULK_SIZES if size >= rows)
+
+
+@functools.lru_cache(maxsize=512)
 def _bulk_statement(sql: str, rows: int) -> tuple[str, int]:
     """
     C{sql} (C{INSERT INTO t (...) VALUES (...)}, or C{UPDATE ... FROM
     (VALUES (...)) AS v WHERE ... = v.column1}) made to insert or update
-    with up to C{rows} rows given at once, and how many values a row has.
+    with C{rows} rows given at once (L{_statement_rows}: an insert of more
+    than L{_EXACT_ROWS} leaves out rows of padding), and how many values a
+    row has.
     """
     if sql.startswith("UPDATE"):
         # A padding row's NULL first value matches no row.
@@ -207,6 +226,8 @@ def _bulk_statement(sql: str, rows: int) -> tuple[str, int]:
         values += ")"
         return f"{head}(VALUES {', '.join([values] * rows)}{tail}", values.count("?")
     head, values = sql.split(" VALUES ")
+    if rows <= _EXACT_ROWS:
+        return f"{head} VALUES {', '.join([values] * rows)}", values.count("?")
     return (
         f"{head} SELECT * FROM (VALUES {', '.join([values] * rows)}) WHERE column1 IS NOT NULL",
         values.count("?"),
@@ -216,8 +237,8 @@ def _bulk_statement(sql: str, rows: int) -> tuple[str, int]:
 def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...]]) -> int:
     """
     Insert C{rows} (whose first value is never C{NULL}) with C{sql} (or
-    update with them), in as few statements as L{_BULK_SIZES} allows, in
-    order, rather than one step per row: each step lets the GIL go and must
+    update with them), in as few statements as L{_statement_rows} allows,
+    in order, rather than one step per row: each step lets the GIL go and must
     win it back, and while the reactor is busy that wait, not SQLite, is
     most of a row's cost. Returns how many rows the statements changed.
     """
@@ -228,7 +249,7 @@ def insert_rows(execute: Callable[..., Any], sql: str, rows: list[tuple[Any, ...
         if any(row[0] is None for row in chunk):
             # It would be taken for padding and left out.
             raise ValueError(f"a row with NULL first for {sql!r}")
-        size = next(size for size in _BULK_SIZES if size >= len(chunk))
+        size = _statement_rows(len(chunk))
         statement, width = _bulk_statement(sql, size)
         values = [value for row in chunk for value in row]
         values.extend([None] * (width * (size - len(chunk))))
@@ -288,7 +309,7 @@ _HELD_AHEAD = (
 )
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=128)
 def _ahead_statement(template: str, width: int, rows: int) -> str:
     row = "(" + ", ".join(["?"] * width) + ")"
     return template.format(values=", ".join([row] * rows))
@@ -297,15 +318,15 @@ def _ahead_statement(template: str, width: int, rows: int) -> str:
 def _read_ahead(execute: Callable[..., Any], template: str, keys: list[tuple[str, ...]]) -> list[Any]:
     """
     The rows of C{template} for these keys (of one width), in as few
-    statements as L{_BULK_SIZES} allows, each padded with rows of NULLs
-    (which match nothing).
+    statements as L{_statement_rows} allows, each padded with rows of
+    NULLs (which match nothing) past L{_EXACT_ROWS}.
     """
     found: list[Any] = []
     largest = _BULK_SIZES[-1]
     width = len(keys[0]) if keys else 0
     for start in range(0, len(keys), largest):
         chunk = keys[start:start + largest]
-        size = next(size for size in _BULK_SIZES if size >= len(chunk))
+        size = _statement_rows(len(chunk))
         values: list[str | None] = [value for key in chunk for value in key]
         values.extend([None] * (width * (size - len(chunk))))
         found.extend(execute(_ahead_statement(template, width, size), values).fetchall())
