@@ -482,3 +482,14 @@ class KillNineTests(ServerTestCase):
             f" after every restart, lost = {lost}; {ledger.unknown} unknown outcomes,"
             f" {ledger.unknown_present} of them committed; seed {seed}; {time.monotonic() - started:.1f} s"
         )
+
+
+class WriterProcessKillNineTests(KillNineTests):
+    """
+    The same, with the batches written by a writer process (C{--sqlite-writer
+    process}): killing the server kills its writer too, and what it
+    acknowledged is on disk.
+    """
+
+    def start(self, *args: str, **kwargs: str) -> ServerProcess:
+        return super().start(*args, "--sqlite-writer", "process", **kwargs)

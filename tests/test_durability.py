@@ -12,7 +12,8 @@ last write to the WAL before it.
 
 A second test runs the same audit against a server whose database was
 switched to C{synchronous=NORMAL} (a wrapper monkeypatches the store's
-C{_connect}; the server code is unchanged), and requires the audit to fail:
+C{_connect}, in the writer process too; the server code is unchanged), and
+requires the audit to fail:
 proof that the check has teeth. (That mutant passes the kill -9 test.)
 
 Skipped only when C{strace} is not installed or ptrace is not permitted.
@@ -42,9 +43,12 @@ DATABASE = "vendepass.sqlite3"
 TRACED = "write,pwrite64,pwritev,pwritev2,writev,fsync,fdatasync,sendto,sendmsg"
 
 # The server with its database switched to synchronous=NORMAL after the
-# store opens it: the mutant the audit must catch. sys.argv is
-# ["-c", <twistd arguments>...], as twistd expects.
-NORMAL_MUTANT = """
+# store opens it: the mutant the audit must catch. The patch is applied here
+# and, through a sitecustomize on the path that the server's processes
+# inherit, in the SQLite writer process too (vendepass.store.writer), which
+# opens the connection that writes. sys.argv is ["-c", <twistd
+# arguments>...], as twistd expects.
+NORMAL_PATCH = """
 import vendepass.store.sqlite as store
 
 original = store._connect
@@ -57,6 +61,18 @@ def _connect(path):
 
 
 store._connect = _connect
+"""
+NORMAL_MUTANT = f"""
+import os
+import sys
+import tempfile
+
+PATCH = {NORMAL_PATCH!r}
+directory = tempfile.mkdtemp()
+with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+    f.write(PATCH)
+sys.path.insert(0, directory)
+exec(PATCH)
 
 from twisted.scripts.twistd import run
 
@@ -109,7 +125,9 @@ class TracedServer(ServerProcess):
     twistd's arguments) run under C{strace -f}, writing the trace to C{trace}.
     """
 
-    def __init__(self, directory: Path, strace: str, trace: Path, server: list[str]) -> None:
+    def __init__(
+        self, directory: Path, strace: str, trace: Path, server: list[str], options: tuple[str, ...] = ()
+    ) -> None:
         self.directory = directory
         self.trace = trace
         self.process = subprocess.Popen(
@@ -117,6 +135,7 @@ class TracedServer(ServerProcess):
                 strace, "-f", "-tt", "-yy", "-s", "64", "-e", f"trace={TRACED}", "-o", str(trace), "--",
                 *server, "-n", "--logfile=-", "--pidfile=", "vendepass",
                 "--listen", "tcp:0:interface=127.0.0.1", "--db", str(directory / DATABASE), *UNCAPPED,
+                *options,
             ],
             cwd=directory,
             stdout=subprocess.PIPE,
@@ -289,13 +308,13 @@ class PowerLossAuditTests(TestCase):
         self.directory = Path(self.mktemp()).resolve()
         self.directory.mkdir(parents=True)
 
-    def traced_purchases(self, server_command: list[str]) -> Audit:
+    def traced_purchases(self, server_command: list[str], options: tuple[str, ...] = ()) -> Audit:
         """
         Run the server under strace, make L{PURCHASES} one-step purchases
         from one client, one after another, stop the server and audit the trace.
         """
         trace = self.directory / "server.strace"
-        server = TracedServer(self.directory, self.strace, trace, server_command)
+        server = TracedServer(self.directory, self.strace, trace, server_command, options)
         self.addCleanup(server.kill)
         customer = Connection(server.port)
         self.addCleanup(customer.close)
@@ -354,3 +373,15 @@ class PowerLossAuditTests(TestCase):
             result.acknowledgements / 2,
             f"the audit did not catch synchronous=NORMAL: {result.figure}",
         )
+
+
+class WriterProcessPowerLossAuditTests(PowerLossAuditTests):
+    """
+    The same audit, and the same mutant caught, with the batches written by
+    a writer process (C{--sqlite-writer process}): its fsyncs are in the
+    trace (C{strace -f}), and every acknowledgement, sent by the server's
+    process, follows one.
+    """
+
+    def traced_purchases(self, server_command: list[str], options: tuple[str, ...] = ()) -> Audit:
+        return super().traced_purchases(server_command, (*options, "--sqlite-writer", "process"))

@@ -1011,6 +1011,26 @@ class SQLiteFileStoreTests(StoreContractMixin, SynchronousTestCase):
         self.assertEqual(len(self.store.network().timetable), 5)
 
 
+class SQLiteWriterProcessStoreTests(StoreContractMixin, SynchronousTestCase):
+    """
+    The SQLite store as C{twistd vendepass} runs it: group commit, reads on
+    a connection of their own, and the batches written by a writer process
+    (L{vendepass.store.writer}). The executor runs jobs inline, so the test
+    waits for the child's answer at each write.
+    """
+
+    def make_store(self, clock: Clock) -> IStore:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        store = SQLiteStore.open(
+            str(directory / "vendepass.sqlite3"), clock, InlineExecutor(), lambda: load(MINI), FAST_HASHER.hash,
+            max_batch=4, read_executor=InlineExecutor(), writer_process=True,
+        )
+        store.start()
+        self.addCleanup(store.stop)
+        return store
+
+
 class CodeTests(SynchronousTestCase):
     """
     Booking codes and hold ids: the right alphabet and length, made on one

@@ -109,6 +109,11 @@ class OptionsTests(SynchronousTestCase):
             self.assertIsInstance(inner, kind)
             self.assertEqual((inner._backlog, inner._port), (backlog, 0))
 
+    def test_sqlite_writer(self) -> None:
+        self.assertEqual(self.parse()["sqlite-writer"], "thread")
+        self.assertEqual(self.parse("--sqlite-writer", "process")["sqlite-writer"], "process")
+        self.assertRaises(UsageError, self.parse, "--sqlite-writer", "fork")
+
     def test_max_batch(self) -> None:
         self.assertEqual(self.parse("--max-batch", "1")["max-batch"], 1)
         for bad in ("0", "10001", "lots"):
@@ -210,6 +215,25 @@ class MakeServiceTests(TestCase):
         self.addCleanup(store.stop)
         self.assertIsNotNone(store._checkpointer)
         self.assertEqual(store._db.execute("PRAGMA wal_autocheckpoint").fetchone(), (0,))
+
+    def test_sqlite_writer(self) -> None:
+        """
+        --sqlite-writer: the batches on a thread of the server's (the
+        default) or in a writer process (with --max-batch above 1); nothing
+        else is accepted.
+        """
+        db = Path(self.mktemp()).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        for args, process in (((), False), (("--sqlite-writer", "process"), True),
+                              (("--sqlite-writer", "process", "--max-batch", "1"), False),
+                              (("--sqlite-writer", "thread"), False)):
+            options = Options()
+            options.parseOptions(["--db", str(db), "--fixtures", str(MINI), "--listen", "tcp:0:interface=127.0.0.1", *args])
+            top = makeService(options)
+            self.endpoints(top)
+            store: Any = next(s for s in top if isinstance(s, ReservationService)).store  # type: ignore[attr-defined]
+            self.assertEqual(store._writer is not None, process, args)
+            store.stop()
 
     def test_postgres_group_commit(self) -> None:
         """

@@ -43,6 +43,7 @@ from vendepass.store.transactions import (
     SeatRules,
     Tx,
 )
+from vendepass.store.writer import WriterProcess
 
 T = TypeVar("T")
 
@@ -765,6 +766,8 @@ class SQLiteStore(RulesStore):
         self._restart_wal = False
         self.checkpoints = 0
         self.wal_restarts = 0
+        # The writer process (see L{open}), if the batches are written there.
+        self._writer: WriterProcess | None = None
 
     @classmethod
     def open(
@@ -778,6 +781,7 @@ class SQLiteStore(RulesStore):
         max_batch: int = 1,
         read_executor: IExecutor | None = None,
         checkpoint_executor: IExecutor | None = None,
+        writer_process: bool = False,
     ) -> SQLiteStore:
         """
         Open (creating, migrating and loading C{fixtures()} if new) the
@@ -799,8 +803,17 @@ class SQLiteStore(RulesStore):
         checkpoint, a pause of a whole checkpoint for the batch that meets
         it); see L{_checkpointed}. (Not for an in-memory database.)
 
+        With C{writer_process} (C{max_batch} above 1, a file, and a
+        C{read_executor}), the batches are written by a process of its own
+        (L{vendepass.store.writer}): the writer thread hands each batch to it
+        and waits, holding no GIL, so that the reactor and the writer do not
+        take turns at it. That process is started here.
+
         This blocks: call it before the reactor runs, or from a thread.
         """
+        on_disk = path != ":memory:" and not path.startswith("file:")
+        if writer_process and (max_batch <= 1 or read_executor is None or not on_disk):
+            raise ValueError("a writer process needs max_batch above 1, a file and a read_executor")
         db = _connect(path)
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -827,7 +840,6 @@ class SQLiteStore(RulesStore):
             db.execute("COMMIT")
             if max_batch > 1:
                 store._availability = store._load_availability()
-            on_disk = path != ":memory:" and not path.startswith("file:")
             if read_executor is not None and on_disk:
                 store._reader = _connect_reader(path)
                 store._read_executor = read_executor
@@ -835,6 +847,10 @@ class SQLiteStore(RulesStore):
                 store._checkpointer = _connect_checkpointer(path)
                 store._checkpoint_executor = checkpoint_executor
                 db.execute("PRAGMA wal_autocheckpoint=0")
+            if writer_process:
+                store._writer = WriterProcess(path, store)
+                # What the child reads is what was just read here.
+                store._writer.start()
             return store
         except BaseException:
             db.close()
@@ -859,6 +875,8 @@ class SQLiteStore(RulesStore):
             self._read_executor.stop()
             self._reader.close()
         self._executor.stop()
+        if self._writer is not None:
+            self._writer.stop()
         # Closing the last connection copies what the WAL still holds.
         self._db.close()
 
@@ -984,13 +1002,31 @@ class SQLiteStore(RulesStore):
         round trip through the reactor between two batches. Returns the
         batch's outcome and whether it sent the next one.
         """
-        done = self._guarded(functools.partial(self._run_batch, works, reads))()
+        if self._writer is not None:
+            done = self._write_there(self._writer, works, reads)
+        else:
+            done = self._guarded(functools.partial(self._run_batch, works, reads))()
         with self._queue_lock:
             batch = self._take()
             number = self.batches
         if batch:
             self._submit(number, batch)
         return done, bool(batch)
+
+    def _write_there(
+        self, writer: WriterProcess, works: list[Callable[[Tx], Any]], reads: Reads
+    ) -> tuple[list[_Outcome], _Refreshed, list[tuple[str, str]]]:
+        """
+        On the writer thread: have the writer process write a batch, at this
+        process's time (read once for the batch, as it is sent).
+        """
+        restart_wal, self._restart_wal = self._restart_wal, False
+        outcomes, refreshed, ended, restarted = writer.run(
+            works, reads, self._clock.seconds(), restart_wal  # type: ignore[arg-type]
+        )
+        if restarted:
+            self.wal_restarts += 1
+        return [(True, value) if ok else (False, Failure(value)) for ok, value in outcomes], refreshed, ended
 
     def _deliver(
         self,
@@ -1025,6 +1061,10 @@ class SQLiteStore(RulesStore):
                 return
             (outcomes, refreshed, ended), chained = done
             self._checkpoint()
+            if self._writer is not None and self._writer.restarted is not None:
+                # A new writer process read the seats from the file again.
+                restarted, self._writer.restarted = self._writer.restarted, None
+                self._availability = dict(restarted)
             self._refreshed(refreshed)
             self._report(ended)
             for (ok, value), (_, d, _) in zip(outcomes, batch):

@@ -1002,6 +1002,52 @@ class SeatRules:
 Reads = tuple[tuple[str, ...], ...]
 
 
+@attrs.frozen
+class Asked:
+    """
+    A callable argument of a L{Work} (a hold's C{alive}) as it answered when
+    the work was shipped (L{Work.shipped}): a value that can travel.
+    """
+
+    answer: Any
+
+    def __call__(self) -> Any:
+        return self.answer
+
+
+@attrs.frozen
+class Work:
+    """
+    One transaction of the rules: which L{SeatRules} method (C{rule}) and
+    its arguments after the transaction. Calling it with a L{Tx} runs it on
+    C{rules}. A description rather than a closure, so that a store can run
+    it in another process (L{vendepass.store.sqlite}'s writer process):
+    there, C{rules} is that process's own copy (C{rules} pickles as a
+    reference that the other side resolves, see L{Work.shipped}).
+    """
+
+    rules: SeatRules = attrs.field(eq=False, repr=False)
+    rule: str
+    args: tuple[Any, ...]
+
+    def __call__(self, tx: Tx) -> Any:
+        return getattr(self.rules, self.rule)(tx, *self.args)
+
+    def shipped(self) -> Work:
+        """
+        This work as it can travel to another process: each callable
+        argument (a hold's C{alive}) asked now and replaced by its answer.
+        Asking before the transaction instead of inside it is as safe for
+        C{alive}: a connection that closes after this releases its
+        session's holds in a write queued after this one.
+        """
+        if not any(callable(arg) and not isinstance(arg, Asked) for arg in self.args):
+            return self
+        return attrs.evolve(
+            self, args=tuple(arg if isinstance(arg, Asked) or not callable(arg) else Asked(arg()) for arg in self.args)
+        )
+
+
 def _request(username: str, request_id: str | None, *more: tuple[str, ...]) -> Reads:
     return more if request_id is None else (("request", username, request_id), *more)
 
@@ -1061,10 +1107,10 @@ class RulesStore:
                     self._log.failure("reporting the expiry of hold {hold_id}", hold_id=hold_id)
 
     def add_user(self, username: str, password_hash: str) -> Deferred[None]:
-        return self._write(lambda tx: self.rules.add_user(tx, username, password_hash))
+        return self._write(Work(self.rules, "add_user", (username, password_hash)))
 
     def password_hash(self, username: str) -> Deferred[str | None]:
-        return self._read(lambda tx: self.rules.password_hash(tx, username))
+        return self._read(Work(self.rules, "password_hash", (username,)))
 
     def hold(
         self,
@@ -1076,51 +1122,51 @@ class RulesStore:
         request_id: str | None = None,
     ) -> Deferred[Hold]:
         return self._write(
-            lambda tx: self.rules.hold(tx, username, session_id, legs, seconds, alive, request_id),
+            Work(self.rules, "hold", (username, session_id, legs, seconds, alive, request_id)),
             _request(username, request_id, ("user", username)),
         )
 
     def release(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[None]:
         return self._write(
-            lambda tx: self.rules.release(tx, hold_id, username, request_id), _request(username, request_id)
+            Work(self.rules, "release", (hold_id, username, request_id)), _request(username, request_id)
         )
 
     def release_session(self, session_id: str) -> Deferred[list[str]]:
-        return self._write(lambda tx: self.rules.release_session(tx, session_id))
+        return self._write(Work(self.rules, "release_session", (session_id,)))
 
     def expire_hold(self, hold_id: str) -> Deferred[str | None]:
-        return self._write(lambda tx: self.rules.expire_hold(tx, hold_id))
+        return self._write(Work(self.rules, "expire_hold", (hold_id,)))
 
     def expired_holds(self) -> Deferred[list[tuple[str, str]]]:
-        return self._write(self.rules.expired_holds)
+        return self._write(Work(self.rules, "expired_holds", ()))
 
     def buy_hold(self, hold_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         return self._write(
-            lambda tx: self.rules.buy_hold(tx, hold_id, username, request_id),
+            Work(self.rules, "buy_hold", (hold_id, username, request_id)),
             _request(username, request_id, ("hold", hold_id)),
         )
 
     def buy(self, username: str, legs: list[LegRequest], request_id: str | None = None) -> Deferred[Ticket]:
-        return self._write(lambda tx: self.rules.buy(tx, username, legs, request_id), _request(username, request_id))
+        return self._write(Work(self.rules, "buy", (username, legs, request_id)), _request(username, request_id))
 
     def tickets(self, username: str) -> Deferred[list[Ticket]]:
-        return self._read(lambda tx: self.rules.tickets(tx, username))
+        return self._read(Work(self.rules, "tickets", (username,)))
 
     def ticket_page(
         self, username: str, limit: int, after: tuple[float, int] | None = None, active_only: bool = False
     ) -> Deferred[TicketPage]:
-        return self._read(lambda tx: self.rules.ticket_page(tx, username, limit, after, active_only))
+        return self._read(Work(self.rules, "ticket_page", (username, limit, after, active_only)))
 
     def cancel(self, ticket_id: str, username: str, request_id: str | None = None) -> Deferred[Ticket]:
         return self._write(
-            lambda tx: self.rules.cancel(tx, ticket_id, username, request_id), _request(username, request_id)
+            Work(self.rules, "cancel", (ticket_id, username, request_id)), _request(username, request_id)
         )
 
     def seats(self, flight: Flight) -> Deferred[list[SeatState]]:
-        return self._read(lambda tx: self.rules.seats(tx, flight))
+        return self._read(Work(self.rules, "seats", (flight,)))
 
     def free_seats(self, flights: list[Flight]) -> Deferred[dict[str, int]]:
-        return self._read(lambda tx: self.rules.free_seats(tx, flights))
+        return self._read(Work(self.rules, "free_seats", (flights,)))
 
 
-__all__ = ["RulesStore", "SeatRules", "Tx", "new_ticket_legs", "ticket_leg_rows"]
+__all__ = ["Asked", "RulesStore", "SeatRules", "Tx", "Work", "new_ticket_legs", "ticket_leg_rows"]
