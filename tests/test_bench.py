@@ -10,6 +10,7 @@ No timing asserts: the figures are only checked for their shape.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -286,3 +287,34 @@ class TargetTests(SynchronousTestCase):
             [e._bindAddress[0] for e in endpoints],  # type: ignore[attr-defined]
             ["127.0.1.1", "127.0.1.1", "127.0.1.1", "127.0.1.1", "127.0.1.2", "127.0.1.2"],
         )
+
+
+class ProcessStatusTests(SynchronousTestCase):
+    """
+    What the benchmark reads of a server from C{/proc}.
+    """
+
+    def test_children_counted(self) -> None:
+        """
+        A server's live descendants (the SQLite writer process) are part of
+        it: their CPU time and memory are added in, and counted.
+        """
+        from vendepass.bench.procinfo import read_status
+
+        alone = read_status(os.getpid())
+        assert alone is not None
+        # A child that burns a little CPU, then waits to be read.
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\nt = time.process_time()\n"
+             "while time.process_time() - t < 0.3: pass\nprint(flush=True)\nsys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        self.addCleanup(child.wait)
+        self.addCleanup(child.stdin.close)  # type: ignore[union-attr]
+        child.stdout.readline()  # type: ignore[union-attr]
+        both = read_status(os.getpid())
+        assert both is not None
+        self.assertEqual(both.processes, alone.processes + 1)
+        self.assertGreaterEqual(both.cpu_seconds - alone.cpu_seconds, 0.25)
+        self.assertGreater(both.rss_kb, alone.rss_kb)
+        self.assertIsNone(read_status(None))

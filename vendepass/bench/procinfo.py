@@ -18,7 +18,10 @@ _LISTEN = "0A"
 @frozen
 class ProcessStatus:
     """
-    One reading of C{/proc/<pid>/status} and C{/proc/<pid>/stat}.
+    One reading of C{/proc/<pid>/status} and C{/proc/<pid>/stat}, with the
+    process's live descendants added in (a server's SQLite writer process
+    is part of the server): C{processes} counts them all, C{threads} the
+    server's own.
     """
 
     pid: int
@@ -26,30 +29,54 @@ class ProcessStatus:
     peak_rss_kb: int
     threads: int
     cpu_seconds: float
+    processes: int = 1
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        tasks = list((PROC / str(pid) / "task").iterdir())
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def _read_one(pid: int) -> tuple[int, int, int, float]:
+    fields = {}
+    for line in (PROC / str(pid) / "status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.split()
+    stat = (PROC / str(pid) / "stat").read_text()
+    # After the command name (in parentheses, may hold spaces): state is
+    # field 3, utime and stime are fields 14 and 15.
+    after = stat[stat.rindex(")") + 2 :].split()
+    ticks = int(after[11]) + int(after[12])
+    return int(fields["VmRSS"][0]), int(fields["VmHWM"][0]), int(fields["Threads"][0]), ticks / os.sysconf("SC_CLK_TCK")
 
 
 def read_status(pid: int | None) -> ProcessStatus | None:
     if pid is None:
         return None
     try:
-        fields = {}
-        for line in (PROC / str(pid) / "status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields[name] = value.split()
-        stat = (PROC / str(pid) / "stat").read_text()
-        # After the command name (in parentheses, may hold spaces): state is
-        # field 3, utime and stime are fields 14 and 15.
-        after = stat[stat.rindex(")") + 2 :].split()
-        ticks = int(after[11]) + int(after[12])
-        return ProcessStatus(
-            pid=pid,
-            rss_kb=int(fields["VmRSS"][0]),
-            peak_rss_kb=int(fields["VmHWM"][0]),
-            threads=int(fields["Threads"][0]),
-            cpu_seconds=ticks / os.sysconf("SC_CLK_TCK"),
-        )
+        rss, peak, threads, cpu = _read_one(pid)
     except (OSError, KeyError, ValueError, IndexError):
         return None
+    processes = 1
+    pending = _children(pid)
+    while pending:
+        child = pending.pop()
+        try:
+            child_rss, child_peak, _, child_cpu = _read_one(child)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue  # gone meanwhile
+        rss, peak, cpu, processes = rss + child_rss, peak + child_peak, cpu + child_cpu, processes + 1
+        pending += _children(child)
+    return ProcessStatus(pid=pid, rss_kb=rss, peak_rss_kb=peak, threads=threads, cpu_seconds=cpu, processes=processes)
 
 
 def _listening_inodes(port: int) -> set[str]:

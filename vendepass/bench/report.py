@@ -155,7 +155,8 @@ class Report:
             row(name, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
         if self.server is not None:
             s = self.server
-            row("echo server" if self.scenario == "ceiling" else "server", f"pid {s.pid}: RSS {s.rss_kb:,} KB, peak RSS {s.peak_rss_kb:,} KB, {s.threads} threads")
+            row("echo server" if self.scenario == "ceiling" else "server", f"pid {s.pid}: RSS {s.rss_kb:,} KB, peak RSS {s.peak_rss_kb:,} KB, {s.threads} threads"
+                + (f", {s.processes} processes" if s.processes > 1 else ""))
         elif self.scenario != "ceiling":
             row("server", "unknown (no readable pid: --server-pid)")
         if self.ceiling is not None:
