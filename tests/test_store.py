@@ -1013,8 +1013,9 @@ class SQLiteFileStoreTests(StoreContractMixin, SynchronousTestCase):
 
 class SQLiteWriterProcessStoreTests(StoreContractMixin, SynchronousTestCase):
     """
-    The SQLite store as C{twistd vendepass} runs it: group commit, reads on
-    a connection of their own, and the batches written by a writer process
+    The SQLite store as C{twistd vendepass --sqlite-writer process} runs it:
+    group commit, reads on a connection of their own, and the batches written
+    by a writer process
     (L{vendepass.store.writer}). The executor runs jobs inline, so the test
     waits for the child's answer at each write.
     """

@@ -40,7 +40,6 @@ import pickle
 import socket
 import subprocess
 import sys
-import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -51,7 +50,7 @@ from twisted.python.failure import Failure
 from vendepass.errors import StorageUnavailable, VendePassError
 from vendepass.model import Flight, HeldSeat, Hold, Money, SeatState, Ticket, TicketLeg
 from vendepass.store import LegRequest
-from vendepass.store.transactions import Asked, SeatRules, Work
+from vendepass.store.transactions import Asked, Reads, SeatRules, Work
 
 if TYPE_CHECKING:
     from vendepass.store.sqlite import SQLiteStore
@@ -116,13 +115,27 @@ def dumps(value: Any, rules: SeatRules) -> bytes:
     """
     out = io.BytesIO()
     pickler = pickle.Pickler(out, pickle.HIGHEST_PROTOCOL)
-    table = copyreg.dispatch_table.copy()
-    table.update(_VALUES)
-    table[Flight] = _reduce_flight
-    table[type(rules)] = _reduce_rules
-    pickler.dispatch_table = table
+    pickler.dispatch_table = _dispatch_table(type(rules))
     pickler.dump(value)
     return out.getvalue()
+
+
+# The reducers of dumps per rules class, each table made once.
+_TABLES: dict[type, dict[type, Callable[[Any], Any]]] = {}
+
+
+def _dispatch_table(rules_class: type) -> dict[type, Callable[[Any], Any]]:
+    """
+    The reducers of L{dumps} for rules of C{rules_class}.
+    """
+    table = _TABLES.get(rules_class)
+    if table is None:
+        table = dict(copyreg.dispatch_table)
+        table.update(_VALUES)
+        table[Flight] = _reduce_flight
+        table[rules_class] = _reduce_rules
+        _TABLES[rules_class] = table
+    return table
 
 
 class _Unpickler(pickle.Unpickler):
@@ -145,20 +158,10 @@ def loads(data: bytes, rules: SeatRules) -> Any:
     return _Unpickler(data, rules).load()
 
 
-def _travelling(error: BaseException) -> BaseException:
+def _travelling(failure: Failure) -> BaseException:
     """
-    C{error} as it can travel back: a refusal as it is, anything else (a
+    A failure as it can travel back: a refusal as it is, anything else (a
     bug) as a C{RuntimeError} that carries its traceback.
-    """
-    if isinstance(error, VendePassError):
-        return error
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return RuntimeError(f"in the writer process: {text}")
-
-
-def _refusal(failure: Failure) -> BaseException:
-    """
-    A work's failure as it can travel back (see L{_travelling}).
     """
     if isinstance(failure.value, VendePassError):
         return failure.value
@@ -216,12 +219,7 @@ class WriterProcess:
         conn = Connection(ours.detach())
         store = self._store
         try:
-            conn.send_bytes(
-                dumps(
-                    (self._path, type(store), store.rules.max_held_seats, store.max_batch),
-                    store.rules,
-                )
-            )
+            conn.send_bytes(pickle.dumps((self._path, type(store), store.rules.max_held_seats, store.max_batch)))
             if not conn.poll(START_TIMEOUT):
                 raise RuntimeError(f"the writer process did not start in {START_TIMEOUT} s")
             ready = loads(conn.recv_bytes(), store.rules)
@@ -237,7 +235,7 @@ class WriterProcess:
         availability: Availability = ready
         return availability
 
-    def run(self, works: list[Work], reads: Any, now: float, restart_wal: bool) -> Answer:
+    def run(self, works: list[Work], reads: Reads, now: float, restart_wal: bool) -> Answer:
         """
         On the store's writer thread: have the child write a batch, and
         return its answer. A child that is gone is started first.
@@ -326,8 +324,8 @@ def serve(conn: Connection) -> None:
         db = _connect(path)
         store: SQLiteStore = store_class(db, clock, InlineExecutor(), max_held_seats, max_batch)  # type: ignore[arg-type]
         availability = store._load_availability()
-    except BaseException as e:
-        conn.send_bytes(pickle.dumps(_travelling(e)))
+    except BaseException:
+        conn.send_bytes(pickle.dumps(_travelling(Failure())))
         return
     rules = store.rules
     conn.send_bytes(dumps(availability, rules))
@@ -343,13 +341,13 @@ def serve(conn: Connection) -> None:
             restarts = store.wal_restarts
             outcomes, refreshed, ended = store._guarded(functools.partial(store._run_batch, works, reads))()
             answer: Any = (
-                [(True, value) if ok else (False, _refusal(value)) for ok, value in outcomes],
+                [(True, value) if ok else (False, _travelling(value)) for ok, value in outcomes],
                 refreshed,
                 ended,
                 store.wal_restarts != restarts,
             )
-        except BaseException as e:
-            answer = _travelling(e)
+        except BaseException:
+            answer = _travelling(Failure())
         conn.send_bytes(dumps(answer, rules))
     db.close()
 
