@@ -105,7 +105,9 @@ class IStore(Interface):
     """
     The durable state of VendePass. Methods return Deferreds; the ones that
     change seats are each one atomic transaction. C{now} in the store is the
-    time of the injected clock read inside the transaction.
+    time of the injected clock read inside the transaction; with the SQLite
+    writer in a process of its own, read when its batch is sent to it (see
+    docs/reliability.md, "The writer in a process of its own").
     """
 
     def start() -> None:
