@@ -8,11 +8,13 @@ Real loopback sockets on the real reactor, waited for with deadlines.
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import time
+from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -21,7 +23,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from vendepass.protocol import write_now
+from tests.common import make_service
+from vendepass import protocol
+from vendepass.protocol import VendePassFactory, write_now
 
 DEADLINE = 30.0
 
@@ -120,8 +124,17 @@ class WriteNowTests(TestCase):
         # Some went at once, and the socket filled up before the end.
         self.assertFalse(buffered[0])
         self.assertTrue(buffered[-1])
-        expected = b"".join(lines)
-        self.assertEqual(await deferToThread(read_exactly, client, len(expected)), expected)
+        # The client takes some of it, so the socket has room again, before
+        # the reactor's next turn: a line written now must still wait
+        # behind what is buffered, not overtake it.
+        client.settimeout(DEADLINE)
+        early = client.recv(65536)
+        last = b"last line\n"
+        write_now(transport, last)  # type: ignore[arg-type]
+        self.assertTrue(transport._tempDataBuffer or transport.dataBuffer)  # type: ignore[union-attr]
+        expected = b"".join(lines) + last
+        rest = await deferToThread(read_exactly, client, len(expected) - len(early))
+        self.assertEqual(early + rest, expected)
 
     async def test_reset_connection(self) -> None:
         """
@@ -145,3 +158,38 @@ class WriteNowTests(TestCase):
         transport = StringTransport()
         write_now(transport, b"line\n")
         self.assertEqual(transport.value(), b"line\n")
+
+
+def ping_once(port: int) -> list[dict[str, Any]]:
+    """
+    (In a thread.) Connect, read the welcome, ping, read the answer.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        lines = sock.makefile("rb")
+        welcome = json.loads(lines.readline())
+        sock.sendall(b'{"opcode": 0, "id": "p"}\n')
+        return [welcome, json.loads(lines.readline())]
+
+
+class ServerWritesNowTests(TestCase):
+    async def test_answers_and_events_written_now(self) -> None:
+        """
+        The server's welcome event and its answers go through L{write_now},
+        on the plain TCP transport.
+        """
+        written: list[tuple[type, bytes]] = []
+        real = protocol.write_now
+
+        def recording(transport: Any, data: bytes) -> None:
+            written.append((type(transport), data))
+            real(transport, data)
+
+        self.patch(protocol, "write_now", recording)
+        service = make_service()
+        self.addCleanup(service.stopService)
+        port = reactor.listenTCP(0, VendePassFactory(service, reactor), interface="127.0.0.1")  # type: ignore[attr-defined, arg-type]
+        self.addCleanup(port.stopListening)
+        welcome, answer = await deferToThread(ping_once, port.getHost().port)  # type: ignore[attr-defined]
+        self.assertEqual((welcome["event"], answer["id"], answer["ok"]), ("welcome", "p", True))
+        self.assertEqual([kind for kind, _ in written], [tcp.Server, tcp.Server])
+        self.assertEqual([json.loads(data) for _, data in written], [welcome, answer])

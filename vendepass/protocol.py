@@ -179,12 +179,15 @@ def write_now(transport: ITransport, data: bytes) -> None:
         type(transport) is tcp.Server
         and transport.connected
         and not transport.disconnecting
-        and not transport.TLS
-        # Nothing buffered (both of Twisted's buffers), so nothing to
-        # overtake; read with defaults, in case a later Twisted renames them.
+        # Read with defaults that mean "write as usual", in case a later
+        # Twisted renames them: not TLS (startTLS), not aborted...
+        and not getattr(transport, "TLS", True)
+        and not getattr(transport, "_aborting", True)
+        and not getattr(transport, "_writeDisconnected", True)
+        # ...and nothing buffered in either of its buffers, so nothing to
+        # overtake.
         and not getattr(transport, "_tempDataBuffer", True)
         and not getattr(transport, "dataBuffer", True)
-        and not getattr(transport, "_writeDisconnected", True)
     ):
         try:
             sent = transport.socket.send(data)
